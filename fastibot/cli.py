@@ -1,0 +1,75 @@
+"""``fastibot train | eval | export | bench-data``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .config import ConfigError, describe, load_config, packaged_config
+
+
+def _train(args) -> int:
+    from .data.datasets import DataError
+    from .train import TrainingError, train
+
+    path = args.config if args.config else packaged_config("quickstart")
+    try:
+        cfg = load_config(path, args.overrides)
+    except ConfigError as e:
+        print(f"fastibot: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = train(cfg, resume=args.resume)
+    except (DataError, TrainingError, FileNotFoundError) as e:
+        print(f"fastibot: {e}", file=sys.stderr)
+        return 1
+    if summary:
+        print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, run folder {cfg.runtime.output_dir}")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_backbone
+
+    try:
+        path, name = export_backbone(args.checkpoint, args.out, args.which)
+    except (FileNotFoundError, RuntimeError) as e:
+        print(f"fastibot: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}\nload it with: timm.create_model({name!r}, num_classes=0, "
+          f"pretrained_cfg_overlay=dict(file={str(path)!r})" + (", pretrained=True)"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastibot", description="Fast iBOT pretraining for Vision Transformers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="pretrain with iBOT",
+                       description="Train with a YAML config (default: the packaged quickstart on synthetic "
+                                   "images) and dotted overrides, e.g. optim.lr=1e-3 data.path=/images.")
+    t.add_argument("-c", "--config", help="YAML config (e.g. configs/vit_small_16.yaml)")
+    t.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue exactly from a checkpoint file, a run folder, or (no value) this run's folder")
+    t.add_argument("--help-config", action="store_true", help="list every config key with its default and doc")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("export", help="write a backbone that timm loads")
+    e.add_argument("checkpoint", help="checkpoint file or run folder (latest checkpoint)")
+    e.add_argument("--out", required=True, help="output file (.safetensors, .pt or .pth)")
+    e.add_argument("--which", default="teacher", choices=("teacher", "student"))
+    e.set_defaults(func=_export)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "help_config", False):
+        print("\n".join(describe()))
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""One typed configuration tree for fastibot.
+
+The defaults are the published iBOT ViT-S/16 recipe. A run's configuration is
+built from those defaults, then one YAML file, then dotted command-line
+overrides (``optim.lr=1e-3``). Every key is checked: an unknown or misspelled
+key, or a value of the wrong type or outside its allowed set, raises
+:class:`ConfigError` naming the key. The resolved tree is saved in the run
+folder (``config.yaml``) so a run can always be reproduced.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is not acceptable; the message names the key."""
+
+
+def _f(default, doc: str, choices: Optional[tuple] = None, **kw):
+    """A dataclass field with a one-line doc and optional allowed values."""
+    meta = {"doc": doc}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _f("vit_small", "backbone size", ("vit_tiny", "vit_small", "vit_base", "vit_large"))
+    patch_size: int = _f(16, "patch size in pixels")
+    drop_path: float = _f(0.1, "stochastic depth rate of the student (the teacher uses 0)")
+    attention: str = _f("auto", "attention backend", ("auto", "xformers", "varlen", "sdpa", "reference"))
+    packed: bool = _f(False, "one student pass over all crops (block-diagonal attention, heads on masked tokens only)")
+    out_dim: int = _f(8192, "number of prototypes K of the [CLS] head")
+    patch_out_dim: int = _f(8192, "number of prototypes of the patch head")
+    shared_head: bool = _f(True, "student: one last layer for [CLS] and patch tokens")
+    shared_head_teacher: bool = _f(True, "teacher: one last layer for [CLS] and patch tokens")
+    norm_last_layer: bool = _f(False, "fix the weight-norm gain of the last head layer to 1")
+    head_hidden_dim: int = _f(2048, "hidden width of the head MLP")
+    head_bottleneck_dim: int = _f(256, "l2-normalised bottleneck width of the head")
+    head_layers: int = _f(3, "layers of the head MLP")
+
+
+@dataclass
+class IbotConfig:
+    lambda1: float = _f(1.0, "weight of the [CLS] distillation loss")
+    lambda2: float = _f(1.0, "weight of the masked-patch (MIM) loss")
+    student_temp: float = _f(0.1, "student softmax temperature")
+    center_momentum: float = _f(0.9, "EMA momentum of the [CLS] center")
+    center_momentum2: float = _f(0.9, "EMA momentum of the patch center")
+    patch_center: str = _f("all", "patch center over all teacher patch logits (official) or masked ones only",
+                           ("all", "masked"))
+
+
+@dataclass
+class TeacherConfig:
+    momentum: float = _f(0.996, "EMA momentum at the start (cosine schedule)")
+    momentum_end: float = _f(1.0, "EMA momentum at the end")
+    temp: float = _f(0.07, "[CLS] teacher temperature after warm-up")
+    warmup_temp: float = _f(0.04, "[CLS] teacher temperature at step 0")
+    patch_temp: float = _f(0.07, "patch teacher temperature after warm-up")
+    warmup_patch_temp: float = _f(0.04, "patch teacher temperature at step 0")
+    warmup_temp_epochs: float = _f(30.0, "epochs of linear teacher-temperature warm-up")
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = _f(800, "training epochs (schedules span them)")
+    lr: float = _f(5e-4, "peak learning rate per 256 images (scaled linearly with the global batch)")
+    min_lr: float = _f(1e-6, "learning rate at the end of the cosine")
+    warmup_epochs: float = _f(10.0, "epochs of linear learning-rate warm-up")
+    weight_decay: float = _f(0.04, "weight decay at the start (cosine schedule)")
+    weight_decay_end: float = _f(0.4, "weight decay at the end")
+    betas: List[float] = _f([0.9, 0.999], "AdamW betas")
+    clip_grad: float = _f(3.0, "gradient clipping threshold (0 disables)")
+    clip_mode: str = _f("per_param", "clip each parameter's gradient norm (official) or the global norm",
+                        ("per_param", "global"))
+    freeze_last_layer: float = _f(1.0, "epochs during which the last head layer gets no update")
+    accum_steps: int = _f(1, "micro-batches accumulated per optimizer step")
+    fused: bool = _f(True, "use the fused AdamW implementation where the device supports it")
+
+
+@dataclass
+class CropsConfig:
+    global_size: int = _f(224, "global crop size in pixels")
+    local_size: int = _f(96, "local crop size in pixels")
+    n_global: int = _f(2, "number of global crops (the teacher sees these)")
+    n_local: int = _f(10, "number of local crops")
+    global_scale: List[float] = _f([0.25, 1.0], "RandomResizedCrop area range of global crops")
+    local_scale: List[float] = _f([0.05, 0.25], "RandomResizedCrop area range of local crops")
+
+
+@dataclass
+class MaskingConfig:
+    shape: str = _f("block", "mask shape: BEiT-style blocks or uniformly random patches", ("block", "rand"))
+    pred_ratio: List[float] = _f([0.0, 0.3], "mean masked ratios; each crop picks one of them")
+    pred_ratio_var: List[float] = _f([0.0, 0.2], "half-width of the uniform range around each ratio")
+    aspect_ratio: List[float] = _f([0.3, 1 / 0.3], "aspect ratio range of mask blocks")
+    start_epoch: int = _f(0, "no masking before this epoch")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("synthetic", "images from a folder tree or procedurally generated", ("imagefolder", "synthetic"))
+    path: str = _f("", "image folder (class subfolders, or a flat folder of images)")
+    batch_size: int = _f(64, "images per step per process")
+    num_workers: int = _f(8, "data loader worker processes")
+    synthetic_size: int = _f(2048, "number of images of the synthetic set")
+    synthetic_classes: int = _f(10, "number of classes of the synthetic set")
+    synthetic_resolution: int = _f(128, "side of the synthetic images in pixels")
+    max_bad_fraction: float = _f(0.5, "stop when more than this fraction of images fail to load")
+
+
+@dataclass
+class KernelsConfig:
+    loss: str = _f("reference", "iBOT loss implementation", ("reference", "triton", "auto"))
+    ema: str = _f("reference", "teacher EMA implementation", ("reference", "foreach", "triton", "auto"))
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = _f("auto", "cuda, cpu or auto", ("auto", "cuda", "cpu"))
+    precision: str = _f("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on CPU; fp16 adds loss scaling",
+                        ("auto", "bf16", "fp16", "fp32"))
+    output_dir: str = _f("runs/ibot", "run folder: config, checkpoints, metrics")
+    seed: int = _f(0, "base random seed (rank r uses seed + r)")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0 = run all epochs)")
+    log_every: int = _f(10, "read metrics from the device every N steps")
+    ckpt_every: int = _f(1000, "write a checkpoint every N steps (0 = only at the end)")
+    keep_last: int = _f(3, "checkpoints kept in the run folder")
+    max_nonfinite: int = _f(20, "stop after this many non-finite losses in a row")
+    tensorboard: bool = _f(True, "write scalars for TensorBoard")
+    progress: bool = _f(True, "show a progress bar")
+    compile: bool = _f(False, "torch.compile the student and teacher backbones")
+
+
+@dataclass
+class EvalConfig:
+    every_n_steps: int = _f(0, "run k-NN every N steps during training (0 = never)")
+    train_path: str = _f("", "labelled image folder for the k-NN memory bank")
+    val_path: str = _f("", "labelled image folder for the k-NN queries")
+    k: int = _f(20, "neighbours of the weighted k-NN")
+    temperature: float = _f(0.07, "temperature of the weighted k-NN vote")
+    image_size: int = _f(224, "evaluation image size (resize to 8/7 of it, then center crop)")
+    batch_size: int = _f(128, "evaluation batch size")
+    max_images: int = _f(0, "use at most this many images per split (0 = all)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ibot: IbotConfig = field(default_factory=IbotConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def _coerce(key: str, value: Any, typ, choices) -> Any:
+    """Check ``value`` against the annotated type and return it in canonical form."""
+    origin = typing.get_origin(typ)
+    if origin in (list, List):
+        (item,) = typing.get_args(typ)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item, None) for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if value is None:
+            value = ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        value = str(value)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {typ}")
+
+
+def _unknown(key: str, options) -> ConfigError:
+    name = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, list(options), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{key}: unknown key{hint}")
+
+
+def _apply(node, values: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(node))
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise _unknown(key, fields)
+        current = getattr(node, name)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, key + ".")
+        else:
+            setattr(node, name, _coerce(key, value, hints[name], fields[name].metadata.get("choices")))
+
+
+def _set_dotted(cfg: Config, key: str, raw: str) -> None:
+    parts = key.split(".")
+    node = cfg
+    for i, part in enumerate(parts[:-1]):
+        fields = {f.name for f in dataclasses.fields(node)}
+        if part not in fields or not dataclasses.is_dataclass(getattr(node, part)):
+            raise _unknown(".".join(parts[: i + 1]), fields)
+        node = getattr(node, part)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+    _apply(node, {parts[-1]: value}, ".".join(parts[:-1]) + "." if len(parts) > 1 else "")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that types alone cannot express."""
+    def need(cond, key, msg):
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    m, o, c, k = cfg.masking, cfg.optim, cfg.crops, cfg.data
+    need(len(m.pred_ratio) == len(m.pred_ratio_var), "masking.pred_ratio_var",
+         "must have as many entries as masking.pred_ratio")
+    for i, (r, v) in enumerate(zip(m.pred_ratio, m.pred_ratio_var)):
+        need(0 <= v <= r <= 1, f"masking.pred_ratio[{i}]", f"need 0 <= var ({v}) <= ratio ({r}) <= 1")
+        need(r + v <= 1, f"masking.pred_ratio_var[{i}]", "ratio + var must not exceed 1")
+    need(len(m.aspect_ratio) == 2 and 0 < m.aspect_ratio[0] <= m.aspect_ratio[1], "masking.aspect_ratio",
+         "need two positive numbers, low <= high")
+    for key in ("global_scale", "local_scale"):
+        s = getattr(c, key)
+        need(len(s) == 2 and 0 < s[0] <= s[1] <= 1, f"crops.{key}", "need two numbers 0 < low <= high <= 1")
+    need(c.n_global >= 1, "crops.n_global", "need at least one global crop")
+    need(c.n_local >= 0, "crops.n_local", "must be >= 0")
+    need(c.global_size % cfg.model.patch_size == 0, "crops.global_size", "must be a multiple of model.patch_size")
+    need(c.local_size % cfg.model.patch_size == 0, "crops.local_size", "must be a multiple of model.patch_size")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "need two numbers in [0, 1)")
+    need(o.epochs >= 1, "optim.epochs", "must be >= 1")
+    need(o.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
+    need(o.lr > 0, "optim.lr", "must be > 0")
+    need(k.batch_size >= 1, "data.batch_size", "must be >= 1")
+    need(k.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(k.source != "imagefolder" or k.path, "data.path", "required when data.source is imagefolder")
+    need(cfg.runtime.log_every >= 1, "runtime.log_every", "must be >= 1")
+    need(cfg.runtime.keep_last >= 1, "runtime.keep_last", "must be >= 1")
+    need(cfg.ibot.student_temp > 0, "ibot.student_temp", "must be > 0")
+    for key in ("temp", "warmup_temp", "patch_temp", "warmup_patch_temp"):
+        need(getattr(cfg.teacher, key) > 0, f"teacher.{key}", "must be > 0")
+    if cfg.model.shared_head or cfg.model.shared_head_teacher:
+        need(cfg.model.out_dim == cfg.model.patch_out_dim, "model.patch_out_dim",
+             "must equal model.out_dim when a head is shared")
+    return cfg
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a YAML file shipped with fastibot (``quickstart``, ``vit_small_16``, ...)."""
+    p = resources.files("fastibot.configs") / f"{name}.yaml"
+    if not p.is_file():
+        raise ConfigError(f"no packaged config named {name!r}")
+    return Path(str(p))
+
+
+def load_config(path=None, overrides: Optional[List[str]] = None) -> Config:
+    """Defaults <- YAML file <- dotted ``key=value`` overrides, then checked."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        _apply(cfg, values, "")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-3")
+        key, raw = item.split("=", 1)
+        _set_dotted(cfg, key.strip(), raw.strip())
+    return validate(cfg)
+
+
+def describe(node=None, prefix: str = "") -> List[str]:
+    """One line per key: name, default, doc (for ``fastibot train --help-config``)."""
+    node = node if node is not None else Config()
+    lines = []
+    for f in dataclasses.fields(node):
+        v = getattr(node, f.name)
+        if dataclasses.is_dataclass(v):
+            lines += describe(v, f"{prefix}{f.name}.")
+        else:
+            ch = f.metadata.get("choices")
+            extra = f" [{'|'.join(ch)}]" if ch else ""
+            lines.append(f"{prefix}{f.name} = {v!r}{extra}  # {f.metadata.get('doc', '')}")
+    return lines

@@ -1,0 +1,96 @@
+"""Block masks for masked-image modelling (the BEiT generator iBOT uses).
+
+Per global crop a masked ratio ``r`` is drawn: for each configured
+``(pred_ratio[i], pred_ratio_var[i])`` a value ``U(ratio - var, ratio + var)``
+(or ``ratio`` when ``var`` is 0), then one of those values at random. With the
+recipe's ``[0, 0.3]`` / ``[0, 0.2]`` a crop is unmasked or has
+``r ~ U(0.1, 0.5)``. ``block`` shape then adds rectangles (area at least
+``(min(H, W) // 3) ** 2``, log-uniform aspect ratio in ``aspect_ratio``) until
+``r·H·W`` patches are covered; ``rand`` masks ``int(r·H·W)`` patches uniformly.
+
+Masks are drawn on the CPU in the loader workers (one rectangle is a NumPy
+slice, not a per-patch loop), so the step never waits on them.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+class MaskGenerator:
+    def __init__(self, pred_ratio: Sequence[float], pred_ratio_var: Sequence[float],
+                 aspect_ratio: Sequence[float] = (0.3, 1 / 0.3), shape: str = "block"):
+        if len(pred_ratio) != len(pred_ratio_var):
+            raise ValueError("pred_ratio and pred_ratio_var need the same length")
+        if shape not in ("block", "rand"):
+            raise ValueError(f"mask shape must be block or rand, not {shape!r}")
+        self.pred_ratio = list(pred_ratio)
+        self.pred_ratio_var = list(pred_ratio_var)
+        self.log_aspect = (math.log(aspect_ratio[0]), math.log(aspect_ratio[1]))
+        self.shape = shape
+
+    def sample_ratio(self, rng: random.Random) -> float:
+        values = [rng.uniform(r - v, r + v) if v > 0 else r for r, v in zip(self.pred_ratio, self.pred_ratio_var)]
+        return values[0] if len(values) == 1 else rng.choice(values)
+
+    def __call__(self, h: int, w: int, rng: random.Random, ratio: float | None = None) -> np.ndarray:
+        """One (h, w) bool mask."""
+        ratio = self.sample_ratio(rng) if ratio is None else ratio
+        target = ratio * h * w
+        if self.shape == "rand":
+            n = int(target)
+            flat = np.zeros(h * w, dtype=bool)
+            flat[rng.sample(range(h * w), n)] = True
+            return flat.reshape(h, w)
+        return self._blocks(h, w, target, rng)
+
+    def _blocks(self, h: int, w: int, target: float, rng: random.Random) -> np.ndarray:
+        mask = np.zeros((h, w), dtype=bool)
+        count = 0
+        min_area = (min(h, w) // 3) ** 2
+        while count < target:
+            budget = target - count
+            delta = 0
+            for _ in range(10):
+                area = rng.uniform(min_area, budget)
+                aspect = math.exp(rng.uniform(*self.log_aspect))
+                bh = int(round(math.sqrt(area * aspect)))
+                bw = int(round(math.sqrt(area / aspect)))
+                if bw < w and bh < h:
+                    top = rng.randint(0, h - bh)
+                    left = rng.randint(0, w - bw)
+                    window = mask[top: top + bh, left: left + bw]
+                    new = bh * bw - int(window.sum())
+                    if 0 < new <= budget:
+                        window[...] = True
+                        delta = new
+                if delta > 0:
+                    break
+            if delta == 0:
+                break
+            count += delta
+        return mask
+
+    def batch(self, n: int, h: int, w: int, rng: random.Random) -> torch.Tensor:
+        """(n, h, w) bool masks, one ratio draw each."""
+        return torch.from_numpy(np.stack([self(h, w, rng) for _ in range(n)]))
+
+
+def mask_rows(masks: torch.Tensor, n_global: int) -> tuple:
+    """Flat indices of masked patches and their loss weights, from (G*B, N) bool masks.
+
+    The patch loss is mean over globals of mean over images of
+    (sum over masked patches of CE) / max(#masked, 1); so each masked row of
+    image i weighs 1 / (G · B · #masked_i). Returns (index (M,) int64, weight (M,) fp32).
+    """
+    gb, n = masks.shape
+    b = gb // n_global
+    counts = masks.sum(1)  # (G*B,)
+    index = masks.reshape(-1).nonzero().squeeze(1)
+    per_image = 1.0 / (n_global * b * counts.clamp(min=1).float())
+    weight = per_image[index.div(n, rounding_mode="floor")]
+    return index, weight

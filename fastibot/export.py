@@ -1,0 +1,44 @@
+"""Export a trained backbone to timm: ``timm.create_model(name, num_classes=0)`` loads it strictly."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Tuple
+
+import torch
+
+from .checkpoint import load_checkpoint, resolve_resume
+from .config import Config, _apply
+from .models.ibot import build_model
+from .models.vit import timm_model_name, timm_state_dict
+
+
+def config_from_checkpoint(state: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, state["config"], "")
+    return cfg
+
+
+def load_backbone(checkpoint, which: str = "teacher"):
+    """(VisionTransformer, Config) from a checkpoint file or run folder."""
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be teacher or student, not {which!r}")
+    path = resolve_resume(str(checkpoint), str(checkpoint))
+    state = load_checkpoint(path)
+    cfg = config_from_checkpoint(state)
+    model = build_model(cfg, student=which == "student")
+    model.load_state_dict(state[which])
+    return model.backbone.eval(), cfg
+
+
+def export_backbone(checkpoint, out_path, which: str = "teacher") -> Tuple[Path, str]:
+    """Write the backbone as ``.safetensors`` (or ``.pt``/``.pth``); returns (path, timm model name)."""
+    backbone, cfg = load_backbone(checkpoint, which)
+    sd = {k: v.contiguous() for k, v in timm_state_dict(backbone).items()}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if out_path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(sd, str(out_path), metadata={"timm_model": timm_model_name(cfg.model.arch, cfg.model.patch_size)})
+    else:
+        torch.save(sd, out_path)
+    return out_path, timm_model_name(cfg.model.arch, cfg.model.patch_size)

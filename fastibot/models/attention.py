@@ -1,0 +1,219 @@
+"""Attention backends behind one interface.
+
+Tokens arrive either dense, ``(B, N, H, Dh)``, or packed: the tokens of many
+sequences of possibly different lengths concatenated into ``(T, H, Dh)`` with a
+:class:`PackedLayout` that says where each sequence starts. Attention never
+crosses a sequence boundary (block-diagonal).
+
+Backends (``model.attention``):
+
+- ``reference``: matmul + softmax + matmul in fp32, the ground truth.
+- ``sdpa``: ``F.scaled_dot_product_attention``, once per group of equal-length
+  sequences (no padding, no packing inside attention).
+- ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention with
+  cumulative sequence lengths) over the whole packed batch; CUDA, bf16/fp16.
+- ``xformers``: ``xformers.ops.memory_efficient_attention`` with a
+  ``BlockDiagonalMask`` over the whole packed batch (cached per layout).
+- ``auto``: the fastest available on the device, logged once.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("fastibot")
+
+BACKENDS = ("reference", "sdpa", "varlen", "xformers")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested attention backend cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Sequences in token order, as groups ``(count, length)`` of equal length.
+
+    E.g. 2·B global crops of 197 tokens then 10·B local crops of 37 tokens:
+    ``PackedLayout(((2 * B, 197), (10 * B, 37)))``.
+    """
+
+    groups: Tuple[Tuple[int, int], ...]
+
+    @property
+    def total(self) -> int:
+        return sum(n * length for n, length in self.groups)
+
+    @property
+    def max_len(self) -> int:
+        return max(length for n, length in self.groups if n > 0)
+
+    def seqlens(self):
+        return [length for n, length in self.groups for _ in range(n)]
+
+
+@functools.lru_cache(maxsize=32)
+def _cu_seqlens(layout: PackedLayout, device: torch.device) -> torch.Tensor:
+    lens = torch.tensor([0] + layout.seqlens(), dtype=torch.int32)
+    return torch.cumsum(lens, 0, dtype=torch.int32).to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def _xformers_bias(layout: PackedLayout, device: torch.device):
+    from xformers.ops import fmha
+
+    bias = fmha.BlockDiagonalMask.from_seqlens(layout.seqlens())
+    # Materialise the device-side sequence starts once, not at every call.
+    if hasattr(bias, "to"):
+        bias = bias.to(device)
+    return bias
+
+
+# ----------------------------------------------------------------------- dense kernels
+
+
+def _reference_dense(q, k, v):
+    """(B, N, H, Dh) -> (B, N, H, Dh) with an explicit fp32 softmax."""
+    scale = q.shape[-1] ** -0.5
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, H, N, Dh)
+    attn = torch.softmax((qf * scale) @ kf.transpose(-2, -1), dim=-1)
+    return (attn @ vf).transpose(1, 2).to(q.dtype)
+
+
+def _sdpa_dense(q, k, v):
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _per_group(fn, q, k, v, layout: PackedLayout):
+    """Run a dense kernel on each group of equal-length sequences of a packed batch."""
+    outs, start = [], 0
+    for n, length in layout.groups:
+        if n == 0:
+            continue
+        stop = start + n * length
+        shape = (n, length) + q.shape[1:]
+        outs.append(fn(q[start:stop].view(shape), k[start:stop].view(shape), v[start:stop].view(shape))
+                    .reshape((n * length,) + q.shape[1:]))
+        start = stop
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+def _varlen_packed(q, k, v, layout: PackedLayout):
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = _cu_seqlens(layout, q.device)
+    return varlen_attn(q, k, v, cu, cu, layout.max_len, layout.max_len)
+
+
+def _xformers_packed(q, k, v, layout: PackedLayout):
+    from xformers.ops import memory_efficient_attention
+
+    bias = _xformers_bias(layout, q.device)
+    return memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+
+
+def _xformers_dense(q, k, v):
+    from xformers.ops import memory_efficient_attention
+
+    return memory_efficient_attention(q, k, v)
+
+
+# ------------------------------------------------------------------------ availability
+
+
+def _probe(fn, device: torch.device, dtype: torch.dtype) -> None:
+    """Run a tiny packed call; raise BackendUnavailable with the reason if it fails."""
+    layout = PackedLayout(((2, 5), (1, 3)))
+    q = torch.randn(layout.total, 2, 16, device=device, dtype=dtype)
+    fn(q, q, q, layout)
+
+
+@functools.lru_cache(maxsize=16)
+def check_backend(name: str, device_type: str, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Raise :class:`BackendUnavailable` (saying why) if ``name`` cannot run on ``device_type``."""
+    if name in ("reference", "sdpa"):
+        return
+    if name == "varlen":
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        except ImportError as e:
+            raise BackendUnavailable(
+                f"model.attention=varlen needs torch.nn.attention.varlen (torch >= 2.10); "
+                f"this torch {torch.__version__} has none ({e})") from None
+        if device_type != "cuda":
+            raise BackendUnavailable("model.attention=varlen runs flash attention, which needs a CUDA device")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise BackendUnavailable("model.attention=varlen needs bf16 or fp16 activations "
+                                     "(runtime.precision=bf16|fp16)")
+        try:
+            _probe(_varlen_packed, torch.device("cuda"), dtype)
+        except Exception as e:  # the reason goes into the message
+            raise BackendUnavailable(f"model.attention=varlen failed a test call: {e}") from None
+        return
+    if name == "xformers":
+        try:
+            import xformers.ops  # noqa: F401
+        except Exception as e:
+            raise BackendUnavailable(
+                f"model.attention=xformers needs the xformers package (pip install 'fastibot[xformers]'): {e}"
+            ) from None
+        try:
+            _probe(_xformers_packed, torch.device(device_type), dtype)
+        except Exception as e:
+            raise BackendUnavailable(
+                f"model.attention=xformers: memory_efficient_attention cannot run on {device_type} "
+                f"with {dtype}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        return
+    raise BackendUnavailable(f"model.attention: unknown backend {name!r} (one of auto, {', '.join(BACKENDS)})")
+
+
+# On Hopper the flash-attention varlen kernel handles a whole packed multi-crop
+# batch in one launch; xformers' own CUDA kernels come next; per-size SDPA last.
+AUTO_ORDER = {"cuda": ("varlen", "xformers", "sdpa"), "cpu": ("sdpa",)}
+
+
+def resolve_backend(name: str, device_type: str, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Turn ``auto`` into a concrete backend; check that a named one can run."""
+    if name != "auto":
+        check_backend(name, device_type, dtype)
+        return name
+    reasons = []
+    for cand in AUTO_ORDER.get(device_type, ("sdpa",)):
+        try:
+            check_backend(cand, device_type, dtype)
+            return cand
+        except BackendUnavailable as e:
+            reasons.append(str(e))
+    log.info("attention auto: falling back to sdpa (%s)", "; ".join(reasons))
+    return "sdpa"
+
+
+_DENSE = {"reference": _reference_dense, "sdpa": _sdpa_dense, "varlen": _sdpa_dense, "xformers": _xformers_dense}
+_PACKED = {
+    "reference": functools.partial(_per_group, _reference_dense),
+    "sdpa": functools.partial(_per_group, _sdpa_dense),
+    "varlen": _varlen_packed,
+    "xformers": _xformers_packed,
+}
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, layout: PackedLayout | None = None):
+    """Multi-head attention: dense ``(B, N, H, Dh)`` or packed ``(T, H, Dh)`` with ``layout``."""
+    if layout is None:
+        return _DENSE[backend](q, k, v)
+    return _PACKED[backend](q, k, v, layout)
+
+
+def attention_flops(layout_or_shape, heads: int, head_dim: int) -> float:
+    """Multiply-adds x 2 of QK^T and AV (forward only)."""
+    if isinstance(layout_or_shape, PackedLayout):
+        return sum(4.0 * n * length * length * heads * head_dim for n, length in layout_or_shape.groups)
+    b, n = layout_or_shape
+    return 4.0 * b * n * n * heads * head_dim
+

@@ -1,0 +1,122 @@
+"""Backbone + head, and the student/teacher forwards of one iBOT step.
+
+Two paths that share weights and give the same loss:
+
+- dense (``model.packed: false``, the official computation): the student runs
+  the masked globals and the locals as two batches; the head runs on every
+  token of every crop; the loss reads dense ``(G*B, N, K)`` patch logits.
+- packed (``model.packed: true``): one student pass over all crops
+  (block-diagonal attention); the head runs only on the [CLS] tokens and the
+  masked global patch tokens, gathered into one ``(V*B + M, D)`` tensor. The
+  teacher's patch head runs on the same ``M`` positions; when the patch center
+  must average all patches (``ibot.patch_center: all``) the teacher's MLP runs
+  on all its patch tokens and, because the last layer is linear, the center
+  statistic is ``W · mean(z)``: no ``(G*B*N, K)`` tensor is ever made.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import Config
+from .head import IBOTHead
+from .vit import VisionTransformer
+
+
+class StudentOut(NamedTuple):
+    cls: torch.Tensor  # (V*B, K) crop-major
+    patch: torch.Tensor  # dense (G*B, N, K), or packed rows (M, K)
+
+
+class TeacherOut(NamedTuple):
+    cls: torch.Tensor  # (G*B, K)
+    patch: torch.Tensor  # dense (G*B, N, K), or packed rows (M, K)
+    patch_mean: torch.Tensor  # (K,) batch mean of the patch logits the center averages
+
+
+class IBOTModel(nn.Module):
+    """A ViT backbone and an iBOT head. ``forward`` is the student step (one call, for DDP)."""
+
+    def __init__(self, backbone: VisionTransformer, head: IBOTHead, packed: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.packed = packed
+
+    # --------------------------------------------------------------- student
+
+    def forward(self, globals_: torch.Tensor, masks: torch.Tensor, locals_: Optional[torch.Tensor],
+                mask_index: Optional[torch.Tensor] = None) -> StudentOut:
+        """globals_ (G*B, 3, H, W), masks (G*B, N) bool, locals_ (L*B, 3, h, w) or None,
+        mask_index (M,) flat indices of masked patches into G*B*N (packed path only)."""
+        if self.packed:
+            return self._student_packed(globals_, masks, locals_, mask_index)
+        return self._student_dense(globals_, masks, locals_)
+
+    def _student_dense(self, globals_, masks, locals_) -> StudentOut:
+        cls, patch = self.head(self.backbone.forward_features(globals_, masks))
+        if locals_ is not None and locals_.shape[0] > 0:
+            local_cls, _ = self.head(self.backbone.forward_features(locals_))  # patch logits unused, as official
+            cls = torch.cat([cls, local_cls], 0)
+        return StudentOut(cls, patch)
+
+    def _student_packed(self, globals_, masks, locals_, mask_index) -> StudentOut:
+        crops, crop_masks = [globals_], [masks]
+        if locals_ is not None and locals_.shape[0] > 0:
+            crops.append(locals_)
+            crop_masks.append(None)
+        tokens, layout = self.backbone.forward_packed(crops, crop_masks)  # (T, D)
+        cls_pos = _cls_positions(layout, tokens.device)  # (V*B,)
+        n_patch = masks.shape[1]
+        patch_pos = mask_index + mask_index.div(n_patch, rounding_mode="floor") + 1  # (M,)
+        z = self.head.embed(tokens[torch.cat([cls_pos, patch_pos])])  # (V*B + M, bottleneck)
+        n_cls = cls_pos.shape[0]
+        return StudentOut(self.head.cls_logits(z[:n_cls]), self.head.patch_logits(z[n_cls:]))
+
+    # --------------------------------------------------------------- teacher
+
+    @torch.no_grad()
+    def teacher(self, globals_: torch.Tensor, masks: torch.Tensor, mask_index: Optional[torch.Tensor] = None,
+                patch_center: str = "all") -> TeacherOut:
+        """Teacher outputs on the unmasked globals (G*B, 3, H, W); masks (G*B, N) select the
+        patch rows (packed) and, with ``patch_center: masked``, the patches the center averages."""
+        tokens = self.backbone.forward_features(globals_)  # (G*B, 1+N, D)
+        if not self.packed:
+            cls, patch = self.head(tokens)  # (G*B, K), (G*B, N, K)
+            if patch_center == "all":
+                patch_mean = patch.float().mean(dim=(0, 1))
+            else:
+                w = masks.float()[..., None]
+                patch_mean = (patch.float() * w).sum(dim=(0, 1)) / w.sum().clamp(min=1.0)
+            return TeacherOut(cls, patch, patch_mean)
+        flat = tokens[:, 1:].reshape(-1, tokens.shape[-1])  # (G*B*N, D)
+        z_cls = self.head.embed(tokens[:, 0])
+        if patch_center == "all":
+            z_all = self.head.embed(flat)  # (G*B*N, bottleneck)
+            rows = self.head.patch_logits(z_all[mask_index])  # (M, K)
+            # the last layer is linear: mean of logits = W · mean(z)
+            patch_mean = self.head.patch_logits(z_all.float().mean(0, keepdim=True).to(z_all.dtype))[0]
+        else:
+            rows = self.head.patch_logits(self.head.embed(flat[mask_index]))  # (M, K)
+            patch_mean = rows.float().sum(0) / max(rows.shape[0], 1)
+        return TeacherOut(self.head.cls_logits(z_cls), rows, patch_mean.float())
+
+
+def _cls_positions(layout, device) -> torch.Tensor:
+    pos, start = [], 0
+    for n, length in layout.groups:
+        pos.append(torch.arange(n, device=device) * length + start)
+        start += n * length
+    return torch.cat(pos)
+
+
+def build_model(cfg: Config, student: bool) -> IBOTModel:
+    """Student (drop path, its own head sharing) or teacher (no drop path)."""
+    m = cfg.model
+    backbone = VisionTransformer(m.arch, m.patch_size, cfg.crops.global_size,
+                                 drop_path_rate=m.drop_path if student else 0.0)
+    head = IBOTHead(backbone.embed_dim, m.out_dim, m.patch_out_dim, m.head_hidden_dim, m.head_bottleneck_dim,
+                    m.head_layers, m.norm_last_layer, m.shared_head if student else m.shared_head_teacher)
+    return IBOTModel(backbone, head, packed=m.packed)

@@ -1,0 +1,219 @@
+"""Vision Transformer with iBOT's masked-patch input and packed multi-crop forward.
+
+Parameter names match timm's ``VisionTransformer`` (``patch_embed.proj``,
+``cls_token``, ``pos_embed``, ``blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``,
+``norm``), so :func:`timm_state_dict` is a plain filter. The one extra
+parameter is ``masked_embed``, the learned token that replaces masked patch
+embeddings before the position embedding is added.
+
+Two ways in:
+
+- dense: ``forward_features(x, mask)``, a batch of equal-size crops ``(B, 3, H, W)``.
+- packed: ``forward_packed([crops_a, crops_b, ...], [mask_a, None, ...])``: every
+  crop of every size in one token batch ``(T, D)``; linear layers, norms and MLPs
+  see all tokens at once, attention is block-diagonal (``attention.PackedLayout``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp, trunc_normal_
+
+from .attention import PackedLayout, attention
+
+ARCHS = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+TIMM_NAMES = {"vit_tiny": "vit_tiny_patch{p}_224", "vit_small": "vit_small_patch{p}_224",
+              "vit_base": "vit_base_patch{p}_224", "vit_large": "vit_large_patch{p}_224"}
+
+
+@functools.lru_cache(maxsize=32)
+def _token_owner(layout: PackedLayout, device: torch.device) -> torch.Tensor:
+    """Index of the sequence each packed token belongs to, (T,)."""
+    lens = torch.tensor(layout.seqlens(), device=device)
+    return torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool, layout: Optional[PackedLayout]) -> torch.Tensor:
+    """Stochastic depth: drop a whole sample's residual branch (per sequence when packed)."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    if layout is None:
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    else:
+        n_seq = sum(n for n, _ in layout.groups)
+        mask = x.new_empty(n_seq).bernoulli_(keep)[_token_owner(layout, x.device)][:, None]
+    return x * mask.div_(keep)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.backend = "sdpa"
+
+    def forward(self, x: torch.Tensor, layout: Optional[PackedLayout] = None) -> torch.Tensor:
+        lead = x.shape[:-1]  # (B, N) dense or (T,) packed
+        qkv = self.qkv(x).view(*lead, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(-3)  # each (..., H, Dh)
+        out = attention(q, k, v, self.backend, layout)
+        return self.proj(out.reshape(*lead, -1))
+
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> softmax attention weights (B, H, N, N), for attention maps."""
+        b, n, _ = x.shape
+        q, k, _ = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return torch.softmax((q.float() * self.head_dim ** -0.5) @ k.float().transpose(-2, -1), dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor, layout: Optional[PackedLayout] = None) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x), layout), self.drop_path, self.training, layout)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, layout)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, arch: str = "vit_small", patch_size: int = 16, img_size: int = 224,
+                 drop_path_rate: float = 0.0, mlp_ratio: float = 4.0):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r} (one of {', '.join(ARCHS)})")
+        spec = ARCHS[arch]
+        self.arch, self.patch_size = arch, patch_size
+        self.embed_dim, self.num_heads = spec["embed_dim"], spec["num_heads"]
+        dim, depth = spec["embed_dim"], spec["depth"]
+        self.grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, dim))
+        self.masked_embed = nn.Parameter(torch.zeros(1, dim))
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        self.blocks = nn.ModuleList([Block(dim, spec["num_heads"], mlp_ratio, dpr[i]) for i in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def set_attention_backend(self, backend: str) -> None:
+        for blk in self.blocks:
+            blk.attn.backend = backend
+
+    # ----------------------------------------------------------------- tokens
+
+    def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
+        """Position embedding for an (h, w) patch grid, bicubic-resampled from the trained grid."""
+        if h == self.grid and w == self.grid:
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        dim = patch_pos.shape[-1]
+        grid = patch_pos.float().reshape(1, self.grid, self.grid, dim).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        patch_pos = grid.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(self.pos_embed.dtype)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def prepare_tokens(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 3, H, W) images, (B, N) bool mask -> (B, 1+N, D) tokens with position embedding."""
+        b, _, h, w = x.shape
+        gh, gw = h // self.patch_size, w // self.patch_size
+        t = self.patch_embed(x)  # (B, N, D)
+        if mask is not None:
+            t = torch.where(mask.reshape(b, -1, 1), self.masked_embed.to(t.dtype), t)
+        t = torch.cat([self.cls_token.expand(b, -1, -1).to(t.dtype), t], dim=1)
+        return t + self.pos_embed_for(gh, gw).to(t.dtype)
+
+    # ---------------------------------------------------------------- forward
+
+    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Dense forward: (B, 3, H, W) -> normalised tokens (B, 1+N, D)."""
+        t = self.prepare_tokens(x, mask)
+        for blk in self.blocks:
+            t = blk(t)
+        return self.norm(t)
+
+    def forward_packed(self, crops: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]
+                       ) -> Tuple[torch.Tensor, PackedLayout]:
+        """Packed forward over groups of equal-size crops.
+
+        crops[i]: (n_i, 3, H_i, W_i); masks[i]: (n_i, N_i) bool or None.
+        Returns normalised tokens (sum_i n_i (1 + N_i), D) in group order, and the layout.
+        """
+        parts, groups = [], []
+        for x, m in zip(crops, masks):
+            t = self.prepare_tokens(x, m)  # (n, 1+N, D)
+            groups.append((t.shape[0], t.shape[1]))
+            parts.append(t.reshape(-1, t.shape[-1]))
+        layout = PackedLayout(tuple(groups))
+        t = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+        for blk in self.blocks:
+            t = blk(t, layout)
+        return self.norm(t), layout
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[CLS] features, (B, D)."""
+        return self.forward_features(x, mask)[:, 0]
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> List[torch.Tensor]:
+        """Normalised tokens of the last ``n`` blocks, each (B, 1+N, D)."""
+        t = self.prepare_tokens(x)
+        out = []
+        for i, blk in enumerate(self.blocks):
+            t = blk(t)
+            if i >= len(self.blocks) - n:
+                out.append(self.norm(t))
+        return out
+
+    def last_self_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention weights of the last block, (B, H, 1+N, 1+N)."""
+        t = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            t = blk(t)
+        return self.blocks[-1].attn.attention_probs(self.blocks[-1].norm1(t))
+
+
+def timm_model_name(arch: str, patch_size: int) -> str:
+    return TIMM_NAMES[arch].format(p=patch_size)
+
+
+def timm_state_dict(backbone: VisionTransformer) -> dict:
+    """The backbone's weights as timm's ``VisionTransformer(num_classes=0)`` names them."""
+    return {k: v.detach().clone() for k, v in backbone.state_dict().items() if k != "masked_embed"}

@@ -1,0 +1,157 @@
+"""EMA teacher, centers and the per-iteration schedules.
+
+- Schedules (one value per optimizer step): lr linear warm-up from 0 then
+  cosine to ``min_lr`` (peak ``lr · global_batch / 256``); weight decay cosine;
+  teacher momentum cosine; teacher temperatures linear warm-up then constant.
+- Centers: c <- m·c + (1-m)·mean(teacher logits), the batch mean averaged over
+  processes. A non-finite batch statistic leaves the center unchanged (checked
+  on the device: no host sync).
+- EMA: θt <- m·θt + (1-m)·θs over all shared parameters; ``reference`` is the
+  official per-tensor loop, ``foreach`` one ``_foreach_lerp_``, ``triton`` the
+  fused kernel of ``fastibot.kernels.ema`` on flat buffers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .config import Config
+
+
+def cosine_schedule(base: float, final: float, total: int, warmup: int = 0, warmup_start: float = 0.0) -> np.ndarray:
+    """``total`` values: linear ``warmup_start -> base`` over ``warmup`` steps, then cosine ``base -> final``."""
+    warmup = min(warmup, total)
+    warm = np.linspace(warmup_start, base, warmup) if warmup > 0 else np.array([])
+    rest = total - warmup
+    iters = np.arange(rest)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / max(rest, 1)))
+    return np.concatenate((warm, cos)).astype(np.float64)
+
+
+def warmup_constant(start: float, end: float, total: int, warmup: int) -> np.ndarray:
+    warmup = min(warmup, total)
+    return np.concatenate((np.linspace(start, end, warmup), np.full(total - warmup, end))).astype(np.float64)
+
+
+@dataclass
+class Schedules:
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+    teacher_patch_temp: np.ndarray
+    freeze_last_layer_steps: int
+
+    @classmethod
+    def build(cls, cfg: Config, steps_per_epoch: int, world: int) -> "Schedules":
+        o, t = cfg.optim, cfg.teacher
+        total = o.epochs * steps_per_epoch
+        spe = steps_per_epoch
+        peak = o.lr * cfg.data.batch_size * o.accum_steps * world / 256.0
+        return cls(
+            lr=cosine_schedule(peak, o.min_lr, total, int(round(o.warmup_epochs * spe))),
+            wd=cosine_schedule(o.weight_decay, o.weight_decay_end, total),
+            momentum=cosine_schedule(t.momentum, t.momentum_end, total),
+            teacher_temp=warmup_constant(t.warmup_temp, t.temp, total, int(round(t.warmup_temp_epochs * spe))),
+            teacher_patch_temp=warmup_constant(t.warmup_patch_temp, t.patch_temp, total,
+                                               int(round(t.warmup_temp_epochs * spe))),
+            freeze_last_layer_steps=int(round(o.freeze_last_layer * spe)),
+        )
+
+    def __len__(self):
+        return len(self.lr)
+
+
+class Centers(nn.Module):
+    """The [CLS] and patch centers (buffers, saved in checkpoints)."""
+
+    def __init__(self, out_dim: int, patch_out_dim: int, momentum: float = 0.9, momentum2: float = 0.9):
+        super().__init__()
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("center2", torch.zeros(1, patch_out_dim))
+        self.momentum, self.momentum2 = momentum, momentum2
+
+    @torch.no_grad()
+    def update(self, cls_mean: torch.Tensor, patch_mean: torch.Tensor) -> None:
+        """cls_mean (K,), patch_mean (K,): this process's batch means of the teacher logits."""
+        stats = torch.cat([cls_mean.float().reshape(-1), patch_mean.float().reshape(-1)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+            stats /= dist.get_world_size()
+        k = self.center.shape[1]
+        for buf, new, m in ((self.center, stats[:k], self.momentum), (self.center2, stats[k:], self.momentum2)):
+            ok = torch.isfinite(new).all()
+            buf.copy_(torch.where(ok, buf * m + new[None] * (1 - m), buf))
+
+
+# ------------------------------------------------------------------------------ EMA
+
+
+def ema_pairs(student: nn.Module, teacher: nn.Module) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Matching (teacher, student) parameters by name, in a fixed order."""
+    s = dict(student.named_parameters())
+    t_params, s_params = [], []
+    for name, p in teacher.named_parameters():
+        if name in s:
+            t_params.append(p)
+            s_params.append(s[name])
+    return t_params, s_params
+
+
+@torch.no_grad()
+def ema_reference(teacher_params, student_params, m: float) -> None:
+    """The official loop: θt.mul_(m).add_((1 - m) · θs) per tensor."""
+    for pt, ps in zip(teacher_params, student_params):
+        pt.data.mul_(m).add_((1 - m) * ps.detach().data)
+
+
+@torch.no_grad()
+def ema_foreach(teacher_params, student_params, m: float) -> None:
+    torch._foreach_lerp_(teacher_params, [p.detach() for p in student_params], 1.0 - m)
+
+
+class EMA:
+    """Teacher update with the implementation chosen by ``kernels.ema``."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, impl: str):
+        self.impl = impl
+        self.t_params, self.s_params = ema_pairs(student, teacher)
+        if impl == "triton":
+            from .kernels.ema import FlatEMA
+            self._flat = FlatEMA(self.t_params, self.s_params)
+
+    @torch.no_grad()
+    def __call__(self, m: float) -> None:
+        if self.impl == "reference":
+            ema_reference(self.t_params, self.s_params, m)
+        elif self.impl == "foreach":
+            ema_foreach(self.t_params, self.s_params, m)
+        else:
+            self._flat(m)
+
+
+def resolve_ema_impl(name: str, device_type: str) -> str:
+    if name != "auto":
+        if name == "triton" and device_type != "cuda" and not _triton_interpret():
+            raise RuntimeError("kernels.ema=triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+        return name
+    return "triton" if device_type == "cuda" and _triton_ok() else "foreach"
+
+
+def _triton_interpret() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except ImportError:
+        return False
+

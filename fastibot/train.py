@@ -1,0 +1,383 @@
+"""The iBOT training loop: one file, no host syncs inside the step.
+
+A step is four named parts: teacher targets, student forward, losses (+ center
+update), update (clip, optimizer, EMA). Metrics accumulate on the device and
+are read every ``runtime.log_every`` steps. Non-finite gradients skip the
+optimizer step on the device (fused AdamW's ``found_inf``), are counted, and
+stop the run after ``runtime.max_nonfinite`` in a row.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import checkpoint as ckpt
+from .config import Config
+from .data.datasets import DataError, build_loader
+from .logger import MetricsWriter, Progress, setup_logging
+from .loss import ibot_loss, ibot_loss_rows
+from .models.attention import resolve_backend
+from .models.ibot import build_model
+from .teacher import EMA, Centers, Schedules, resolve_ema_impl
+
+log = logging.getLogger("fastibot")
+
+# device-side counters: sums since the start of the run
+C_LOSS, C_CLS, C_PATCH, C_FINITE, C_NONFINITE, C_BAD_RUN, C_MAX_BAD_RUN, C_BAD_IMAGES, C_GRAD_NORM = range(9)
+N_COUNTERS = 9
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, data unusable); the message says what to do."""
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    amp_dtype: Optional[torch.dtype] = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_runtime(cfg: Config) -> Runtime:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.runtime.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("runtime.device=cuda but no CUDA device is visible")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    precision = cfg.runtime.precision
+    if precision == "auto":
+        precision = "bf16" if use_cuda else "fp32"
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    return Runtime(device, rank, world, local, amp)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and 1-D parameters (official grouping)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), fused=cfg.optim.fused)
+
+
+def resolve_loss_impl(name: str, device_type: str) -> str:
+    if name == "auto":
+        return "triton" if device_type == "cuda" else "reference"
+    if name == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise TrainingError("kernels.loss=triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+    return name
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, rt: Runtime, resume: Optional[str] = None):
+        self.cfg, self.rt = cfg, rt
+        self.out = Path(cfg.runtime.output_dir)
+        _seed_everything(cfg.runtime.seed + rt.rank)
+        self.dataset, self.sampler, self.loader = build_loader(cfg, rt.rank, rt.world,
+                                                               pin_memory=rt.device.type == "cuda")
+        self.accum = cfg.optim.accum_steps
+        self.steps_per_epoch = self.sampler.steps_per_epoch // self.accum
+        if self.steps_per_epoch == 0:
+            raise DataError(f"one epoch has {self.sampler.steps_per_epoch} batches, fewer than "
+                            f"optim.accum_steps={self.accum}")
+        self.sched = Schedules.build(cfg, self.steps_per_epoch, rt.world)
+        cap = cfg.runtime.max_steps
+        self.total_steps = min(cap, len(self.sched)) if cap > 0 else len(self.sched)
+        self._build_models()
+        self.counters = torch.zeros(N_COUNTERS, dtype=torch.float64, device=rt.device)
+        self.step = 0
+        self.writer = MetricsWriter(self.out, cfg.runtime.tensorboard, enabled=rt.is_main)
+        if resume is not None:
+            self.load(ckpt.resolve_resume(resume, cfg.runtime.output_dir))
+        self._last = (self.step, self.counters.tolist(), time.perf_counter())  # sync-ok: once at start
+
+    def _build_models(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        student = build_model(cfg, student=True).to(rt.device)
+        teacher = build_model(cfg, student=False).to(rt.device)
+        teacher.load_state_dict(student.state_dict(), strict=False)
+        teacher.requires_grad_(False).eval()
+        self.attention = resolve_backend(cfg.model.attention, rt.device.type, rt.amp_dtype or torch.float32)
+        for m in (student, teacher):
+            m.backbone.set_attention_backend(self.attention)
+            if cfg.runtime.compile:
+                for blk in m.backbone.blocks:
+                    blk.compile()
+        self.student_module, self.teacher = student, teacher
+        self.student = DDP(student, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
+            if rt.world > 1 else student
+        self.centers = Centers(cfg.model.out_dim, cfg.model.patch_out_dim, cfg.ibot.center_momentum,
+                               cfg.ibot.center_momentum2).to(rt.device)
+        self.opt = build_optimizer(student, cfg)
+        self.scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
+        self.ema_impl = resolve_ema_impl(cfg.kernels.ema, rt.device.type)
+        self.ema = EMA(student, teacher, self.ema_impl)
+        self.loss_impl = resolve_loss_impl(cfg.kernels.loss, rt.device.type)
+        self.params = [p for p in student.parameters() if p.requires_grad]
+        self.last_layer = [p for n, p in student.named_parameters() if "last_layer" in n and p.requires_grad]
+        log.info("fastibot: %s/%d, %s, attention=%s, packed=%s, loss=%s, ema=%s, precision=%s, world=%d",
+                 cfg.model.arch, cfg.model.patch_size, rt.device, self.attention, cfg.model.packed, self.loss_impl,
+                 self.ema_impl, rt.amp_dtype or "fp32", rt.world)
+
+    # ------------------------------------------------------------------ step parts
+
+    def _autocast(self):
+        if self.rt.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.rt.device.type, dtype=self.rt.amp_dtype)
+
+    def teacher_targets(self, batch):
+        with self._autocast():
+            return self.teacher.teacher(batch["globals"], batch["masks"], batch["mask_index"],
+                                        self.cfg.ibot.patch_center)
+
+    def student_forward(self, batch):
+        with self._autocast():
+            return self.student(batch["globals"], batch["masks"], batch["locals"], batch["mask_index"])
+
+    def losses(self, s, t, batch, it: int):
+        c, sched = self.cfg, self.sched
+        kw = dict(n_global=c.crops.n_global, teacher_temp=float(sched.teacher_temp[it]),
+                  teacher_patch_temp=float(sched.teacher_patch_temp[it]), student_temp=c.ibot.student_temp,
+                  lambda1=c.ibot.lambda1, lambda2=c.ibot.lambda2, impl=self.loss_impl)
+        if c.model.packed:
+            out = ibot_loss_rows(s.cls, s.patch, t.cls, t.patch, batch["mask_weight"], self.centers.center,
+                                 self.centers.center2, **kw)
+        else:
+            out = ibot_loss(s.cls, s.patch, t.cls, t.patch, batch["masks"], self.centers.center,
+                            self.centers.center2, **kw)
+        self.centers.update(t.cls.float().mean(0), t.patch_mean)
+        return out
+
+    def micro_step(self, batch, it: int, last: bool) -> torch.Tensor:
+        sync = contextlib.nullcontext() if (last or self.rt.world == 1) else self.student.no_sync()
+        with sync:
+            t = self.teacher_targets(batch)
+            s = self.student_forward(batch)
+            out = self.losses(s, t, batch, it)
+            loss = out["loss"] / self.accum
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        vals = torch.stack([out["loss"], out["cls"], out["patch"]]).detach().double()
+        ok = torch.isfinite(vals).all()
+        self.counters[C_LOSS:C_PATCH + 1] += torch.where(ok, vals, 0.0)
+        self.counters[C_FINITE] += ok.double()
+        self.counters[C_BAD_IMAGES] += batch["n_bad"].double()
+        return ~ok
+
+    def update(self, it: int, bad_loss: torch.Tensor) -> None:
+        o = self.cfg.optim
+        for i, g in enumerate(self.opt.param_groups):
+            g["lr"] = float(self.sched.lr[it])
+            if i == 0:
+                g["weight_decay"] = float(self.sched.wd[it])
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norms = torch._foreach_norm(grads)  # per-parameter gradient norms, on the device
+        total_norm = torch.linalg.vector_norm(torch.stack(norms))
+        found_inf = (~torch.isfinite(total_norm)).float().reshape(1)
+        if o.clip_grad > 0 and o.clip_mode == "per_param":
+            coef = torch._foreach_add(norms, 1e-6)
+            torch._foreach_reciprocal_(coef)
+            torch._foreach_mul_(coef, o.clip_grad)
+            torch._foreach_clamp_max_(coef, 1.0)
+            torch._foreach_mul_(grads, coef)
+        elif o.clip_grad > 0:
+            torch._foreach_mul_(grads, (o.clip_grad / (total_norm + 1e-6)).clamp(max=1.0))
+        if it < self.sched.freeze_last_layer_steps:
+            for p in self.last_layer:
+                p.grad = None
+        if self.scaler is not None:
+            bad = bad_loss.float().reshape(1)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            bad = torch.maximum(found_inf, bad_loss.float().reshape(1))
+            if o.fused:
+                self.opt.found_inf = bad
+                self.opt.step()
+            elif not bool(bad.item()):  # sync-ok: only the non-fused optimizer needs a host decision
+                self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema(float(self.sched.momentum[it]))
+        self._count_nonfinite(bad[0].double(), total_norm)
+
+    def _count_nonfinite(self, bad: torch.Tensor, total_norm: torch.Tensor) -> None:
+        c = self.counters
+        c[C_NONFINITE] += bad
+        c[C_BAD_RUN] = (c[C_BAD_RUN] + 1.0) * bad
+        c[C_MAX_BAD_RUN] = torch.maximum(c[C_MAX_BAD_RUN], c[C_BAD_RUN])
+        c[C_GRAD_NORM] += torch.where(torch.isfinite(total_norm), total_norm.double(), 0.0)
+
+    def train_step(self, micro_batches: List[dict]) -> None:
+        it = self.step
+        bad = torch.zeros((), dtype=torch.bool, device=self.rt.device)
+        for i, batch in enumerate(micro_batches):
+            bad = bad | self.micro_step(batch, it, last=i == len(micro_batches) - 1)
+        self.update(it, bad)
+        self.step += 1
+
+    # ------------------------------------------------------------------ loop
+
+    def _to_device(self, batch: dict) -> dict:
+        nb = self.rt.device.type == "cuda"
+        return {k: (v.to(self.rt.device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def fit(self) -> dict:
+        cfg, spe = self.cfg, self.steps_per_epoch
+        if self.rt.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out / "config.yaml")
+        progress = Progress(self.total_steps, self.step, cfg.runtime.progress and self.rt.is_main)
+        summary = {}
+        try:
+            while self.step < self.total_steps:
+                epoch, pos = divmod(self.step, spe)
+                self.sampler.set_position(epoch, pos * self.accum)
+                batches = iter(self.loader)
+                for _ in range(pos, spe):
+                    if self.step >= self.total_steps:
+                        break
+                    self.train_step([self._to_device(next(batches)) for _ in range(self.accum)])
+                    postfix = None
+                    if self.step % cfg.runtime.log_every == 0 or self.step == self.total_steps:
+                        summary = self.log_metrics()
+                        postfix = {k: f"{summary[k]:.4g}" for k in ("loss", "lr", "img_s") if k in summary}
+                    progress.update(1, postfix)
+                    if cfg.runtime.ckpt_every and self.step % cfg.runtime.ckpt_every == 0:
+                        self.save()
+                del batches
+            if not cfg.runtime.ckpt_every or self.step % cfg.runtime.ckpt_every != 0:
+                self.save()
+        finally:
+            progress.close()
+            self.writer.close()
+        return summary
+
+    def log_metrics(self) -> dict:
+        now = time.perf_counter()
+        vals = self.counters.tolist()  # sync-ok: read every runtime.log_every steps
+        step0, prev, t0 = self._last
+        self._last = (self.step, vals, now)
+        d = [a - b for a, b in zip(vals, prev)]
+        steps = max(self.step - step0, 1)
+        finite = max(d[C_FINITE], 1.0)
+        images = steps * self.accum * self.cfg.data.batch_size * self.rt.world
+        it = self.step - 1
+        row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+               "loss": d[C_LOSS] / finite, "cls": d[C_CLS] / finite, "patch": d[C_PATCH] / finite,
+               "lr": float(self.sched.lr[it]), "wd": float(self.sched.wd[it]),
+               "momentum": float(self.sched.momentum[it]), "teacher_temp": float(self.sched.teacher_temp[it]),
+               "grad_norm": d[C_GRAD_NORM] / steps, "img_s": images / max(now - t0, 1e-9),
+               "nonfinite_steps": int(vals[C_NONFINITE]), "bad_images": int(vals[C_BAD_IMAGES])}
+        self.writer.write(row)
+        self._check_health(vals)
+        return row
+
+    def _check_health(self, vals) -> None:
+        if vals[C_MAX_BAD_RUN] >= self.cfg.runtime.max_nonfinite:
+            raise TrainingError(
+                f"{int(vals[C_MAX_BAD_RUN])} steps in a row had a non-finite loss or gradient (by step {self.step}); "
+                "the run has diverged. Lower optim.lr, raise optim.warmup_epochs, or use runtime.precision=bf16/fp32,"
+                " then resume from the last checkpoint (--resume).")
+        seen = self.step * self.accum * self.cfg.data.batch_size
+        if vals[C_BAD_IMAGES] > self.cfg.data.max_bad_fraction * max(seen, 1) and vals[C_BAD_IMAGES] >= 10:
+            raise TrainingError(f"{int(vals[C_BAD_IMAGES])} of {seen} images could not be read "
+                                f"(more than data.max_bad_fraction={self.cfg.data.max_bad_fraction}); check data.path")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+               "cuda": torch.cuda.get_rng_state(self.rt.device) if self.rt.device.type == "cuda" else None}
+        if self.rt.world > 1:
+            gathered = [None] * self.rt.world
+            dist.all_gather_object(gathered, rng)
+            rng = gathered
+        else:
+            rng = [rng]
+        return {"step": self.step, "student": self.student_module.state_dict(),
+                "teacher": self.teacher.state_dict(), "centers": self.centers.state_dict(),
+                "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                "counters": self.counters.cpu(), "rng": rng, "config": self.cfg.to_dict()}
+
+    def save(self) -> Optional[Path]:
+        state = self.state()  # collective under DDP: every rank gathers
+        if not self.rt.is_main:
+            return None
+        path = ckpt.save_checkpoint(self.out, self.step, state, self.cfg.runtime.keep_last)
+        log.info("saved %s", path)
+        return path
+
+    def load(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path)
+        _warn_config_changes(state.get("config", {}), self.cfg.to_dict())
+        self.student_module.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.centers.load_state_dict(state["centers"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.counters.copy_(state["counters"].to(self.counters.device))
+        self.step = int(state["step"])
+        rng = state["rng"][self.rt.rank] if len(state["rng"]) > self.rt.rank else state["rng"][0]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng.get("cuda") is not None and self.rt.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
+        self.writer.truncate_after(self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+
+
+def _warn_config_changes(old: dict, new: dict, prefix: str = "") -> None:
+    for k, v in new.items():
+        if k not in old or prefix == "" and k == "runtime":
+            continue
+        if isinstance(v, dict):
+            _warn_config_changes(old[k], v, f"{prefix}{k}.")
+        elif old[k] != v:
+            log.warning("resume: %s%s changed from %r to %r", prefix, k, old[k], v)
+
+
+def train(cfg: Config, resume: Optional[str] = None) -> dict:
+    rt = init_runtime(cfg)
+    setup_logging(rt.is_main)
+    try:
+        return Trainer(cfg, rt, resume).fit()
+    finally:
+        if rt.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
