@@ -208,7 +208,7 @@ class Trainer:
         grads = [p.grad for p in self.params if p.grad is not None]
         norms = torch._foreach_norm(grads)  # per-parameter gradient norms, on the device
         total_norm = torch.linalg.vector_norm(torch.stack(norms))
-        found_inf = (~torch.isfinite(total_norm)).float().reshape(1)
+        found_inf = (~torch.isfinite(total_norm)).float()
         if o.clip_grad > 0 and o.clip_mode == "per_param":
             coef = torch._foreach_add(norms, 1e-6)
             torch._foreach_reciprocal_(coef)
@@ -221,11 +221,11 @@ class Trainer:
             for p in self.last_layer:
                 p.grad = None
         if self.scaler is not None:
-            bad = bad_loss.float().reshape(1)
+            bad = bad_loss.float()
             self.scaler.step(self.opt)
             self.scaler.update()
         else:
-            bad = torch.maximum(found_inf, bad_loss.float().reshape(1))
+            bad = torch.maximum(found_inf, bad_loss.float())  # 0-d, as fused AdamW's step count
             if o.fused:
                 self.opt.found_inf = bad
                 self.opt.step()
@@ -233,7 +233,7 @@ class Trainer:
                 self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema(float(self.sched.momentum[it]))
-        self._count_nonfinite(bad[0].double(), total_norm)
+        self._count_nonfinite(bad.double(), total_norm)
 
     def _count_nonfinite(self, bad: torch.Tensor, total_norm: torch.Tensor) -> None:
         c = self.counters
