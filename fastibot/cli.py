@@ -32,12 +32,13 @@ def _export(args) -> int:
     from .export import export_backbone
 
     try:
-        path, name = export_backbone(args.checkpoint, args.out, args.which)
+        path, name, kwargs = export_backbone(args.checkpoint, args.out, args.which)
     except (FileNotFoundError, RuntimeError) as e:
         print(f"fastibot: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {path}\nload it with: timm.create_model({name!r}, num_classes=0, "
-          f"pretrained_cfg_overlay=dict(file={str(path)!r})" + (", pretrained=True)"))
+    extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    print(f"wrote {path}\nload it with: timm.create_model({name!r}, num_classes=0, pretrained=True, "
+          f"pretrained_cfg_overlay=dict(file={str(path)!r}){extra})")
     return 0
 
 

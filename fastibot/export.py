@@ -9,7 +9,7 @@ import torch
 from .checkpoint import load_checkpoint, resolve_resume
 from .config import Config, _apply
 from .models.ibot import build_model
-from .models.vit import timm_model_name, timm_state_dict
+from .models.vit import timm_create_kwargs, timm_state_dict
 
 
 def config_from_checkpoint(state: dict) -> Config:
@@ -30,15 +30,20 @@ def load_backbone(checkpoint, which: str = "teacher"):
     return model.backbone.eval(), cfg
 
 
-def export_backbone(checkpoint, out_path, which: str = "teacher") -> Tuple[Path, str]:
-    """Write the backbone as ``.safetensors`` (or ``.pt``/``.pth``); returns (path, timm model name)."""
+def export_backbone(checkpoint, out_path, which: str = "teacher") -> Tuple[Path, str, dict]:
+    """Write the backbone as ``.safetensors`` (or ``.pt``/``.pth``).
+
+    Returns (path, timm model name, create_model kwargs): ``timm.create_model(name, num_classes=0,
+    pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)`` loads it strictly.
+    """
     backbone, cfg = load_backbone(checkpoint, which)
+    name, kwargs = timm_create_kwargs(cfg.model.arch, cfg.model.patch_size, cfg.crops.global_size)
     sd = {k: v.contiguous() for k, v in timm_state_dict(backbone).items()}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if out_path.suffix == ".safetensors":
         from safetensors.torch import save_file
-        save_file(sd, str(out_path), metadata={"timm_model": timm_model_name(cfg.model.arch, cfg.model.patch_size)})
+        save_file(sd, str(out_path), metadata={"timm_model": name, "timm_kwargs": repr(kwargs)})
     else:
         torch.save(sd, out_path)
-    return out_path, timm_model_name(cfg.model.arch, cfg.model.patch_size)
+    return out_path, name, kwargs

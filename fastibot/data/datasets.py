@@ -236,5 +236,8 @@ def build_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False):
         dataset, batch_sampler=sampler, num_workers=workers,
         collate_fn=partial(collate_multicrop, n_global=cfg.crops.n_global), pin_memory=pin_memory,
         persistent_workers=workers > 0, worker_init_fn=_worker_init if workers > 0 else None,
-        prefetch_factor=4 if workers > 0 else None)
+        prefetch_factor=4 if workers > 0 else None,
+        # its own generator: starting an epoch's iterator must not consume the training RNG stream,
+        # or a resumed run would draw different drop-path masks
+        generator=torch.Generator().manual_seed(cfg.runtime.seed))
     return dataset, sampler, loader

@@ -214,6 +214,18 @@ def timm_model_name(arch: str, patch_size: int) -> str:
     return TIMM_NAMES[arch].format(p=patch_size)
 
 
+def timm_create_kwargs(arch: str, patch_size: int, img_size: int) -> tuple:
+    """(timm model name, extra create_model kwargs) that rebuild this backbone's shapes."""
+    import timm
+
+    name, kwargs = timm_model_name(arch, patch_size), {}
+    if name not in timm.list_models(name):
+        name, kwargs = timm_model_name(arch, 16), {"patch_size": patch_size}
+    if img_size != 224:
+        kwargs["img_size"] = img_size
+    return name, kwargs
+
+
 def timm_state_dict(backbone: VisionTransformer) -> dict:
     """The backbone's weights as timm's ``VisionTransformer(num_classes=0)`` names them."""
     return {k: v.detach().clone() for k, v in backbone.state_dict().items() if k != "masked_embed"}

@@ -1,0 +1,126 @@
+"""End-to-end training on the CPU: checkpoints, exact resume, non-finite steps, real JPEGs, the CLI."""
+import csv
+
+import pytest
+import torch
+
+from fastibot.checkpoint import checkpoints, load_checkpoint
+from fastibot.cli import main
+from fastibot.config import packaged_config
+from fastibot.train import Runtime, Trainer, TrainingError, train
+from conftest import tiny_config, tiny_overrides
+
+
+def _rows(folder):
+    with open(folder / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_synthetic_run_writes_checkpoints_and_metrics(tmp_path):
+    cfg = tiny_config(tmp_path, **{"runtime.max_steps": 4, "runtime.ckpt_every": 2, "runtime.keep_last": 1,
+                                   "runtime.tensorboard": True})
+    summary = train(cfg)
+    assert summary["step"] == 4
+    assert [s for s, _ in checkpoints(tmp_path)] == [4]  # keep_last=1 removed step 2
+    assert not list(tmp_path.glob(".*.tmp"))
+    rows = _rows(tmp_path)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(r["loss"]) > 0 for r in rows)
+    assert (tmp_path / "config.yaml").is_file() and list((tmp_path / "tb").iterdir())
+    state = load_checkpoint(tmp_path / "checkpoint_00000004.pt")
+    assert state["step"] == 4 and set(state) >= {"student", "teacher", "centers", "optimizer", "rng", "config"}
+    # the teacher moved towards the student, and the centers left zero
+    assert state["centers"]["center"].abs().sum() > 0
+
+
+def test_resume_is_bit_exact(tmp_path):
+    extra = {"runtime.max_steps": 8, "model.drop_path": 0.2, "data.num_workers": 1}  # 6 steps per epoch
+    full = tmp_path / "full"
+    train(tiny_config(full, **extra))
+    part = tmp_path / "part"
+    train(tiny_config(part, **{**extra, "runtime.max_steps": 4}))
+    train(tiny_config(part, **extra), resume="auto")
+    a, b = _rows(full), _rows(part)
+    assert [r["step"] for r in b] == [str(i) for i in range(1, 9)]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "cls", "patch", "lr", "momentum", "grad_norm"):
+            assert ra[k] == rb[k], (ra["step"], k)
+    sa = load_checkpoint(full / "checkpoint_00000008.pt")
+    sb = load_checkpoint(part / "checkpoint_00000008.pt")
+    for k, v in sa["teacher"].items():
+        assert torch.equal(v, sb["teacher"][k]), k
+    assert torch.equal(sa["centers"]["center2"], sb["centers"]["center2"])
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, **{"runtime.max_steps": 6, "runtime.max_nonfinite": 3})
+    rt = Runtime(torch.device("cpu"))
+    trainer = Trainer(cfg, rt)
+    real = Trainer.losses
+    nan_steps = {1, 3, 4, 5}
+
+    def losses(self, s, t, batch, it):
+        out = real(self, s, t, batch, it)
+        if it in nan_steps:
+            out = {k: v * float("nan") for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(Trainer, "losses", losses)
+    trainer.train_step([next(iter(trainer.loader))])  # step 0: fine
+    before = {k: v.clone() for k, v in trainer.student_module.state_dict().items()}
+    trainer.train_step([next(iter(trainer.loader))])  # step 1: NaN -> no update of the student
+    after = trainer.student_module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    row = trainer.log_metrics()
+    assert row["nonfinite_steps"] == 1
+    trainer.train_step([next(iter(trainer.loader))])  # step 2: fine again
+    assert any(not torch.equal(before[k], trainer.student_module.state_dict()[k]) for k in before)
+    for _ in range(3):  # steps 3, 4, 5: three in a row
+        trainer.train_step([next(iter(trainer.loader))])
+    with pytest.raises(TrainingError, match="3 steps in a row"):
+        trainer.log_metrics()
+
+
+def test_train_on_real_jpegs(tmp_path, shared_images):
+    cfg = tiny_config(tmp_path, **{"data.source": "imagefolder", "data.path": str(shared_images / "train"),
+                                   "runtime.max_steps": 2, "data.num_workers": 2})
+    summary = train(cfg)
+    assert summary["step"] == 2 and summary["bad_images"] == 0
+
+
+def test_gradient_accumulation_and_global_clip(tmp_path):
+    cfg = tiny_config(tmp_path, **{"runtime.max_steps": 2, "optim.accum_steps": 2, "optim.clip_mode": "global"})
+    summary = train(cfg)
+    assert summary["step"] == 2 and summary["loss"] > 0
+
+
+def test_cli_train_and_export_to_timm(tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    out = tmp_path / "run"
+    args = ["train", "-c", str(packaged_config("quickstart"))] + tiny_overrides(
+        out, **{"runtime.max_steps": 2, "model.patch_size": 16})
+    assert main(args) == 0
+    assert main(["export", str(out), "--out", str(tmp_path / "vit.safetensors")]) == 0
+    printed = capsys.readouterr().out
+    assert "vit_tiny_patch16_224" in printed and "img_size=32" in printed
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "vit.safetensors")))
+    from safetensors.torch import load_file
+    sd = load_file(str(tmp_path / "vit.safetensors"))
+    model.load_state_dict(sd, strict=True)  # every key, no extras
+    from fastibot.export import load_backbone
+    ours, _ = load_backbone(out)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(model(x), ours(x), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_missing_data_folder(tmp_path, capsys):
+    args = ["train"] + tiny_overrides(tmp_path, **{"data.source": "imagefolder", "data.path": str(tmp_path / "x")})
+    assert main(args) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(tiny_config(tmp_path / "empty"), resume=str(tmp_path))
