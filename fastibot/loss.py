@@ -73,18 +73,22 @@ def weighted_ce_reference(student: torch.Tensor, teacher: torch.Tensor, weight: 
     return (ce * weight.float()).sum()
 
 
-def _total(cls: torch.Tensor, patch: torch.Tensor, lambda1: float, lambda2: float) -> Dict[str, torch.Tensor]:
+def _total(cls: torch.Tensor, patch: torch.Tensor, lambda1: float, lambda2: float, **stats) -> Dict[str, torch.Tensor]:
+    """λ-weighted terms; ``stats`` are the teacher means (no grad) the center update reads."""
     cls, patch = cls * lambda1, patch * lambda2
-    return {"loss": cls + patch, "cls": cls, "patch": patch}
+    return {"loss": cls + patch, "cls": cls, "patch": patch, **stats}
 
 
 def _cls(impl, student_cls, teacher_cls, center_cls, n_global, teacher_temp, student_temp):
+    """([CLS] loss, batch mean of the raw teacher [CLS] logits (K,) for the center)."""
     if impl == "triton":
         from .kernels.distill_ce import cls_distill_loss
-        return cls_distill_loss(student_cls, teacher_cls, center_cls, n_global=n_global,
-                                teacher_temp=teacher_temp, student_temp=student_temp)
-    return cls_loss_reference(student_cls, teacher_cls, center_cls, n_global=n_global,
+        loss, colsum = cls_distill_loss(student_cls, teacher_cls, center_cls, n_global=n_global,
+                                        teacher_temp=teacher_temp, student_temp=student_temp, return_colsum=True)
+        return loss, colsum / max(teacher_cls.shape[0], 1)
+    loss = cls_loss_reference(student_cls, teacher_cls, center_cls, n_global=n_global,
                               teacher_temp=teacher_temp, student_temp=student_temp)
+    return loss, teacher_cls.detach().float().mean(0)
 
 
 def ibot_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks, center_cls, center_patch, *,
@@ -94,10 +98,10 @@ def ibot_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks, cen
 
     student_cls (V*B, K) crop-major; student_patch (G*B, N, K); teacher_cls (G*B, K);
     teacher_patch (G*B, N, K); masks (G*B, N) bool; centers (1, K) or (K,).
-    Returns {"loss", "cls", "patch"} (fp32 scalars, λ-weighted).
+    Returns {"loss", "cls", "patch"} (fp32 scalars, λ-weighted) and "teacher_cls_mean" (K,).
     """
     _check_impl(impl)
-    cls = _cls(impl, student_cls, teacher_cls, center_cls, n_global, teacher_temp, student_temp)
+    cls, cls_mean = _cls(impl, student_cls, teacher_cls, center_cls, n_global, teacher_temp, student_temp)
     if impl == "reference":
         patch = patch_loss_reference(student_patch, teacher_patch, masks, center_patch, n_global=n_global,
                                      teacher_temp=teacher_patch_temp, student_temp=student_temp)
@@ -105,18 +109,21 @@ def ibot_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks, cen
         from .data.masking import mask_rows
         index, weight = mask_rows(masks.reshape(masks.shape[0], -1), n_global)
         k = student_patch.shape[-1]
-        patch = _rows(impl, student_patch.reshape(-1, k)[index], teacher_patch.reshape(-1, k)[index],
-                      weight.to(student_patch.device), center_patch, teacher_patch_temp, student_temp)
-    return _total(cls, patch, lambda1, lambda2)
+        patch, _ = _rows(impl, student_patch.reshape(-1, k)[index], teacher_patch.reshape(-1, k)[index],
+                         weight.to(student_patch.device), center_patch, teacher_patch_temp, student_temp)
+    return _total(cls, patch, lambda1, lambda2, teacher_cls_mean=cls_mean)
 
 
 def _rows(impl, student_rows, teacher_rows, row_weight, center_patch, teacher_temp, student_temp):
+    """(weighted patch loss, mean of the raw teacher rows (K,))."""
     if impl == "triton":
         from .kernels.distill_ce import distill_ce
-        return distill_ce(student_rows, teacher_rows, row_weight, center_patch,
-                          teacher_temp=teacher_temp, student_temp=student_temp)
-    return weighted_ce_reference(student_rows, teacher_rows, row_weight, center_patch,
+        loss, colsum = distill_ce(student_rows, teacher_rows, row_weight, center_patch, teacher_temp=teacher_temp,
+                                  student_temp=student_temp, return_colsum=True)
+        return loss, colsum / max(teacher_rows.shape[0], 1)
+    loss = weighted_ce_reference(student_rows, teacher_rows, row_weight, center_patch,
                                  teacher_temp=teacher_temp, student_temp=student_temp)
+    return loss, teacher_rows.detach().float().sum(0) / max(teacher_rows.shape[0], 1)
 
 
 def ibot_loss_rows(student_cls, student_rows, teacher_cls, teacher_rows, row_weight, center_cls, center_patch, *,
@@ -125,8 +132,10 @@ def ibot_loss_rows(student_cls, student_rows, teacher_cls, teacher_rows, row_wei
     """iBOT loss from packed outputs: patch logits only at the M masked positions.
 
     student_rows, teacher_rows (M, K); row_weight (M,) = 1 / (G·B·#masked of the row's image).
+    Also returns "teacher_cls_mean" and "teacher_rows_mean" (K,), the means the centers need.
     """
     _check_impl(impl)
-    cls = _cls(impl, student_cls, teacher_cls, center_cls, n_global, teacher_temp, student_temp)
-    patch = _rows(impl, student_rows, teacher_rows, row_weight, center_patch, teacher_patch_temp, student_temp)
-    return _total(cls, patch, lambda1, lambda2)
+    cls, cls_mean = _cls(impl, student_cls, teacher_cls, center_cls, n_global, teacher_temp, student_temp)
+    patch, rows_mean = _rows(impl, student_rows, teacher_rows, row_weight, center_patch, teacher_patch_temp,
+                             student_temp)
+    return _total(cls, patch, lambda1, lambda2, teacher_cls_mean=cls_mean, teacher_rows_mean=rows_mean)

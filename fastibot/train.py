@@ -137,14 +137,15 @@ class Trainer:
                 for blk in m.backbone.blocks:
                     blk.compile()
         self.student_module, self.teacher = student, teacher
+        # the triton EMA moves parameters into flat buffers: before DDP and the optimizer see them
+        self.ema_impl = resolve_ema_impl(cfg.kernels.ema, rt.device.type)
+        self.ema = EMA(student, teacher, self.ema_impl)
         self.student = DDP(student, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
             if rt.world > 1 else student
         self.centers = Centers(cfg.model.out_dim, cfg.model.patch_out_dim, cfg.ibot.center_momentum,
                                cfg.ibot.center_momentum2).to(rt.device)
         self.opt = build_optimizer(student, cfg)
         self.scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
-        self.ema_impl = resolve_ema_impl(cfg.kernels.ema, rt.device.type)
-        self.ema = EMA(student, teacher, self.ema_impl)
         self.loss_impl = resolve_loss_impl(cfg.kernels.loss, rt.device.type)
         self.params = [p for p in student.parameters() if p.requires_grad]
         self.last_layer = [p for n, p in student.named_parameters() if "last_layer" in n and p.requires_grad]
@@ -179,7 +180,8 @@ class Trainer:
         else:
             out = ibot_loss(s.cls, s.patch, t.cls, t.patch, batch["masks"], self.centers.center,
                             self.centers.center2, **kw)
-        self.centers.update(t.cls.float().mean(0), t.patch_mean)
+        patch_mean = t.patch_mean if t.patch_mean is not None else out["teacher_rows_mean"]
+        self.centers.update(out["teacher_cls_mean"], patch_mean)
         return out
 
     def micro_step(self, batch, it: int, last: bool) -> torch.Tensor:

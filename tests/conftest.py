@@ -37,3 +37,9 @@ def shared_images():
         pytest.skip(f"shared images not found at {SHARED_IMAGES} (set FASTIBOT_TEST_IMAGES); "
                     "the synthetic-data tests cover the same code paths")
     return SHARED_IMAGES
+
+
+# Triton kernels run in the interpreter on machines without a GPU; this must be set
+# before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

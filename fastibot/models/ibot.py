@@ -33,7 +33,8 @@ class StudentOut(NamedTuple):
 class TeacherOut(NamedTuple):
     cls: torch.Tensor  # (G*B, K)
     patch: torch.Tensor  # dense (G*B, N, K), or packed rows (M, K)
-    patch_mean: torch.Tensor  # (K,) batch mean of the patch logits the center averages
+    patch_mean: Optional[torch.Tensor]  # (K,) batch mean of the patch logits the center averages;
+    # None when it is the mean of the returned rows (the loss computes it while reading them)
 
 
 class IBOTModel(nn.Module):
@@ -97,11 +98,11 @@ class IBOTModel(nn.Module):
             z_all = self.head.embed(flat)  # (G*B*N, bottleneck)
             rows = self.head.patch_logits(z_all[mask_index])  # (M, K)
             # the last layer is linear: mean of logits = W · mean(z)
-            patch_mean = self.head.patch_logits(z_all.float().mean(0, keepdim=True).to(z_all.dtype))[0]
+            patch_mean = self.head.patch_logits(z_all.float().mean(0, keepdim=True).to(z_all.dtype))[0].float()
         else:
             rows = self.head.patch_logits(self.head.embed(flat[mask_index]))  # (M, K)
-            patch_mean = rows.float().sum(0) / max(rows.shape[0], 1)
-        return TeacherOut(self.head.cls_logits(z_cls), rows, patch_mean.float())
+            patch_mean = None
+        return TeacherOut(self.head.cls_logits(z_cls), rows, patch_mean)
 
 
 def _cls_positions(layout, device) -> torch.Tensor:

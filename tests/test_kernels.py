@@ -1,0 +1,181 @@
+"""Triton kernels against their eager references (interpreter on CPU, compiled on GPU)."""
+import pytest
+import torch
+
+from fastibot.kernels import distill_ce as dce
+from fastibot.kernels.ema import FlatEMA, ema_update_
+from fastibot.loss import cls_loss_reference, weighted_ce_reference
+from fastibot.teacher import ema_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-3)}
+REL = {torch.float32: 1e-5, torch.bfloat16: 8e-3}  # norm-relative error of gradients
+
+
+def assert_rel(out, ref, dtype):
+    """||out - ref|| / ||ref|| under the dtype's bound; NaN never passes."""
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all()
+    err = ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+    assert err < REL[dtype], err
+
+
+def _rows(M, K, dtype, seed=0, scale=4.0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(M, K, generator=g) * scale).to(dtype).to(DEVICE)
+    t = (torch.randn(M, K, generator=g) * scale).to(dtype).to(DEVICE)
+    w = torch.rand(M, generator=g).to(DEVICE)
+    c = (torch.randn(K, generator=g) * 0.5).to(DEVICE)
+    return s, t, w, c
+
+
+def _check_rows(s, t, w, c, tt=0.04, ts=0.1, grad_out=1.7):
+    s1 = s.clone().requires_grad_(True)
+    loss, colsum = dce.distill_ce(s1, t, w, c, teacher_temp=tt, student_temp=ts, return_colsum=True)
+    (loss * grad_out).backward()
+    s2 = s.clone().float().requires_grad_(True)
+    ref = weighted_ce_reference(s2, t.float(), w, c, teacher_temp=tt, student_temp=ts)
+    (ref * grad_out).backward()
+    tol = TOL[s.dtype]
+    torch.testing.assert_close(loss, ref, **tol)
+    assert_rel(s1.grad, s2.grad, s.dtype)
+    torch.testing.assert_close(colsum, t.float().sum(0), rtol=1e-5, atol=1e-3)
+    return loss, s1.grad
+
+
+@pytest.mark.parametrize("M,K", [(37, 1000), (5, 997), (64, 128), (1, 17), (3, 2053)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_distill_ce_matches_reference(M, K, dtype):
+    _check_rows(*_rows(M, K, dtype, seed=M + K))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_distill_ce_multi_block_path(monkeypatch, dtype):
+    monkeypatch.setattr(dce, "MAX_SINGLE_BLOCK", 64)
+    monkeypatch.setattr(dce, "MULTI_BLOCK", 64)
+    _check_rows(*_rows(11, 301, dtype, seed=5))  # 301 = 4 full chunks + a partial one
+
+
+def test_distill_ce_edge_rows():
+    s, t, w, c = _rows(9, 257, torch.float32, seed=1)
+    w[2] = 0.0  # zero weight
+    s[3] = 1.5  # equal logits
+    t[4] = -2.0
+    s[5] = s[5] * 1e4  # huge logits: no overflow
+    t[6] = t[6] * 1e4
+    loss, grad = _check_rows(s, t, w, c, grad_out=1.0)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert grad[2].abs().max().item() == 0.0
+
+
+def test_distill_ce_all_zero_weights_and_empty():
+    s, t, w, c = _rows(6, 100, torch.float32)
+    s.requires_grad_(True)
+    loss = dce.distill_ce(s, t, torch.zeros_like(w), c, teacher_temp=0.07)
+    loss.backward()
+    assert loss.item() == 0.0 and s.grad.abs().max().item() == 0.0
+    e = torch.zeros(0, 100, device=DEVICE, requires_grad=True)
+    loss = dce.distill_ce(e, torch.zeros(0, 100, device=DEVICE), torch.zeros(0, device=DEVICE), c, teacher_temp=0.07)
+    loss.backward()
+    assert loss.item() == 0.0 and e.grad.shape == (0, 100)
+
+
+@pytest.mark.parametrize("G,L,B,K", [(2, 10, 3, 1000), (2, 0, 4, 97), (3, 2, 2, 131), (1, 3, 2, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cls_distill_matches_reference(G, L, B, K, dtype):
+    g = torch.Generator().manual_seed(G * 100 + K)
+    s = (torch.randn((G + L) * B, K, generator=g) * 3).to(dtype).to(DEVICE)
+    t = (torch.randn(G * B, K, generator=g) * 3).to(dtype).to(DEVICE)
+    c = (torch.randn(1, K, generator=g) * 0.3).to(DEVICE)
+    s1 = s.clone().requires_grad_(True)
+    loss, colsum = dce.cls_distill_loss(s1, t, c, n_global=G, teacher_temp=0.05, return_colsum=True)
+    (loss * 0.37).backward()
+    s2 = s.clone().float().requires_grad_(True)
+    ref = cls_loss_reference(s2, t.float(), c, n_global=G, teacher_temp=0.05)
+    (ref * 0.37).backward()
+    torch.testing.assert_close(loss, ref, **TOL[dtype])
+    assert_rel(s1.grad, s2.grad, dtype)
+    torch.testing.assert_close(colsum, t.float().sum(0), rtol=1e-5, atol=1e-3)
+
+
+def test_cls_distill_multi_block(monkeypatch):
+    monkeypatch.setattr(dce, "MAX_SINGLE_BLOCK", 32)
+    monkeypatch.setattr(dce, "MULTI_BLOCK", 32)
+    s = torch.randn(8, 77, device=DEVICE, requires_grad=True)
+    t = torch.randn(4, 77, device=DEVICE)
+    c = torch.randn(77, device=DEVICE) * 0.1
+    loss = dce.cls_distill_loss(s, t, c, n_global=2, teacher_temp=0.04)
+    loss.backward()
+    s2 = s.detach().clone().requires_grad_(True)
+    ref = cls_loss_reference(s2, t, c, n_global=2, teacher_temp=0.04)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, **TOL[torch.float32])
+    assert_rel(s.grad, s2.grad, torch.float32)
+
+
+def test_ibot_loss_triton_equals_reference():
+    from fastibot.loss import ibot_loss
+    g = torch.Generator().manual_seed(0)
+    G, L, B, N, K = 2, 3, 3, 7, 129
+    s_cls, t_cls = torch.randn((G + L) * B, K, generator=g), torch.randn(G * B, K, generator=g)
+    s_patch, t_patch = torch.randn(G * B, N, K, generator=g), torch.randn(G * B, N, K, generator=g)
+    masks = torch.rand(G * B, N, generator=g) < 0.4
+    masks[0], masks[1] = True, False
+    c1, c2 = torch.randn(1, K, generator=g) * 0.1, torch.randn(1, K, generator=g) * 0.1
+    outs = {}
+    for impl in ("reference", "triton"):
+        sc = s_cls.clone().to(DEVICE).requires_grad_(True)
+        sp = s_patch.clone().to(DEVICE).requires_grad_(True)
+        out = ibot_loss(sc, sp, t_cls.to(DEVICE), t_patch.to(DEVICE), masks.to(DEVICE), c1.to(DEVICE),
+                        c2.to(DEVICE), n_global=G, teacher_temp=0.04, teacher_patch_temp=0.06, impl=impl)
+        out["loss"].backward()
+        outs[impl] = (out, sc.grad, sp.grad)
+    for k in ("loss", "cls", "patch"):
+        torch.testing.assert_close(outs["triton"][0][k], outs["reference"][0][k], **TOL[torch.float32])
+    assert_rel(outs["triton"][1], outs["reference"][1], torch.float32)
+    assert_rel(outs["triton"][2], outs["reference"][2], torch.float32)
+
+
+# ------------------------------------------------------------------------------- EMA
+
+
+def test_ema_kernel_bit_exact_over_10_steps():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(37, 11), (5,), (3, 3, 7), (1000,)]
+    t_ref = [torch.randn(*s, generator=g).to(DEVICE) for s in shapes]
+    s_params = [torch.nn.Parameter(torch.randn(*s, generator=g).to(DEVICE)) for s in shapes]
+    t_params = [torch.nn.Parameter(x.clone(), requires_grad=False) for x in t_ref]
+    s_ref = [p.detach().clone() for p in s_params]
+    ema = FlatEMA(t_params, s_params, bf16_copy=True)
+    for step in range(10):
+        m = 0.996 + 0.0003 * step
+        ema_reference(t_ref, s_ref, m)
+        ema(m)
+        for p, sr in zip(s_params, s_ref):  # the student moves between steps
+            p.data.add_(0.01 * (step + 1))
+            sr.add_(0.01 * (step + 1))
+    for a, b in zip(t_params, t_ref):
+        assert torch.equal(a.detach(), b), (a - b).abs().max()
+    bf16 = ema.buffers[0][2]
+    assert torch.equal(bf16, torch.cat([p.detach().reshape(-1) for p in t_params]).bfloat16())
+
+
+def test_flat_params_are_views_and_model_still_trains():
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.GELU(), torch.nn.Linear(5, 3)).to(DEVICE)
+    teacher = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.GELU(), torch.nn.Linear(5, 3)).to(DEVICE)
+    teacher.load_state_dict(model.state_dict())
+    ema = FlatEMA(list(teacher.parameters()), list(model.parameters()))
+    t_flat, s_flat, _ = ema.buffers[0]
+    assert all(p.data_ptr() >= s_flat.data_ptr() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 7, device=DEVICE)).sum().backward()
+    opt.step()
+    assert not torch.equal(s_flat, t_flat)  # the optimizer wrote through the views
+    ema(0.0)  # m = 0: teacher := student
+    for a, b in zip(teacher.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_ema_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError):
+        ema_update_(torch.zeros(3, device=DEVICE), torch.zeros(4, device=DEVICE), 0.9)
