@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 BLOCK = 4096
+INTERPRETER_BLOCK = 1 << 20  # the CPU interpreter pays per program, not per element
 
 
 @triton.jit
@@ -53,9 +54,10 @@ def ema_update_(teacher_flat: torch.Tensor, student_flat: torch.Tensor, m: float
         return
     # the fp32 values the eager loop multiplies by
     mf, omf = float(np.float32(m)), float(np.float32(1.0 - m))
-    _ema_kernel[(triton.cdiv(n, BLOCK),)](
+    block = BLOCK if teacher_flat.is_cuda else INTERPRETER_BLOCK
+    _ema_kernel[(triton.cdiv(n, block),)](
         teacher_flat, out_bf16.view(torch.uint16) if out_bf16 is not None else teacher_flat, student_flat, n, mf, omf,
-        WRITE_BF16=out_bf16 is not None, BLOCK=BLOCK, num_warps=8, enable_fp_fusion=False)
+        WRITE_BF16=out_bf16 is not None, BLOCK=block, num_warps=8, enable_fp_fusion=False)
 
 
 def flatten_params_(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
