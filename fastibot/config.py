@@ -112,6 +112,9 @@ class MaskingConfig:
 @dataclass
 class DataConfig:
     source: str = _f("synthetic", "images from a folder tree or procedurally generated", ("imagefolder", "synthetic"))
+    loader: str = _f("auto", "torchvision (CPU reference), dali (GPU decode and augmentation), synthetic "
+                     "(random device-resident crops, for timing the step) or auto (dali if installed on a GPU)",
+                     ("auto", "torchvision", "dali", "synthetic"))
     path: str = _f("", "image folder (class subfolders, or a flat folder of images)")
     batch_size: int = _f(64, "images per step per process")
     num_workers: int = _f(8, "data loader worker processes")

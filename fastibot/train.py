@@ -24,7 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
 from .config import Config
-from .data.datasets import DataError, build_loader
+from .data.datasets import DataError
+from .data.loaders import build_data
 from .logger import MetricsWriter, Progress, setup_logging
 from .loss import ibot_loss, ibot_loss_rows
 from .models.attention import resolve_backend
@@ -101,17 +102,20 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _no_mark(name: str) -> None:
+    return None
+
+
 class Trainer:
     def __init__(self, cfg: Config, rt: Runtime, resume: Optional[str] = None):
         self.cfg, self.rt = cfg, rt
         self.out = Path(cfg.runtime.output_dir)
         _seed_everything(cfg.runtime.seed + rt.rank)
-        self.dataset, self.sampler, self.loader = build_loader(cfg, rt.rank, rt.world,
-                                                               pin_memory=rt.device.type == "cuda")
+        self.data = build_data(cfg, rt.rank, rt.world, rt.device)
         self.accum = cfg.optim.accum_steps
-        self.steps_per_epoch = self.sampler.steps_per_epoch // self.accum
+        self.steps_per_epoch = self.data.steps_per_epoch // self.accum
         if self.steps_per_epoch == 0:
-            raise DataError(f"one epoch has {self.sampler.steps_per_epoch} batches, fewer than "
+            raise DataError(f"one epoch has {self.data.steps_per_epoch} batches, fewer than "
                             f"optim.accum_steps={self.accum}")
         self.sched = Schedules.build(cfg, self.steps_per_epoch, rt.world)
         cap = cfg.runtime.max_steps
@@ -119,6 +123,7 @@ class Trainer:
         self._build_models()
         self.counters = torch.zeros(N_COUNTERS, dtype=torch.float64, device=rt.device)
         self.step = 0
+        self.mark = _no_mark  # benchmarks set a phase marker (records CUDA events)
         self.writer = MetricsWriter(self.out, cfg.runtime.tensorboard, enabled=rt.is_main)
         if resume is not None:
             self.load(ckpt.resolve_resume(resume, cfg.runtime.output_dir))
@@ -149,9 +154,9 @@ class Trainer:
         self.loss_impl = resolve_loss_impl(cfg.kernels.loss, rt.device.type)
         self.params = [p for p in student.parameters() if p.requires_grad]
         self.last_layer = [p for n, p in student.named_parameters() if "last_layer" in n and p.requires_grad]
-        log.info("fastibot: %s/%d, %s, attention=%s, packed=%s, loss=%s, ema=%s, precision=%s, world=%d",
-                 cfg.model.arch, cfg.model.patch_size, rt.device, self.attention, cfg.model.packed, self.loss_impl,
-                 self.ema_impl, rt.amp_dtype or "fp32", rt.world)
+        log.info("fastibot: %s/%d, %s, data=%s, attention=%s, packed=%s, loss=%s, ema=%s, precision=%s, world=%d",
+                 cfg.model.arch, cfg.model.patch_size, rt.device, self.data.kind, self.attention, cfg.model.packed,
+                 self.loss_impl, self.ema_impl, rt.amp_dtype or "fp32", rt.world)
 
     # ------------------------------------------------------------------ step parts
 
@@ -188,10 +193,14 @@ class Trainer:
         sync = contextlib.nullcontext() if (last or self.rt.world == 1) else self.student.no_sync()
         with sync:
             t = self.teacher_targets(batch)
+            self.mark("teacher forward")
             s = self.student_forward(batch)
+            self.mark("heads")
             out = self.losses(s, t, batch, it)
+            self.mark("loss")
             loss = out["loss"] / self.accum
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            self.mark("backward")
         vals = torch.stack([out["loss"], out["cls"], out["patch"]]).detach().double()
         ok = torch.isfinite(vals).all()
         self.counters[C_LOSS:C_PATCH + 1] += torch.where(ok, vals, 0.0)
@@ -234,7 +243,9 @@ class Trainer:
             elif not bool(bad.item()):  # sync-ok: only the non-fused optimizer needs a host decision
                 self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self.mark("optimizer")
         self.ema(float(self.sched.momentum[it]))
+        self.mark("EMA")
         self._count_nonfinite(bad.double(), total_norm)
 
     def _count_nonfinite(self, bad: torch.Tensor, total_norm: torch.Tensor) -> None:
@@ -254,10 +265,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _to_device(self, batch: dict) -> dict:
-        nb = self.rt.device.type == "cuda"
-        return {k: (v.to(self.rt.device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
     def fit(self) -> dict:
         cfg, spe = self.cfg, self.steps_per_epoch
         if self.rt.is_main:
@@ -268,12 +275,12 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 epoch, pos = divmod(self.step, spe)
-                self.sampler.set_position(epoch, pos * self.accum)
-                batches = iter(self.loader)
+                self.data.set_position(epoch, pos * self.accum)
+                batches = iter(self.data)
                 for _ in range(pos, spe):
                     if self.step >= self.total_steps:
                         break
-                    self.train_step([self._to_device(next(batches)) for _ in range(self.accum)])
+                    self.train_step([next(batches) for _ in range(self.accum)])
                     postfix = None
                     if self.step % cfg.runtime.log_every == 0 or self.step == self.total_steps:
                         summary = self.log_metrics()

@@ -66,17 +66,17 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(Trainer, "losses", losses)
-    trainer.train_step([next(iter(trainer.loader))])  # step 0: fine
+    trainer.train_step([next(iter(trainer.data))])  # step 0: fine
     before = {k: v.clone() for k, v in trainer.student_module.state_dict().items()}
-    trainer.train_step([next(iter(trainer.loader))])  # step 1: NaN -> no update of the student
+    trainer.train_step([next(iter(trainer.data))])  # step 1: NaN -> no update of the student
     after = trainer.student_module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     row = trainer.log_metrics()
     assert row["nonfinite_steps"] == 1
-    trainer.train_step([next(iter(trainer.loader))])  # step 2: fine again
+    trainer.train_step([next(iter(trainer.data))])  # step 2: fine again
     assert any(not torch.equal(before[k], trainer.student_module.state_dict()[k]) for k in before)
     for _ in range(3):  # steps 3, 4, 5: three in a row
-        trainer.train_step([next(iter(trainer.loader))])
+        trainer.train_step([next(iter(trainer.data))])
     with pytest.raises(TrainingError, match="3 steps in a row"):
         trainer.log_metrics()
 

@@ -1,0 +1,120 @@
+"""Attention backends on the iBOT multi-crop shapes: attention alone and the whole student.
+
+    python benchmarks/attention.py [--xformers-pt-shim] [--json out.json]
+
+For ViT-S/16 and ViT-B/16 with 64 images (2 masked globals of 197 tokens and
+10 locals of 37 tokens each), every backend runs the packed student
+(block-diagonal attention over all 768 crops at once); ``sdpa (unpacked)``
+runs the globals and the locals as two dense batches, as the official code
+does. Columns: attention fwd+bwd over all 12 layers' shapes (one layer's call
+x depth), whole student backbone fwd+bwd, peak memory.
+
+``--xformers-pt-shim`` marks xformers as built with CUDA so that its ``-pt``
+operators (which call PyTorch's own flash and memory-efficient kernels) can
+run where xformers' compiled extension does not load; it is off by default.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_info, peak_mib, print_table, time_ms, write_json  # noqa: E402
+
+from fastibot.data.masking import MaskGenerator  # noqa: E402
+from fastibot.models.attention import BackendUnavailable, PackedLayout, attention, check_backend  # noqa: E402
+from fastibot.models.vit import VisionTransformer  # noqa: E402
+
+
+def enable_xformers_pt_shim() -> str:
+    """Let xformers' PyTorch-backed operators run when its C++ extension failed to load."""
+    import xformers.ops.fmha.common as common
+
+    common._built_with_cuda = True
+    check_backend.cache_clear()
+    return "xformers (-pt ops, shim)"
+
+
+def _inputs(b, dev):
+    import random
+    gen = MaskGenerator([0.0, 0.3], [0.0, 0.2])
+    masks = gen.batch(2 * b, 14, 14, random.Random(0)).reshape(2 * b, -1).to(dev)
+    return (torch.randn(2 * b, 3, 224, 224, device=dev), masks, torch.randn(10 * b, 3, 96, 96, device=dev))
+
+
+def bench_arch(arch, b, backends, rows):
+    dev = "cuda"
+    model = VisionTransformer(arch, 16, 224, drop_path_rate=0.1).to(dev)
+    g, m, loc = _inputs(b, dev)
+    layout = PackedLayout(((2 * b, 197), (10 * b, 37)))
+    h, dh = model.num_heads, model.embed_dim // model.num_heads
+    qkv = [torch.randn(layout.total, h, dh, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    ref_ms = None
+    for label, backend, packed in backends:
+        try:
+            check_backend(backend, "cuda", torch.bfloat16)
+        except BackendUnavailable as e:
+            rows.append({"arch": arch, "backend": label, "note": str(e)[:90]})
+            continue
+        model.set_attention_backend(backend)
+
+        def attn_step():
+            out = attention(*qkv, backend, layout)
+            out.backward(torch.ones_like(out))
+
+        def student_step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if packed:
+                    tokens, _ = model.forward_packed([g, loc], [m, None])
+                    loss = tokens.float().square().mean()
+                else:
+                    loss = model.forward_features(g, m).float().square().mean() + \
+                        model.forward_features(loc).float().square().mean()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        try:
+            a_ms = time_ms(attn_step) * model.blocks.__len__()
+            s_ms = time_ms(student_step, warmup=3, rep=10)
+            mem = peak_mib(student_step)
+        except Exception as e:  # reported in the table, not hidden
+            rows.append({"arch": arch, "backend": label, "note": f"failed: {type(e).__name__}: {str(e)[:70]}"})
+            continue
+        ref_ms = ref_ms or s_ms
+        rows.append({"arch": arch, "backend": label, "attn fwd+bwd ms (all layers)": a_ms,
+                     "student fwd+bwd ms": s_ms, "x vs first": ref_ms / s_ms, "peak MiB": mem, "note": ""})
+    del model
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--xformers-pt-shim", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/attention.py needs a CUDA GPU")
+    info = device_info()
+    print(" | ".join(f"{k}: {v}" for k, v in info.items()))
+    xf_label = "xformers"
+    if args.xformers_pt_shim:
+        try:
+            xf_label = enable_xformers_pt_shim()
+        except ImportError as e:
+            print(f"xformers not importable: {e}")
+    backends = [("sdpa (unpacked)", "sdpa", False), ("sdpa (per size)", "sdpa", True),
+                ("varlen", "varlen", True), (xf_label, "xformers", True), ("reference", "reference", True)]
+    rows = []
+    for arch in ("vit_small", "vit_base"):
+        bench_arch(arch, args.batch, backends, rows)
+    print_table(f"attention backends, {args.batch} images (2x224 masked + 10x96), bf16", rows,
+                ["arch", "backend", "attn fwd+bwd ms (all layers)", "student fwd+bwd ms", "x vs first", "peak MiB",
+                 "note"])
+    write_json(args.json, {"device": info, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Shared benchmark helpers: device facts, timing, measured ceilings, table printing, JSON."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+# Dense bf16 tensor-core peak per GPU (datasheet, TFLOP/s); MFU is reported against it.
+PEAK_BF16_TFLOPS = {
+    "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0,
+    "RTX 4090": 165.0,
+}
+
+
+def device_info() -> Dict[str, str]:
+    import triton
+
+    info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, sms=str(p.multi_processor_count), memory_gib=f"{p.total_memory / 2**30:.0f}")
+    else:
+        info["gpu"] = "none (CPU)"
+    return info
+
+
+def peak_tflops(name: str) -> Optional[float]:
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 30) -> float:
+    """Median milliseconds of ``fn`` with CUDA events (host clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    if not torch.cuda.is_available():
+        import time
+        times = []
+        for _ in range(rep):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    times = []
+    for _ in range(rep):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy, counting bytes read plus written (GB/s)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup=3, rep=20)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    if not torch.cuda.is_available():
+        return float("nan")
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, warmup=3, rep=10)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def peak_mib(fn: Callable[[], object]) -> float:
+    """Peak memory allocated while ``fn`` runs, above what was allocated before (MiB)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def print_table(title: str, rows: List[Dict[str, object]], columns: List[str]) -> None:
+    def fmt(v):
+        if isinstance(v, float):
+            if v != v:
+                return "-"
+            return f"{v:.3f}" if abs(v) < 10 else (f"{v:.1f}" if abs(v) < 1000 else f"{v:,.0f}")
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
+    print(f"\n{title}")
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for x in cells:
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(x, widths)) + " |")
+
+
+def write_json(path: Optional[str], payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2, default=str)

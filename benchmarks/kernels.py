@@ -1,0 +1,156 @@
+"""Fused iBOT kernels against eager PyTorch: distillation CE (patch rows and [CLS]) and the EMA.
+
+    python benchmarks/kernels.py [--json out.json] [--no-compile]
+
+Distillation CE floor (bf16 in): read S and T, write dS -> 6·M·K bytes for
+fwd+bwd (the backward scale is skipped when grad_output == 1). [CLS]: the V·B
+student rows are read and written once, the G·B teacher rows read once. EMA
+floor (fp32): read θt, θs, write θt -> 12 bytes per parameter. Percentages are
+of the device-to-device copy bandwidth measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import copy_bandwidth_gbs, device_info, peak_mib, print_table, time_ms, write_json  # noqa: E402
+
+from fastibot.config import Config  # noqa: E402
+from fastibot.kernels.distill_ce import cls_distill_loss, distill_ce  # noqa: E402
+from fastibot.kernels.ema import FlatEMA  # noqa: E402
+from fastibot.loss import cls_loss_reference, weighted_ce_reference  # noqa: E402
+from fastibot.models.ibot import build_model  # noqa: E402
+from fastibot.teacher import ema_foreach, ema_pairs, ema_reference  # noqa: E402
+
+ROTATE = 3  # input sets cycled between calls so repeated runs do not measure the L2 cache
+
+
+def _rows_inputs(M, K, dev):
+    return [(torch.randn(M, K, device=dev).mul_(3).bfloat16(), torch.randn(M, K, device=dev).mul_(3).bfloat16(),
+             torch.rand(M, device=dev) / max(M, 1), torch.randn(K, device=dev) * 0.1) for _ in range(ROTATE)]
+
+
+def _cls_inputs(V, G, B, K, dev):
+    return [(torch.randn(V * B, K, device=dev).mul_(3).bfloat16(), torch.randn(G * B, K, device=dev).mul_(3).bfloat16(),
+             torch.randn(1, K, device=dev) * 0.1) for _ in range(ROTATE)]
+
+
+def _bench(fns: dict, sets, floor_bytes: float, copy_bw: float, label: str, rows: list):
+    ref_ms = None
+    for impl, (fwd, fwd_bwd) in fns.items():
+        it = itertools.cycle(sets)
+        try:
+            f_ms = time_ms(lambda: fwd(*next(it)))
+            fb_ms = time_ms(lambda: fwd_bwd(*next(it)))
+            mem = peak_mib(lambda: fwd_bwd(*sets[0]))
+        except Exception as e:  # a backend that fails here is reported, not hidden
+            print(f"{label} {impl}: failed: {type(e).__name__}: {e}")
+            continue
+        ref_ms = ref_ms or fb_ms
+        gbs = floor_bytes / (fb_ms * 1e-3) / 1e9
+        rows.append({"shape": label, "impl": impl, "fwd ms": f_ms, "fwd+bwd ms": fb_ms, "GB/s": gbs,
+                     "% copy bw": 100 * gbs / copy_bw, "x vs eager": ref_ms / fb_ms, "peak MiB": mem})
+
+
+def _grad_step(loss_fn):
+    def run(*args):
+        s = args[0].detach().requires_grad_(True)
+        loss_fn(s, *args[1:]).backward()
+    return run
+
+
+def bench_distill(copy_bw, compile_eager, rows):
+    dev = "cuda"
+    for B, K in ((64, 8192), (128, 8192), (64, 65536)):
+        M = int(0.15 * 2 * B * 196)
+        sets = _rows_inputs(M, K, dev)
+        eager = lambda s, t, w, c: weighted_ce_reference(s, t, w, c, teacher_temp=0.07)  # noqa: E731
+        fns = {"eager": (eager, _grad_step(eager))}
+        if compile_eager:
+            comp = torch.compile(weighted_ce_reference, dynamic=False)
+            ce = lambda s, t, w, c: comp(s, t, w, c, teacher_temp=0.07)  # noqa: E731
+            fns["torch.compile"] = (ce, _grad_step(ce))
+        tri = lambda s, t, w, c: distill_ce(s, t, w, c, teacher_temp=0.07)  # noqa: E731
+        fns["triton"] = (tri, _grad_step(tri))
+        _bench(fns, sets, 6.0 * M * K, copy_bw, f"patch M={M} K={K}", rows)
+        del sets
+    for B, K in ((64, 8192), (128, 8192), (64, 65536)):
+        V, G = 12, 2
+        sets = _cls_inputs(V, G, B, K, dev)
+        eager = lambda s, t, c: cls_loss_reference(s, t, c, n_global=G, teacher_temp=0.07)  # noqa: E731
+        fns = {"eager": (eager, _grad_step(eager))}
+        if compile_eager:
+            comp = torch.compile(cls_loss_reference, dynamic=False)
+            ce = lambda s, t, c: comp(s, t, c, n_global=G, teacher_temp=0.07)  # noqa: E731
+            fns["torch.compile"] = (ce, _grad_step(ce))
+        tri = lambda s, t, c: cls_distill_loss(s, t, c, n_global=G, teacher_temp=0.07)  # noqa: E731
+        fns["triton"] = (tri, _grad_step(tri))
+        _bench(fns, sets, 2.0 * (2 * V * B + G * B) * K, copy_bw, f"[CLS] {V}x{B} K={K}", rows)
+        del sets
+
+
+def bench_ema(copy_bw, rows):
+    for arch in ("vit_small", "vit_base"):
+        cfg = Config()
+        cfg.model.arch = arch
+        student = build_model(cfg, student=True).cuda()
+        teacher = build_model(cfg, student=False).cuda()
+        t_params, s_params = ema_pairs(student, teacher)
+        n = sum(p.numel() for p in t_params)
+        label = f"{arch} + head: {n / 1e6:.1f}M params, {len(t_params)} tensors"
+        ref_ms = None
+        impls = {
+            "loop (official)": lambda: ema_reference(t_params, s_params, 0.996),
+            "foreach lerp": lambda: ema_foreach(t_params, s_params, 0.996),
+            "foreach mul+add": lambda: (torch._foreach_mul_(t_params, 0.996),
+                                        torch._foreach_add_(t_params, s_params, alpha=0.004)),
+        }
+        for impl, fn in impls.items():
+            with torch.no_grad():
+                ms = time_ms(fn, warmup=3, rep=50)
+            ref_ms = ref_ms or ms
+            gbs = 12.0 * n / (ms * 1e-3) / 1e9
+            rows.append({"shape": label, "impl": impl, "ms": ms, "GB/s": gbs, "% copy bw": 100 * gbs / copy_bw,
+                         "x vs loop": ref_ms / ms})
+        for bf16 in (False, True):
+            ts, ss = copy.deepcopy(teacher), copy.deepcopy(student)
+            tp, sp = ema_pairs(ss, ts)
+            flat = FlatEMA(tp, sp, bf16_copy=bf16)
+            ms = time_ms(lambda: flat(0.996), warmup=3, rep=50)
+            nbytes = (14.0 if bf16 else 12.0) * n
+            gbs = nbytes / (ms * 1e-3) / 1e9
+            rows.append({"shape": label, "impl": "triton flat" + (" + bf16 copy" if bf16 else ""), "ms": ms,
+                         "GB/s": gbs, "% copy bw": 100 * gbs / copy_bw, "x vs loop": ref_ms / ms})
+        del student, teacher
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--only", choices=("distill", "ema"), help="run one kernel's table")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU (the CPU tests cover correctness)")
+    info = device_info()
+    copy_bw = copy_bandwidth_gbs()
+    print(" | ".join(f"{k}: {v}" for k, v in info.items()) + f" | copy bandwidth: {copy_bw:,.0f} GB/s")
+    distill_rows, ema_rows = [], []
+    if args.only in (None, "distill"):
+        bench_distill(copy_bw, not args.no_compile, distill_rows)
+        print_table("distillation cross-entropy (bf16 logits, K prototypes)", distill_rows,
+                    ["shape", "impl", "fwd ms", "fwd+bwd ms", "GB/s", "% copy bw", "x vs eager", "peak MiB"])
+    if args.only in (None, "ema"):
+        bench_ema(copy_bw, ema_rows)
+        print_table("teacher EMA (fp32 parameters)", ema_rows, ["shape", "impl", "ms", "GB/s", "% copy bw", "x vs loop"])
+    write_json(args.json, {"device": info, "copy_gbs": copy_bw, "distill": distill_rows, "ema": ema_rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Loaders behind one interface: ``steps_per_epoch``, ``set_position(epoch, step)``, iteration
+yields batch dicts on the training device.
+
+- ``torchvision``: the CPU reference path (PIL decode, torchvision multi-crop, block masks
+  in worker processes).
+- ``synthetic``: crops already on the device (random pixels, real block masks): no decode or
+  augmentation, for measuring the training step alone.
+- ``dali``: decode and multi-crop augmentation on the GPU (``fastibot.data.dali``).
+- ``auto``: ``dali`` when it is installed and a GPU is used, else ``torchvision``.
+"""
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+
+from .datasets import ResumableBatchSampler, build_loader, collate_multicrop
+from .masking import MaskGenerator
+
+log = logging.getLogger("fastibot")
+
+
+class TorchvisionData:
+    def __init__(self, cfg, rank: int, world: int, device: torch.device):
+        self.dataset, self.sampler, self.loader = build_loader(cfg, rank, world, pin_memory=device.type == "cuda")
+        self.device = device
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+
+    def set_position(self, epoch: int, step: int) -> None:
+        self.sampler.set_position(epoch, step)
+
+    def __iter__(self):
+        nb = self.device.type == "cuda"
+        for batch in self.loader:
+            yield {k: (v.to(self.device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class SyntheticTensorData:
+    """A pool of device-resident multi-crop batches with real block masks, cycled."""
+
+    POOL = 4
+
+    def __init__(self, cfg, rank: int, world: int, device: torch.device):
+        c, m = cfg.crops, cfg.masking
+        self.sampler = ResumableBatchSampler(cfg.data.synthetic_size, cfg.data.batch_size, rank, world,
+                                             cfg.runtime.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        gen = MaskGenerator(m.pred_ratio, m.pred_ratio_var, m.aspect_ratio, m.shape)
+        rng = random.Random(cfg.runtime.seed + rank)
+        g = torch.Generator(device="cpu").manual_seed(cfg.runtime.seed + rank)
+        b, p = cfg.data.batch_size, cfg.model.patch_size
+        grid = c.global_size // p
+        self.pool = []
+        for _ in range(self.POOL):
+            samples = [{"crops": [torch.randn(3, c.global_size, c.global_size, generator=g) for _ in range(c.n_global)]
+                        + [torch.randn(3, c.local_size, c.local_size, generator=g) for _ in range(c.n_local)],
+                        "masks": gen.batch(c.n_global, grid, grid, rng), "label": 0, "n_bad": 0} for _ in range(b)]
+            batch = collate_multicrop(samples, c.n_global)
+            self.pool.append({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()})
+        self.position = 0
+
+    def set_position(self, epoch: int, step: int) -> None:
+        self.position = epoch * self.steps_per_epoch + step
+
+    def __iter__(self):
+        for i in range(self.position % self.steps_per_epoch, self.steps_per_epoch):
+            yield self.pool[i % self.POOL]
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def build_data(cfg, rank: int, world: int, device: torch.device):
+    kind = cfg.data.loader
+    if kind == "auto":
+        kind = "dali" if device.type == "cuda" and dali_available() else "torchvision"
+    if kind == "synthetic":
+        data = SyntheticTensorData(cfg, rank, world, device)
+    elif kind == "dali":
+        if not dali_available():
+            from .datasets import DataError
+            raise DataError("data.loader=dali needs NVIDIA DALI (pip install 'fastibot[dali]'); "
+                            "use data.loader=torchvision or auto")
+        from .dali import DaliData
+        data = DaliData(cfg, rank, world, device)
+    else:
+        data = TorchvisionData(cfg, rank, world, device)
+    data.kind = kind
+    return data

@@ -1,0 +1,138 @@
+"""Packed multi-crop forward vs the dense (official) path; attention backends vs the reference."""
+import pytest
+import torch
+
+from fastibot.config import load_config, packaged_config
+from fastibot.data.masking import mask_rows
+from fastibot.loss import ibot_loss, ibot_loss_rows
+from fastibot.models.attention import BackendUnavailable, PackedLayout, attention, check_backend, resolve_backend
+from fastibot.models.ibot import build_model
+from fastibot.models.vit import VisionTransformer, drop_path
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _crops(b=3, n_local=4, gsize=32, lsize=16, patch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = (gsize // patch) ** 2
+    globals_ = torch.randn(2 * b, 3, gsize, gsize, generator=g)
+    locals_ = torch.randn(n_local * b, 3, lsize, lsize, generator=g)
+    masks = torch.rand(2 * b, n, generator=g) < 0.3
+    masks[0] = True  # all masked
+    masks[1] = False  # none masked
+    masks[2] = False
+    masks[2, 5] = True  # one masked
+    return globals_.to(DEVICE), locals_.to(DEVICE), masks.to(DEVICE)
+
+
+def test_packed_forward_and_grads_equal_dense():
+    torch.manual_seed(0)
+    vit = VisionTransformer("vit_tiny", patch_size=8, img_size=32).to(DEVICE).double()
+    g, loc, m = (x.double() if x.is_floating_point() else x for x in _crops())
+    tokens, layout = vit.forward_packed([g, loc], [m, None])
+    dense_g = vit.forward_features(g, m)
+    dense_l = vit.forward_features(loc)
+    n_g = dense_g.shape[0] * dense_g.shape[1]
+    torch.testing.assert_close(tokens[:n_g].view_as(dense_g), dense_g, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(tokens[n_g:].view_as(dense_l), dense_l, rtol=1e-10, atol=1e-10)
+    w = torch.randn_like(tokens)
+    grads_packed = torch.autograd.grad((tokens * w).sum(), list(vit.parameters()))
+    dense = torch.cat([dense_g.reshape(-1, dense_g.shape[-1]), dense_l.reshape(-1, dense_l.shape[-1])])
+    grads_dense = torch.autograd.grad((dense * w).sum(), list(vit.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(vit.named_parameters(), grads_packed, grads_dense):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+    assert layout.groups == ((6, 17), (12, 5))
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "varlen", "xformers"])
+def test_backends_agree_with_reference(backend):
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    try:
+        check_backend(backend, DEVICE, dtype)
+    except BackendUnavailable as e:
+        pytest.skip(f"{backend} cannot run here: {e}")  # the other backends in this test still run
+    layout = PackedLayout(((3, 17), (5, 5), (2, 9)))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(layout.total, 3, 16, generator=g).to(DEVICE, dtype).requires_grad_(True) for _ in range(3))
+    out = attention(q, k, v, backend, layout)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    q2, k2, v2 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    ref = attention(q2, k2, v2, "reference", layout)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q2, k2, v2))
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, **tol)
+    # no attention across sequence boundaries: changing one sequence leaves the others alone
+    q3 = q.detach().clone()
+    q3[:17] += 1.0
+    k3 = k.detach().clone()
+    k3[:17] -= 1.0
+    out3 = attention(q3, k3, v.detach(), backend, layout)
+    torch.testing.assert_close(out3[17:].float(), out.detach()[17:].float(), rtol=0, atol=0)
+
+
+def test_dense_backends_agree():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 11, 3, 8, generator=g) for _ in range(3))
+    torch.testing.assert_close(attention(q, k, v, "sdpa"), attention(q, k, v, "reference"), rtol=1e-5, atol=1e-6)
+
+
+def test_unavailable_backends_say_why():
+    with pytest.raises(BackendUnavailable, match="CUDA|varlen"):
+        check_backend("varlen", "cpu", torch.float32)
+    with pytest.raises(BackendUnavailable):
+        check_backend("flash9", "cpu", torch.float32)
+    assert resolve_backend("auto", "cpu") == "sdpa"
+
+
+def test_packed_drop_path_drops_whole_sequences():
+    layout = PackedLayout(((4, 6), (3, 2)))
+    torch.manual_seed(0)
+    x = torch.ones(layout.total, 5)
+    y = drop_path(x, 0.5, True, layout)
+    start = 0
+    for n, length in layout.groups:
+        for _ in range(n):
+            seq = y[start:start + length]
+            assert torch.all(seq == seq[0, 0]) and seq[0, 0].item() in (0.0, 2.0)
+            start += length
+
+
+@pytest.mark.parametrize("patch_center", ["all", "masked"])
+def test_masked_only_heads_give_the_dense_loss(tmp_path, patch_center):
+    over = ["model.patch_size=8", "crops.global_size=32", "crops.local_size=16", "crops.n_local=3",
+            "model.out_dim=97", "model.patch_out_dim=97", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
+            "model.drop_path=0.0", f"ibot.patch_center={patch_center}"]
+    cfg = load_config(packaged_config("quickstart"), over)
+    torch.manual_seed(0)
+    dense = build_model(cfg, student=True).to(DEVICE).double()
+    cfg.model.packed = True
+    packed = build_model(cfg, student=True).to(DEVICE).double()
+    packed.load_state_dict(dense.state_dict())
+    g, loc, m = _crops(b=3, n_local=3)
+    g, loc = g.double(), loc.double()
+    index, weight = mask_rows(m.cpu(), 2)
+    index, weight = index.to(DEVICE), weight.to(DEVICE).double()
+    kw = dict(n_global=2, teacher_temp=0.05, teacher_patch_temp=0.06)
+    c1, c2 = torch.randn(1, 97, device=DEVICE).double() * 0.1, torch.randn(1, 97, device=DEVICE).double() * 0.1
+
+    sd, td = dense(g, m, loc), dense.teacher(g, m, index, patch_center)
+    ld = ibot_loss(sd.cls, sd.patch, td.cls, td.patch, m, c1, c2, **kw)
+    sp, tp = packed(g, m, loc, index), packed.teacher(g, m, index, patch_center)
+    assert sp.patch.shape == (index.numel(), 97) and tp.patch.shape == (index.numel(), 97)
+    lp = ibot_loss_rows(sp.cls, sp.patch, tp.cls, tp.patch, weight, c1, c2, **kw)
+    for k in ("loss", "cls", "patch"):
+        torch.testing.assert_close(lp[k], ld[k], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(td.cls, tp.cls, rtol=1e-9, atol=1e-12)
+    # the center statistic: the mean over every patch, or over the masked ones
+    center_packed = tp.patch_mean if tp.patch_mean is not None else lp["teacher_rows_mean"]
+    # (the center statistics are kept in fp32)
+    torch.testing.assert_close(center_packed.double(), td.patch_mean.double(), rtol=1e-5, atol=1e-7)
+    gd = torch.autograd.grad(ld["loss"], list(dense.parameters()), allow_unused=True)
+    gp = torch.autograd.grad(lp["loss"], list(packed.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(dense.named_parameters(), gd, gp):
+        if a is None or b is None:
+            assert a is None or a.abs().max() == 0, name
+            continue
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12, msg=name)
