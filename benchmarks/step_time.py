@@ -150,7 +150,7 @@ def main(argv=None):
     print_table(f"{args.arch}, {args.batch} images/step, data={args.data}: time per phase", rows, cols)
     for r in results:
         r["x vs reference"] = ref["ms/step"] / r["ms/step"] if ref else float("nan")
-        r["memory vs reference"] = r["peak GiB"] / ref["peak GiB"] if ref else float("nan")
+        r["memory vs reference"] = r["peak GiB"] / ref["peak GiB"] if ref and ref["peak GiB"] else float("nan")
     print_table("summary", results, ["variant", "attention", "ms/step", "img/s", "GFLOP/img", "TFLOP/s", "MFU %",
                                      "% matmul", "peak GiB", "x vs reference", "memory vs reference"])
     write_json(args.json, {"device": info, "matmul_tflops": matmul, "args": vars(args), "results": results})

@@ -288,7 +288,8 @@ def validate(cfg: Config) -> Config:
     need(o.lr > 0, "optim.lr", "must be > 0")
     need(k.batch_size >= 1, "data.batch_size", "must be >= 1")
     need(k.num_workers >= 0, "data.num_workers", "must be >= 0")
-    need(k.source != "imagefolder" or k.path, "data.path", "required when data.source is imagefolder")
+    need(k.source != "imagefolder" or k.path or k.loader == "synthetic", "data.path",
+         "required when data.source is imagefolder")
     need(cfg.runtime.log_every >= 1, "runtime.log_every", "must be >= 1")
     need(cfg.runtime.keep_last >= 1, "runtime.keep_last", "must be >= 1")
     need(cfg.ibot.student_temp > 0, "ibot.student_temp", "must be > 0")

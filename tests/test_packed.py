@@ -72,6 +72,19 @@ def test_backends_agree_with_reference(backend):
     torch.testing.assert_close(out3[17:].float(), out.detach()[17:].float(), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers' PyTorch-backed operators need a CUDA device")
+def test_xformers_pt_operators_with_shim(monkeypatch):
+    """Where xformers' compiled extension cannot load, its ``-pt`` operators (PyTorch's own
+    kernels behind xformers' API) still run once xformers is told it was built with CUDA."""
+    common = pytest.importorskip("xformers.ops.fmha.common")
+    monkeypatch.setattr(common, "_built_with_cuda", True)
+    check_backend.cache_clear()
+    try:
+        test_backends_agree_with_reference("xformers")
+    finally:
+        check_backend.cache_clear()
+
+
 def test_dense_backends_agree():
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 11, 3, 8, generator=g) for _ in range(3))
