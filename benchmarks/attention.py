@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # a source checkout works without installing
 from common import device_info, peak_mib, print_table, time_ms, write_json  # noqa: E402
 
 from fastibot.data.masking import MaskGenerator  # noqa: E402

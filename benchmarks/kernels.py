@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # a source checkout works without installing
 from common import copy_bandwidth_gbs, device_info, peak_mib, print_table, time_ms, write_json  # noqa: E402
 
 from fastibot.config import Config  # noqa: E402

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # a source checkout works without installing
 from common import PEAK_BF16_TFLOPS, device_info, matmul_tflops, peak_tflops, print_table, write_json  # noqa: E402
 
 from fastibot.config import load_config  # noqa: E402
