@@ -59,6 +59,26 @@ def time_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 30) -> float:
     return statistics.median(times)
 
 
+def time_graph_ms(fn: Callable[[], object], rep: int = 30) -> float:
+    """Median milliseconds of ``fn`` captured in a CUDA graph and replayed: GPU time without
+    the host's launch overhead. NaN if ``fn`` cannot be captured."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:
+        return float("nan")
+    return time_ms(graph.replay, warmup=3, rep=rep)
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy, counting bytes read plus written (GB/s)."""
     if not torch.cuda.is_available():

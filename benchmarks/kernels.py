@@ -20,9 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # a source checkout works without installing
-from common import copy_bandwidth_gbs, device_info, peak_mib, print_table, time_ms, write_json  # noqa: E402
+from common import (copy_bandwidth_gbs, device_info, peak_mib, print_table, time_graph_ms, time_ms,  # noqa: E402
+                    write_json)
 
 from fastibot.config import Config  # noqa: E402
+from fastibot.kernels import distill_ce as dce  # noqa: E402
 from fastibot.kernels.distill_ce import cls_distill_loss, distill_ce  # noqa: E402
 from fastibot.kernels.ema import FlatEMA  # noqa: E402
 from fastibot.loss import cls_loss_reference, weighted_ce_reference  # noqa: E402
@@ -49,14 +51,16 @@ def _bench(fns: dict, sets, floor_bytes: float, copy_bw: float, label: str, rows
         try:
             f_ms = time_ms(lambda: fwd(*next(it)))
             fb_ms = time_ms(lambda: fwd_bwd(*next(it)))
+            graph_ms = time_graph_ms(lambda: fwd_bwd(*sets[0]))
             mem = peak_mib(lambda: fwd_bwd(*sets[0]))
         except Exception as e:  # a backend that fails here is reported, not hidden
             print(f"{label} {impl}: failed: {type(e).__name__}: {e}")
             continue
-        ref_ms = ref_ms or fb_ms
-        gbs = floor_bytes / (fb_ms * 1e-3) / 1e9
-        rows.append({"shape": label, "impl": impl, "fwd ms": f_ms, "fwd+bwd ms": fb_ms, "GB/s": gbs,
-                     "% copy bw": 100 * gbs / copy_bw, "x vs eager": ref_ms / fb_ms, "peak MiB": mem})
+        gpu_ms = graph_ms if graph_ms == graph_ms else fb_ms
+        ref_ms = ref_ms or gpu_ms
+        gbs = floor_bytes / (gpu_ms * 1e-3) / 1e9
+        rows.append({"shape": label, "impl": impl, "fwd ms": f_ms, "fwd+bwd ms": fb_ms, "graph fwd+bwd ms": graph_ms,
+                     "GB/s": gbs, "% copy bw": 100 * gbs / copy_bw, "x vs eager": ref_ms / gpu_ms, "peak MiB": mem})
 
 
 def _grad_step(loss_fn):
@@ -94,6 +98,33 @@ def bench_distill(copy_bw, compile_eager, rows):
         fns["triton"] = (tri, _grad_step(tri))
         _bench(fns, sets, 2.0 * (2 * V * B + G * B) * K, copy_bw, f"[CLS] {V}x{B} K={K}", rows)
         del sets
+
+
+def sweep(copy_bw):
+    """Kernel-only time of the patch-row kernel over launch configurations (picks CONFIGS)."""
+    from triton.testing import do_bench
+    rows = []
+    for M, K, grid in ((3763, 8192, dict(warps=(8, 16, 32), stages=(1, 2), per_sm=(1, 2, 4), tuple=(True, False))),
+                       (3763, 65536, dict(warps=(8, 16), stages=(1,), per_sm=(2, 4, 8), tuple=(True, False),
+                                          block=(2048, 4096, 8192)))):
+        s, t, w, c = _rows_inputs(M, K, "cuda")[0]
+        colsum = torch.zeros(K, device="cuda")
+        keys = list(grid)
+        for values in itertools.product(*grid.values()):
+            over = dict(zip(keys, values))
+            try:
+                fn = lambda: dce._launch_ce(s, t, None, c, w, 1, 0, 10.0, 14.0, True, colsum, over)  # noqa: E731
+                ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
+            except Exception as e:
+                print(f"sweep {M}x{K} {over}: {type(e).__name__}: {str(e)[:80]}")
+                continue
+            gbs = 6.0 * M * K / (ms * 1e-3) / 1e9
+            rows.append({"shape": f"M={M} K={K}", **{k: str(v) for k, v in over.items()}, "kernel ms": ms,
+                         "GB/s": gbs, "% copy bw": 100 * gbs / copy_bw})
+        rows.sort(key=lambda r: (r["shape"], r["kernel ms"]))
+    print_table("patch-row kernel launch configurations (kernel only, do_bench median)", rows,
+                ["shape", "warps", "stages", "per_sm", "tuple", "block", "kernel ms", "GB/s", "% copy bw"])
+    return rows
 
 
 def bench_ema(copy_bw, rows):
@@ -136,21 +167,27 @@ def main(argv=None):
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--only", choices=("distill", "ema"), help="run one kernel's table")
+    ap.add_argument("--sweep", action="store_true", help="time the patch kernel's launch configurations first")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU (the CPU tests cover correctness)")
     info = device_info()
     copy_bw = copy_bandwidth_gbs()
     print(" | ".join(f"{k}: {v}" for k, v in info.items()) + f" | copy bandwidth: {copy_bw:,.0f} GB/s")
-    distill_rows, ema_rows = [], []
+    distill_rows, ema_rows, sweep_rows = [], [], []
+    if args.sweep:
+        sweep_rows = sweep(copy_bw)
     if args.only in (None, "distill"):
         bench_distill(copy_bw, not args.no_compile, distill_rows)
-        print_table("distillation cross-entropy (bf16 logits, K prototypes)", distill_rows,
-                    ["shape", "impl", "fwd ms", "fwd+bwd ms", "GB/s", "% copy bw", "x vs eager", "peak MiB"])
+        print_table("distillation cross-entropy (bf16 logits, K prototypes); GB/s, % and x from the graph-replayed "
+                    "fwd+bwd (GPU time)", distill_rows,
+                    ["shape", "impl", "fwd ms", "fwd+bwd ms", "graph fwd+bwd ms", "GB/s", "% copy bw", "x vs eager",
+                     "peak MiB"])
     if args.only in (None, "ema"):
         bench_ema(copy_bw, ema_rows)
         print_table("teacher EMA (fp32 parameters)", ema_rows, ["shape", "impl", "ms", "GB/s", "% copy bw", "x vs loop"])
-    write_json(args.json, {"device": info, "copy_gbs": copy_bw, "distill": distill_rows, "ema": ema_rows})
+    write_json(args.json, {"device": info, "copy_gbs": copy_bw, "distill": distill_rows, "ema": ema_rows,
+                           "sweep": sweep_rows})
 
 
 if __name__ == "__main__":

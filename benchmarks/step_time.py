@@ -83,8 +83,6 @@ def run_variant(name, overrides, args, matmul):
          "data.num_workers": args.workers, **overrides}
     if args.data != "synthetic" and args.data_path:
         o.update({"data.source": "imagefolder", "data.path": args.data_path})
-    if args.compile:
-        o["runtime.compile"] = True
     cfg = load_config(args.config, [f"{k}={v}" for k, v in o.items()] + args.set)
     rt = init_runtime(cfg)
     tr = Trainer(cfg, rt)
@@ -130,7 +128,7 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=15)
     ap.add_argument("--compare", choices=("reference",), help="also run the eager faithful path")
     ap.add_argument("--ablate", action="store_true", help="run reference -> fast one change at a time")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    ap.add_argument("--compile", action="store_true", help="also run the fast path with torch.compile'd blocks")
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
@@ -143,6 +141,8 @@ def main(argv=None):
     print("datasheet dense bf16 peaks used for MFU: " + ", ".join(f"{k} {v:.0f}" for k, v in PEAK_BF16_TFLOPS.items())
           + f" (this GPU: {peak_tflops(name)})")
     variants = ABLATIONS if args.ablate else [("fast", FAST)] + ([("reference", REFERENCE)] if args.compare else [])
+    if args.compile:
+        variants = variants + [("fast + compiled blocks", {**FAST, "runtime.compile": True})]
     results = [run_variant(n, o, args, matmul) for n, o in variants]
     ref = next((r for r in results if r["variant"] == "reference"), None)
     cols = ["phase"] + [r["variant"] for r in results]

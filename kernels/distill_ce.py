@@ -36,151 +36,156 @@ MULTI_BLOCK = 4096
 
 
 @triton.jit
-def _target_weights(t, c, mask, ROW_IS_LOGITS: tl.constexpr, inv_tt, t_max):
-    """Un-normalised target weights of one K-chunk: exp((t - c)/τt - max) or the mixture itself."""
-    if ROW_IS_LOGITS:
-        u = (t - c) * inv_tt
-        return tl.where(mask, tl.exp2((u - t_max) * 1.4426950408889634), 0.0)
-    return tl.where(mask, t, 0.0)
+def _max2(a1, b1, a2, b2):
+    return tl.maximum(a1, a2), tl.maximum(b1, b2)
+
+
+@triton.jit
+def _sum3(a1, b1, c1, a2, b2, c2):
+    return a1 + a2, b1 + b2, c1 + c2
+
+
+@triton.jit
+def _rowmax2(u, s, TUPLE: tl.constexpr):
+    if TUPLE:  # one reduction pass for both maxima
+        return tl.reduce((u, s), 0, _max2)
+    return tl.max(u, 0), tl.max(s, 0)
+
+
+@triton.jit
+def _rowsum3(a, e, d, TUPLE: tl.constexpr):
+    if TUPLE:
+        return tl.reduce((a, e, d), 0, _sum3)
+    return tl.sum(a, 0), tl.sum(e, 0), tl.sum(d, 0)
+
+
+@triton.jit
+def _load_target(t_ptr, self_ptr, row, r64, ko, kmask, B, G, t_stride, self_stride, MIX: tl.constexpr):
+    """One K-chunk of the row's target: teacher logits, or the partners' probability sum."""
+    if MIX:
+        # row = v * B + b: partners are all globals of image b except v itself
+        b = row % B
+        t = tl.load(t_ptr + tl.cast(b, tl.int64) * t_stride + ko, mask=kmask, other=0.0).to(tl.float32)
+        if row // B < G:
+            t -= tl.load(self_ptr + r64 * self_stride + ko, mask=kmask, other=0.0).to(tl.float32)
+    else:
+        t = tl.load(t_ptr + r64 * t_stride + ko, mask=kmask, other=0.0).to(tl.float32)
+    return t
 
 
 @triton.jit
 def _distill_ce_kernel(
     loss_ptr, grad_ptr, colsum_ptr, stats_ptr,
     s_ptr, t_ptr, self_ptr, c_ptr, w_ptr,
-    M, K, B, G, rows_per_prog,
+    M, K, B, G,
     s_stride, t_stride, self_stride, g_stride,
     inv_ts, inv_tt,
     ROW_IS_LOGITS: tl.constexpr, MIX: tl.constexpr, COLSUM: tl.constexpr,
-    SINGLE: tl.constexpr, BLOCK_K: tl.constexpr,
+    SINGLE: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, TUPLE_REDUCE: tl.constexpr,
 ):
+    LOG2E: tl.constexpr = 1.4426950408889634
     pid = tl.program_id(0)
-    row_start = pid * rows_per_prog
-    row_end = tl.minimum(row_start + rows_per_prog, M)
+    nprog = tl.num_programs(0)
     offs = tl.arange(0, BLOCK_K)
     if SINGLE:
+        # the whole row in registers: S and T read once, dS written once
         kmask = offs < K
         if ROW_IS_LOGITS:
             c = tl.load(c_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
         col_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for row in range(row_start, row_end):
+        for row in tl.range(pid, M, nprog, num_stages=NUM_STAGES):
             r64 = tl.cast(row, tl.int64)
             s = tl.load(s_ptr + r64 * s_stride + offs, mask=kmask, other=0.0).to(tl.float32) * inv_ts
-            if MIX:
-                # row = v * B + b: partners are all globals of image b except v itself
-                b = row % B
-                v = row // B
-                t = tl.load(t_ptr + tl.cast(b, tl.int64) * t_stride + offs, mask=kmask, other=0.0).to(tl.float32)
-                if v < G:
-                    own = tl.load(self_ptr + r64 * self_stride + offs, mask=kmask, other=0.0).to(tl.float32)
-                    t = t - own
-            else:
-                t = tl.load(t_ptr + r64 * t_stride + offs, mask=kmask, other=0.0).to(tl.float32)
+            t = _load_target(t_ptr, self_ptr, row, r64, offs, kmask, B, G, t_stride, self_stride, MIX)
             if COLSUM:
                 col_acc += t
+            s_m = tl.where(kmask, s, -float("inf"))
             if ROW_IS_LOGITS:
-                t_max = tl.max(tl.where(kmask, (t - c) * inv_tt, -float("inf")), 0)
-                a = _target_weights(t, c, kmask, True, inv_tt, t_max)
-                z = tl.sum(a, 0)
-                mass = z
+                u = tl.where(kmask, (t - c) * inv_tt, -float("inf"))
+                t_max, s_max = _rowmax2(u, s_m, TUPLE_REDUCE)
+                a = tl.exp2((u - t_max) * LOG2E)
             else:
+                s_max = tl.max(s_m, 0)
                 a = tl.where(kmask, t, 0.0)
-                z = 1.0
-                mass = tl.sum(a, 0)
-            s_max = tl.max(tl.where(kmask, s, -float("inf")), 0)
-            e = tl.where(kmask, tl.exp2((s - s_max) * 1.4426950408889634), 0.0)
-            s_sum = tl.sum(e, 0)
-            lse = s_max + tl.log(s_sum)
-            dot = tl.sum(a * tl.where(kmask, s, 0.0), 0)
+            e = tl.exp2((s_m - s_max) * LOG2E)
+            z, s_sum, dot = _rowsum3(a, e, a * tl.where(kmask, s, 0.0), TUPLE_REDUCE)
+            if ROW_IS_LOGITS:
+                inv_z = 1.0 / z
+                mass_z = 1.0
+            else:
+                inv_z = 1.0
+                mass_z = z
             w = tl.load(w_ptr + row).to(tl.float32)
-            tl.store(loss_ptr + row, w * ((mass / z) * lse - dot / z))
-            grad = (w * inv_ts) * ((mass / z) * (e / s_sum) - a / z)
+            lse = s_max + tl.log(s_sum)
+            tl.store(loss_ptr + row, w * (mass_z * lse - dot * inv_z))
+            grad = (w * inv_ts) * (mass_z * (e / s_sum) - a * inv_z)
             tl.store(grad_ptr + r64 * g_stride + offs, grad.to(grad_ptr.dtype.element_ty), mask=kmask)
         if COLSUM:
             tl.atomic_add(colsum_ptr + offs, col_acc, mask=kmask)
     else:
-        # pass 1, row by row: online statistics over K-chunks
-        for row in range(row_start, row_end):
+        # K too large for registers: pass 1 keeps online statistics per row (running maxima,
+        # rescaled sums), pass 2 re-reads the row (mostly from L2) and writes dS
+        for row in tl.range(pid, M, nprog):
             r64 = tl.cast(row, tl.int64)
-            b = row % B
-            v = row // B
             s_max = -float("inf")
-            s_sum = 0.0
             t_max = 0.0
             if ROW_IS_LOGITS:
                 t_max = -float("inf")
+            s_sum = 0.0
             z = 0.0
-            mass = 0.0
             dot = 0.0
             for k0 in range(0, K, BLOCK_K):
                 ko = k0 + offs
                 kmask = ko < K
                 s = tl.load(s_ptr + r64 * s_stride + ko, mask=kmask, other=0.0).to(tl.float32) * inv_ts
-                if MIX:
-                    t = tl.load(t_ptr + tl.cast(b, tl.int64) * t_stride + ko, mask=kmask, other=0.0).to(tl.float32)
-                    if v < G:
-                        t -= tl.load(self_ptr + r64 * self_stride + ko, mask=kmask, other=0.0).to(tl.float32)
-                else:
-                    t = tl.load(t_ptr + r64 * t_stride + ko, mask=kmask, other=0.0).to(tl.float32)
-                new_s_max = tl.maximum(s_max, tl.max(tl.where(kmask, s, -float("inf")), 0))
-                s_sum = s_sum * tl.exp2((s_max - new_s_max) * 1.4426950408889634) + tl.sum(
-                    tl.where(kmask, tl.exp2((s - new_s_max) * 1.4426950408889634), 0.0), 0)
-                s_max = new_s_max
+                t = _load_target(t_ptr, self_ptr, row, r64, ko, kmask, B, G, t_stride, self_stride, MIX)
+                s_m = tl.where(kmask, s, -float("inf"))
                 if ROW_IS_LOGITS:
                     c = tl.load(c_ptr + ko, mask=kmask, other=0.0).to(tl.float32)
-                    new_t_max = tl.maximum(t_max, tl.max(tl.where(kmask, (t - c) * inv_tt, -float("inf")), 0))
-                    scale = tl.exp2((t_max - new_t_max) * 1.4426950408889634)
-                    a = _target_weights(t, c, kmask, True, inv_tt, new_t_max)
-                    z = z * scale + tl.sum(a, 0)
-                    dot = dot * scale + tl.sum(a * tl.where(kmask, s, 0.0), 0)
-                    t_max = new_t_max
+                    u = tl.where(kmask, (t - c) * inv_tt, -float("inf"))
+                    cu, cs = _rowmax2(u, s_m, TUPLE_REDUCE)
+                    new_t = tl.maximum(t_max, cu)
+                    scale_t = tl.exp2((t_max - new_t) * LOG2E)
+                    a = tl.exp2((u - new_t) * LOG2E)
+                    t_max = new_t
                 else:
+                    cs = tl.max(s_m, 0)
+                    scale_t = 1.0
                     a = tl.where(kmask, t, 0.0)
-                    mass += tl.sum(a, 0)
-                    dot += tl.sum(a * tl.where(kmask, s, 0.0), 0)
+                new_s = tl.maximum(s_max, cs)
+                ca, ce, cd = _rowsum3(a, tl.exp2((s_m - new_s) * LOG2E), a * tl.where(kmask, s, 0.0), TUPLE_REDUCE)
+                s_sum = s_sum * tl.exp2((s_max - new_s) * LOG2E) + ce
+                s_max = new_s
+                z = z * scale_t + ca
+                dot = dot * scale_t + cd
             if ROW_IS_LOGITS:
-                mass = z
+                inv_z = 1.0 / z
+                mass_z = 1.0
             else:
-                z = 1.0
+                inv_z = 1.0
+                mass_z = z
             lse = s_max + tl.log(s_sum)
             w = tl.load(w_ptr + row).to(tl.float32)
-            tl.store(loss_ptr + row, w * ((mass / z) * lse - dot / z))
+            tl.store(loss_ptr + row, w * (mass_z * lse - dot * inv_z))
             tl.store(stats_ptr + r64 * 4 + 0, lse)
             tl.store(stats_ptr + r64 * 4 + 1, t_max)
-            tl.store(stats_ptr + r64 * 4 + 2, z)
-            tl.store(stats_ptr + r64 * 4 + 3, mass)
-        # pass 2, chunk by chunk over this program's rows: gradients and column sums
-        for k0 in range(0, K, BLOCK_K):
-            ko = k0 + offs
-            kmask = ko < K
-            col_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-            c = tl.zeros([BLOCK_K], dtype=tl.float32)
-            if ROW_IS_LOGITS:
-                c = tl.load(c_ptr + ko, mask=kmask, other=0.0).to(tl.float32)
-            for row in range(row_start, row_end):
-                r64 = tl.cast(row, tl.int64)
-                b = row % B
-                v = row // B
-                lse = tl.load(stats_ptr + r64 * 4 + 0)
-                t_max = tl.load(stats_ptr + r64 * 4 + 1)
-                z = tl.load(stats_ptr + r64 * 4 + 2)
-                mass = tl.load(stats_ptr + r64 * 4 + 3)
+            tl.store(stats_ptr + r64 * 4 + 2, inv_z)
+            tl.store(stats_ptr + r64 * 4 + 3, mass_z)
+            for k0 in range(0, K, BLOCK_K):
+                ko = k0 + offs
+                kmask = ko < K
                 s = tl.load(s_ptr + r64 * s_stride + ko, mask=kmask, other=0.0).to(tl.float32) * inv_ts
-                if MIX:
-                    t = tl.load(t_ptr + tl.cast(b, tl.int64) * t_stride + ko, mask=kmask, other=0.0).to(tl.float32)
-                    if v < G:
-                        t -= tl.load(self_ptr + r64 * self_stride + ko, mask=kmask, other=0.0).to(tl.float32)
-                else:
-                    t = tl.load(t_ptr + r64 * t_stride + ko, mask=kmask, other=0.0).to(tl.float32)
+                t = _load_target(t_ptr, self_ptr, row, r64, ko, kmask, B, G, t_stride, self_stride, MIX)
                 if COLSUM:
-                    col_acc += t
-                a = _target_weights(t, c, kmask, ROW_IS_LOGITS, inv_tt, t_max)
-                w = tl.load(w_ptr + row).to(tl.float32)
-                p = tl.exp2((s - lse) * 1.4426950408889634)
-                grad = (w * inv_ts) * ((mass / z) * p - a / z)
+                    tl.atomic_add(colsum_ptr + ko, t, mask=kmask)
+                if ROW_IS_LOGITS:
+                    c = tl.load(c_ptr + ko, mask=kmask, other=0.0).to(tl.float32)
+                    a = tl.where(kmask, tl.exp2(((t - c) * inv_tt - t_max) * LOG2E), 0.0)
+                else:
+                    a = tl.where(kmask, t, 0.0)
+                p = tl.exp2((s - lse) * LOG2E)
+                grad = (w * inv_ts) * (mass_z * p - a * inv_z)
                 tl.store(grad_ptr + r64 * g_stride + ko, grad.to(grad_ptr.dtype.element_ty), mask=kmask)
-            if COLSUM:
-                tl.atomic_add(colsum_ptr + ko, col_acc, mask=kmask)
 
 
 @triton.jit
@@ -234,39 +239,57 @@ def _scale_inplace_kernel(x_ptr, g_ptr, N, BLOCK: tl.constexpr):
 # ------------------------------------------------------------------------- launchers
 
 
-def _block(K: int):
+# Launch configurations per K range, measured on an H100 (benchmarks/kernels.py --sweep):
+# (max K, num_warps, num_stages, programs per SM, tuple reductions)
+CONFIGS = [
+    (2048, 4, 2, 8, True),
+    (8192, 16, 1, 2, True),
+    (MAX_SINGLE_BLOCK, 16, 1, 1, True),
+]
+MULTI_CONFIG = (8, 1, 4, True)  # num_warps, num_stages, programs per SM, tuple reductions
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_config(K: int, override=None):
+    """dict(single, block, warps, stages, per_sm, tuple) for K (``override`` entries replace them)."""
     if K <= MAX_SINGLE_BLOCK:
-        block = max(16, triton.next_power_of_2(K))
-        return True, block, 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    return False, MULTI_BLOCK, 8
-
-
-def _grid_rows(M: int, device: torch.device) -> int:
-    """Rows per program: enough programs to fill the GPU a few times over, at most 32 rows each."""
-    if device.type == "cuda":
-        programs = torch.cuda.get_device_properties(device).multi_processor_count * 8
+        _, warps, stages, per_sm, tup = next(c for c in CONFIGS if K <= c[0])
+        cfg = dict(single=True, block=max(16, triton.next_power_of_2(K)), warps=warps, stages=stages,
+                   per_sm=per_sm, tuple=tup)
     else:
-        programs = 4
-    return max(1, min(32, triton.cdiv(M, programs)))
+        warps, stages, per_sm, tup = MULTI_CONFIG
+        cfg = dict(single=False, block=MULTI_BLOCK, warps=warps, stages=stages, per_sm=per_sm, tuple=tup)
+    if _interpreting():  # the interpreter runs tuple reductions element by element in Python
+        cfg["tuple"] = False
+    cfg.update(override or {})
+    return cfg
 
 
-def _launch_ce(student, target, self_probs, center, weight, B, G, inv_ts, inv_tt, row_is_logits, colsum):
+def _programs(M: int, device: torch.device, per_sm: int) -> int:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return max(1, min(M, sms * per_sm))
+
+
+def _launch_ce(student, target, self_probs, center, weight, B, G, inv_ts, inv_tt, row_is_logits, colsum,
+               config=None):
     M, K = student.shape
     grad = torch.empty_like(student)
     loss_rows = torch.empty(M, dtype=torch.float32, device=student.device)
-    single, block, warps = _block(K)
-    rows = _grid_rows(M, student.device)
-    stats = loss_rows if single else torch.empty(M, 4, dtype=torch.float32, device=student.device)
-    dummy = target
-    _distill_ce_kernel[(triton.cdiv(M, rows),)](
+    cfg = launch_config(K, config)
+    stats = loss_rows if cfg["single"] else torch.empty(M, 4, dtype=torch.float32, device=student.device)
+    own = self_probs if self_probs is not None else target
+    _distill_ce_kernel[(_programs(M, student.device, cfg["per_sm"]),)](
         loss_rows, grad, colsum if colsum is not None else loss_rows, stats,
-        student, target, self_probs if self_probs is not None else dummy,
-        center if center is not None else loss_rows, weight,
-        M, K, B, G, rows,
-        student.stride(0), target.stride(0), (self_probs if self_probs is not None else dummy).stride(0),
-        grad.stride(0), inv_ts, inv_tt,
+        student, target, own, center if center is not None else loss_rows, weight,
+        M, K, B, G,
+        student.stride(0), target.stride(0), own.stride(0), grad.stride(0), inv_ts, inv_tt,
         ROW_IS_LOGITS=row_is_logits, MIX=not row_is_logits, COLSUM=colsum is not None,
-        SINGLE=single, BLOCK_K=block, num_warps=warps,
+        SINGLE=cfg["single"], BLOCK_K=cfg["block"], NUM_STAGES=cfg["stages"], TUPLE_REDUCE=cfg["tuple"],
+        num_warps=cfg["warps"],
     )
     return loss_rows, grad
 
@@ -317,10 +340,10 @@ class ClsDistillCE(torch.autograd.Function):
         teacher_cls = _rowmajor(teacher_cls)
         probs = torch.empty(GB, K, dtype=torch.float32, device=teacher_cls.device)
         colsum = torch.zeros(K, dtype=torch.float32, device=teacher_cls.device)
-        single, block, warps = _block(K)
+        cfg = launch_config(K)
         _softmax_rows_kernel[(GB,)](probs, colsum, teacher_cls, center.reshape(-1).float().contiguous(), K,
                                     teacher_cls.stride(0), probs.stride(0), 1.0 / teacher_temp,
-                                    SINGLE=single, BLOCK_K=block, num_warps=warps)
+                                    SINGLE=cfg["single"], BLOCK_K=cfg["block"], num_warps=cfg["warps"])
         qsum = probs.view(n_global, B, K).sum(0)  # (B, K): all globals' targets per image
         pairs = n_global * V - n_global
         weight = torch.full((V * B,), 1.0 / (max(pairs, 1) * B), dtype=torch.float32, device=student_cls.device)

@@ -56,6 +56,15 @@ def test_distill_ce_multi_block_path(monkeypatch, dtype):
     _check_rows(*_rows(11, 301, dtype, seed=5))  # 301 = 4 full chunks + a partial one
 
 
+def test_tuple_reductions_match(monkeypatch):
+    """The GPU groups the row reductions into tuple reductions; the interpreter checks that form too."""
+    s, t, w, c = _rows(4, 33, torch.float32, seed=9)
+    ref = dce._launch_ce(s, t, None, c, w, 1, 0, 10.0, 20.0, True, None, {"tuple": False})
+    tup = dce._launch_ce(s, t, None, c, w, 1, 0, 10.0, 20.0, True, None, {"tuple": True})
+    torch.testing.assert_close(tup[0], ref[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(tup[1], ref[1], rtol=1e-6, atol=1e-7)
+
+
 def test_distill_ce_edge_rows():
     s, t, w, c = _rows(9, 257, torch.float32, seed=1)
     w[2] = 0.0  # zero weight
