@@ -312,6 +312,8 @@ class Trainer:
                "momentum": float(self.sched.momentum[it]), "teacher_temp": float(self.sched.teacher_temp[it]),
                "grad_norm": d[C_GRAD_NORM] / steps, "img_s": images / max(now - t0, 1e-9),
                "nonfinite_steps": int(vals[C_NONFINITE]), "bad_images": int(vals[C_BAD_IMAGES])}
+        if self.rt.device.type == "cuda":
+            row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.rt.device) / 2 ** 30, 3)
         self.writer.write(row)
         self._check_health(vals)
         return row
