@@ -47,16 +47,20 @@ def _sum3(a1, b1, c1, a2, b2, c2):
 
 @triton.jit
 def _rowmax2(u, s, TUPLE: tl.constexpr):
+    """Maxima along the last axis of two tiles."""
+    AXIS: tl.constexpr = len(u.shape) - 1
     if TUPLE:  # one reduction pass for both maxima
-        return tl.reduce((u, s), 0, _max2)
-    return tl.max(u, 0), tl.max(s, 0)
+        return tl.reduce((u, s), AXIS, _max2)
+    return tl.max(u, AXIS), tl.max(s, AXIS)
 
 
 @triton.jit
 def _rowsum3(a, e, d, TUPLE: tl.constexpr):
+    """Sums along the last axis of three tiles."""
+    AXIS: tl.constexpr = len(a.shape) - 1
     if TUPLE:
-        return tl.reduce((a, e, d), 0, _sum3)
-    return tl.sum(a, 0), tl.sum(e, 0), tl.sum(d, 0)
+        return tl.reduce((a, e, d), AXIS, _sum3)
+    return tl.sum(a, AXIS), tl.sum(e, AXIS), tl.sum(d, AXIS)
 
 
 @triton.jit
@@ -82,44 +86,58 @@ def _distill_ce_kernel(
     inv_ts, inv_tt,
     ROW_IS_LOGITS: tl.constexpr, MIX: tl.constexpr, COLSUM: tl.constexpr,
     SINGLE: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, TUPLE_REDUCE: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs = tl.arange(0, BLOCK_K)
     if SINGLE:
-        # the whole row in registers: S and T read once, dS written once
+        # whole rows in registers, ROWS at a time: S and T read once, dS written once
         kmask = offs < K
+        ridx = tl.arange(0, ROWS)
         if ROW_IS_LOGITS:
             c = tl.load(c_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
         col_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for row in tl.range(pid, M, nprog, num_stages=NUM_STAGES):
-            r64 = tl.cast(row, tl.int64)
-            s = tl.load(s_ptr + r64 * s_stride + offs, mask=kmask, other=0.0).to(tl.float32) * inv_ts
-            t = _load_target(t_ptr, self_ptr, row, r64, offs, kmask, B, G, t_stride, self_stride, MIX)
-            if COLSUM:
-                col_acc += t
-            s_m = tl.where(kmask, s, -float("inf"))
-            if ROW_IS_LOGITS:
-                u = tl.where(kmask, (t - c) * inv_tt, -float("inf"))
-                t_max, s_max = _rowmax2(u, s_m, TUPLE_REDUCE)
-                a = tl.exp2((u - t_max) * LOG2E)
+        for base in tl.range(pid * ROWS, M, nprog * ROWS, num_stages=NUM_STAGES):
+            rows = base + ridx  # (ROWS,)
+            rmask = rows < M
+            r64 = tl.cast(rows, tl.int64)
+            m2 = rmask[:, None] & kmask[None, :]
+            s = tl.load(s_ptr + r64[:, None] * s_stride + offs[None, :], mask=m2, other=0.0).to(tl.float32) * inv_ts
+            if MIX:
+                # row = v * B + b: partners are all globals of image b except v itself
+                b64 = tl.cast(rows % B, tl.int64)
+                t = tl.load(t_ptr + b64[:, None] * t_stride + offs[None, :], mask=m2, other=0.0).to(tl.float32)
+                own_mask = m2 & ((rows // B) < G)[:, None]
+                t -= tl.load(self_ptr + r64[:, None] * self_stride + offs[None, :], mask=own_mask,
+                             other=0.0).to(tl.float32)
             else:
-                s_max = tl.max(s_m, 0)
-                a = tl.where(kmask, t, 0.0)
-            e = tl.exp2((s_m - s_max) * LOG2E)
-            z, s_sum, dot = _rowsum3(a, e, a * tl.where(kmask, s, 0.0), TUPLE_REDUCE)
+                t = tl.load(t_ptr + r64[:, None] * t_stride + offs[None, :], mask=m2, other=0.0).to(tl.float32)
+            if COLSUM:
+                col_acc += tl.sum(t, 0)
+            # padding columns get -inf; rows past M stay finite and are never stored
+            s_m = tl.where(kmask[None, :], s, -float("inf"))
+            if ROW_IS_LOGITS:
+                u = tl.where(kmask[None, :], (t - c[None, :]) * inv_tt, -float("inf"))
+                t_max, s_max = _rowmax2(u, s_m, TUPLE_REDUCE)
+                a = tl.exp2((u - t_max[:, None]) * LOG2E)
+            else:
+                s_max = tl.max(s_m, 1)
+                a = tl.where(kmask[None, :], t, 0.0)
+            e = tl.exp2((s_m - s_max[:, None]) * LOG2E)
+            z, s_sum, dot = _rowsum3(a, e, a * tl.where(kmask[None, :], s, 0.0), TUPLE_REDUCE)
             if ROW_IS_LOGITS:
                 inv_z = 1.0 / z
-                mass_z = 1.0
+                mass_z = tl.full([ROWS], 1.0, tl.float32)
             else:
-                inv_z = 1.0
+                inv_z = tl.full([ROWS], 1.0, tl.float32)
                 mass_z = z
-            w = tl.load(w_ptr + row).to(tl.float32)
+            w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
             lse = s_max + tl.log(s_sum)
-            tl.store(loss_ptr + row, w * (mass_z * lse - dot * inv_z))
-            grad = (w * inv_ts) * (mass_z * (e / s_sum) - a * inv_z)
-            tl.store(grad_ptr + r64 * g_stride + offs, grad.to(grad_ptr.dtype.element_ty), mask=kmask)
+            tl.store(loss_ptr + rows, w * (mass_z * lse - dot * inv_z), mask=rmask)
+            grad = (w * inv_ts)[:, None] * (mass_z[:, None] * (e / s_sum[:, None]) - a * inv_z[:, None])
+            tl.store(grad_ptr + r64[:, None] * g_stride + offs[None, :], grad.to(grad_ptr.dtype.element_ty), mask=m2)
         if COLSUM:
             tl.atomic_add(colsum_ptr + offs, col_acc, mask=kmask)
     else:
@@ -240,11 +258,11 @@ def _scale_inplace_kernel(x_ptr, g_ptr, N, BLOCK: tl.constexpr):
 
 
 # Launch configurations per K range, measured on an H100 (benchmarks/kernels.py --sweep):
-# (max K, num_warps, num_stages, programs per SM, tuple reductions)
+# (max K, num_warps, num_stages, programs per SM, tuple reductions, rows per tile)
 CONFIGS = [
-    (2048, 4, 2, 8, True),
-    (8192, 16, 1, 2, True),
-    (MAX_SINGLE_BLOCK, 16, 1, 1, True),
+    (2048, 4, 1, 4, True, 2),
+    (8192, 16, 1, 1, True, 1),
+    (MAX_SINGLE_BLOCK, 16, 1, 1, True, 1),
 ]
 MULTI_CONFIG = (8, 1, 4, True)  # num_warps, num_stages, programs per SM, tuple reductions
 
@@ -257,12 +275,12 @@ def _interpreting() -> bool:
 def launch_config(K: int, override=None):
     """dict(single, block, warps, stages, per_sm, tuple) for K (``override`` entries replace them)."""
     if K <= MAX_SINGLE_BLOCK:
-        _, warps, stages, per_sm, tup = next(c for c in CONFIGS if K <= c[0])
+        _, warps, stages, per_sm, tup, rows = next(c for c in CONFIGS if K <= c[0])
         cfg = dict(single=True, block=max(16, triton.next_power_of_2(K)), warps=warps, stages=stages,
-                   per_sm=per_sm, tuple=tup)
+                   per_sm=per_sm, tuple=tup, rows=rows)
     else:
         warps, stages, per_sm, tup = MULTI_CONFIG
-        cfg = dict(single=False, block=MULTI_BLOCK, warps=warps, stages=stages, per_sm=per_sm, tuple=tup)
+        cfg = dict(single=False, block=MULTI_BLOCK, warps=warps, stages=stages, per_sm=per_sm, tuple=tup, rows=1)
     if _interpreting():  # the interpreter runs tuple reductions element by element in Python
         cfg["tuple"] = False
     cfg.update(override or {})
@@ -282,14 +300,15 @@ def _launch_ce(student, target, self_probs, center, weight, B, G, inv_ts, inv_tt
     cfg = launch_config(K, config)
     stats = loss_rows if cfg["single"] else torch.empty(M, 4, dtype=torch.float32, device=student.device)
     own = self_probs if self_probs is not None else target
-    _distill_ce_kernel[(_programs(M, student.device, cfg["per_sm"]),)](
+    programs = min(_programs(M, student.device, cfg["per_sm"]), triton.cdiv(M, cfg["rows"]))
+    _distill_ce_kernel[(programs,)](
         loss_rows, grad, colsum if colsum is not None else loss_rows, stats,
         student, target, own, center if center is not None else loss_rows, weight,
         M, K, B, G,
         student.stride(0), target.stride(0), own.stride(0), grad.stride(0), inv_ts, inv_tt,
         ROW_IS_LOGITS=row_is_logits, MIX=not row_is_logits, COLSUM=colsum is not None,
         SINGLE=cfg["single"], BLOCK_K=cfg["block"], NUM_STAGES=cfg["stages"], TUPLE_REDUCE=cfg["tuple"],
-        num_warps=cfg["warps"],
+        ROWS=cfg["rows"], num_warps=cfg["warps"],
     )
     return loss_rows, grad
 

@@ -56,13 +56,30 @@ def test_distill_ce_multi_block_path(monkeypatch, dtype):
     _check_rows(*_rows(11, 301, dtype, seed=5))  # 301 = 4 full chunks + a partial one
 
 
-def test_tuple_reductions_match(monkeypatch):
-    """The GPU groups the row reductions into tuple reductions; the interpreter checks that form too."""
-    s, t, w, c = _rows(4, 33, torch.float32, seed=9)
-    ref = dce._launch_ce(s, t, None, c, w, 1, 0, 10.0, 20.0, True, None, {"tuple": False})
-    tup = dce._launch_ce(s, t, None, c, w, 1, 0, 10.0, 20.0, True, None, {"tuple": True})
-    torch.testing.assert_close(tup[0], ref[0], rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(tup[1], ref[1], rtol=1e-6, atol=1e-7)
+@pytest.mark.parametrize("config", [{"tuple": True}, {"rows": 2}, {"rows": 4, "tuple": True}, {"rows": 2, "per_sm": 1}])
+def test_launch_configs_match(config):
+    """Other launch shapes (tuple reductions, several rows per tile, fewer programs) give the same numbers."""
+    s, t, w, c = _rows(7, 33, torch.float32, seed=9)
+    colsum_a, colsum_b = torch.zeros(33, device=DEVICE), torch.zeros(33, device=DEVICE)
+    ref = dce._launch_ce(s, t, None, c, w, 1, 0, 10.0, 20.0, True, colsum_a, {"tuple": False, "rows": 1})
+    out = dce._launch_ce(s, t, None, c, w, 1, 0, 10.0, 20.0, True, colsum_b, config)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(colsum_b, colsum_a, rtol=1e-6, atol=1e-6)
+
+
+def test_cls_with_several_rows_per_tile(monkeypatch):
+    monkeypatch.setattr(dce, "CONFIGS", [(dce.MAX_SINGLE_BLOCK, 4, 1, 1, False, 4)])  # rows: a power of 2
+    s = torch.randn(14, 50, device=DEVICE, requires_grad=True)  # V=7, B=2: rows straddle tiles
+    t = torch.randn(4, 50, device=DEVICE)
+    c = torch.randn(50, device=DEVICE) * 0.1
+    loss = dce.cls_distill_loss(s, t, c, n_global=2, teacher_temp=0.04)
+    loss.backward()
+    s2 = s.detach().clone().requires_grad_(True)
+    ref = cls_loss_reference(s2, t, c, n_global=2, teacher_temp=0.04)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, **TOL[torch.float32])
+    assert_rel(s.grad, s2.grad, torch.float32)
 
 
 def test_distill_ce_edge_rows():
