@@ -136,6 +136,11 @@ class Trainer:
         teacher.load_state_dict(student.state_dict(), strict=False)
         teacher.requires_grad_(False).eval()
         self.attention = resolve_backend(cfg.model.attention, rt.device.type, rt.amp_dtype or torch.float32)
+        if cfg.runtime.compile:
+            # every block instance (student and teacher, dense and packed inputs) has its own guards
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+            torch._dynamo.config.accumulated_cache_size_limit = max(
+                torch._dynamo.config.accumulated_cache_size_limit, 1024)
         for m in (student, teacher):
             m.backbone.set_attention_backend(self.attention)
             if cfg.runtime.compile:
