@@ -260,11 +260,11 @@ def _scale_inplace_kernel(x_ptr, g_ptr, N, BLOCK: tl.constexpr):
 # Launch configurations per K range, measured on an H100 (benchmarks/kernels.py --sweep):
 # (max K, num_warps, num_stages, programs per SM, tuple reductions, rows per tile)
 CONFIGS = [
-    (2048, 4, 1, 4, True, 2),
+    (2048, 8, 1, 2, True, 2),
     (8192, 16, 1, 1, True, 1),
     (MAX_SINGLE_BLOCK, 16, 1, 1, True, 1),
 ]
-MULTI_CONFIG = (8, 1, 4, True)  # num_warps, num_stages, programs per SM, tuple reductions
+MULTI_CONFIG = (16, 1, 2, True)  # num_warps, num_stages, programs per SM, tuple reductions
 
 
 def _interpreting() -> bool:
