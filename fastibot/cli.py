@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output file (.safetensors, .pt or .pth)")
     e.add_argument("--which", default="teacher", choices=("teacher", "student"))
     e.set_defaults(func=_export)
+
+    from .eval.cli import add_eval_parser
+    add_eval_parser(sub)
     return p
 
 

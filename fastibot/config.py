@@ -292,6 +292,9 @@ def validate(cfg: Config) -> Config:
          "required when data.source is imagefolder")
     need(cfg.runtime.log_every >= 1, "runtime.log_every", "must be >= 1")
     need(cfg.runtime.keep_last >= 1, "runtime.keep_last", "must be >= 1")
+    if cfg.eval.every_n_steps:
+        need(bool(cfg.eval.train_path), "eval.train_path", "required when eval.every_n_steps > 0")
+        need(bool(cfg.eval.val_path), "eval.val_path", "required when eval.every_n_steps > 0")
     need(cfg.ibot.student_temp > 0, "ibot.student_temp", "must be > 0")
     for key in ("temp", "warmup_temp", "patch_temp", "warmup_patch_temp"):
         need(getattr(cfg.teacher, key) > 0, f"teacher.{key}", "must be > 0")

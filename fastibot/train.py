@@ -287,8 +287,9 @@ class Trainer:
                         break
                     self.train_step([next(batches) for _ in range(self.accum)])
                     postfix = None
-                    if self.step % cfg.runtime.log_every == 0 or self.step == self.total_steps:
-                        summary = self.log_metrics()
+                    extra = self.periodic_eval()
+                    if extra or self.step % cfg.runtime.log_every == 0 or self.step == self.total_steps:
+                        summary = self.log_metrics(extra)
                         postfix = {k: f"{summary[k]:.4g}" for k in ("loss", "lr", "img_s") if k in summary}
                     progress.update(1, postfix)
                     if cfg.runtime.ckpt_every and self.step % cfg.runtime.ckpt_every == 0:
@@ -301,7 +302,23 @@ class Trainer:
             self.writer.close()
         return summary
 
-    def log_metrics(self) -> dict:
+    def periodic_eval(self) -> dict:
+        """k-NN of the teacher every ``eval.every_n_steps`` (main process; the others wait)."""
+        e = self.cfg.eval
+        if not e.every_n_steps or self.step % e.every_n_steps != 0:
+            return {}
+        res = {}
+        if self.rt.is_main:
+            from .eval.knn import run_knn
+            knn = run_knn(self.teacher.backbone, e.train_path, e.val_path, e.k, e.temperature, e.image_size,
+                          e.batch_size, e.max_images, self.rt.device, num_workers=min(4, self.cfg.data.num_workers))
+            res = {"knn_top1": knn["top1"], "knn_top5": knn["top5"]}
+            log.info("step %d: k-NN top-1 %.2f top-5 %.2f", self.step, knn["top1"], knn["top5"])
+        if self.rt.world > 1:
+            dist.barrier()
+        return res
+
+    def log_metrics(self, extra: Optional[dict] = None) -> dict:
         now = time.perf_counter()
         vals = self.counters.tolist()  # sync-ok: read every runtime.log_every steps
         step0, prev, t0 = self._last
@@ -317,6 +334,7 @@ class Trainer:
                "momentum": float(self.sched.momentum[it]), "teacher_temp": float(self.sched.teacher_temp[it]),
                "grad_norm": d[C_GRAD_NORM] / steps, "img_s": images / max(now - t0, 1e-9),
                "nonfinite_steps": int(vals[C_NONFINITE]), "bad_images": int(vals[C_BAD_IMAGES])}
+        row.update(extra or {})
         if self.rt.device.type == "cuda":
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.rt.device) / 2 ** 30, 3)
         self.writer.write(row)

@@ -1,0 +1,131 @@
+"""Evaluation: weighted k-NN, linear probe, attention pictures, periodic k-NN during training."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from fastibot.cli import main
+from fastibot.data.synthetic import synthetic_image
+from fastibot.eval.attention_maps import kmeans, mass_mask, write_maps
+from fastibot.eval.knn import knn_classify
+from fastibot.eval.linear import train_linear
+from fastibot.models.vit import VisionTransformer
+from fastibot.train import train
+from conftest import tiny_config
+
+
+def _unit(*angles_deg):
+    return torch.tensor([[math.cos(math.radians(a)), math.sin(math.radians(a))] for a in angles_deg])
+
+
+def test_knn_exact_accuracy_and_weighting():
+    # class 0 near 0 degrees, class 1 near 40 degrees, class 2 near 180 degrees
+    train_f = _unit(0, 2, 38, 40, 42, 180, 178)
+    train_y = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    # k = 3 neighbours of each query:
+    #   1 deg   -> 0, 2, 38 deg: classes 0, 0, 1 -> predicts 0, truth 0
+    #   177 deg -> 178, 180, 42 deg: classes 2, 2, 1 -> predicts 2, truth 2
+    #   12 deg  -> 2, 0, 38 deg: classes 0, 0, 1 -> predicts 0, truth 1 (wrong)
+    #   39 deg  -> 38, 40, 42 deg: class 1 -> predicts 1, truth 1
+    test_f = _unit(1, 177, 12, 39)
+    test_y = torch.tensor([0, 2, 1, 1])
+    out = knn_classify(train_f, train_y, test_f, test_y, k=3, temperature=0.07)
+    assert out["top1"] == pytest.approx(75.0)  # 3 of 4 correct
+    assert out["top5"] == pytest.approx(100.0)  # 3 classes: the truth is always in the top 5
+
+
+def test_knn_weighted_vote_beats_majority():
+    # one very close neighbour of class 0 against two farther ones of class 1
+    train_f = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05], [0.6, 0.8], [0.6, -0.8]]), dim=1)
+    train_y = torch.tensor([0, 1, 1])
+    q = torch.tensor([[1.0, 0.0]])
+    assert knn_classify(train_f, train_y, q, torch.tensor([0]), k=3, temperature=0.07)["top1"] == 100.0
+    # a high temperature flattens the weights: the majority (class 1) wins
+    assert knn_classify(train_f, train_y, q, torch.tensor([0]), k=3, temperature=100.0)["top1"] == 0.0
+
+
+def test_linear_probe_separates_blobs():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=g) * 4
+    def blobs(n):
+        y = torch.arange(n) % 3
+        return centers[y] + torch.randn(n, 16, generator=g), y
+    xtr, ytr = blobs(300)
+    xva, yva = blobs(150)
+    out = train_linear(xtr, ytr, xva, yva, num_classes=3, lrs=(1e-3, 1e-1), epochs=20, batch_size=64)
+    assert out["top1"] >= 95.0 and out["best_lr"] in (1e-3, 1e-1)
+    assert set(out["per_lr"]) == {1e-3, 1e-1}
+    # chance level without signal
+    out = train_linear(torch.randn(300, 16, generator=g), ytr, torch.randn(150, 16, generator=g), yva, 3,
+                       lrs=(1e-2,), epochs=5)
+    assert out["top1"] < 60.0
+
+
+def test_mass_mask_and_kmeans():
+    attn = torch.tensor([[0.5, 0.3, 0.1, 0.1]])
+    assert mass_mask(attn, 0.6).tolist() == [[True, True, False, False]]
+    x = torch.cat([torch.randn(20, 8) * 0.05 + torch.eye(8)[0], torch.randn(20, 8) * 0.05 + torch.eye(8)[1]])
+    labels = kmeans(x, 2)
+    assert len(set(labels[:20].tolist())) == 1 and len(set(labels[20:].tolist())) == 1
+    assert labels[0] != labels[20]
+
+
+def test_attention_pngs(tmp_path):
+    vit = VisionTransformer("vit_tiny", patch_size=8, img_size=32)
+    for i in range(3):
+        synthetic_image(i, 3, 48)[0].save(tmp_path / f"img{i}.png")
+    written = write_maps(vit, [str(tmp_path)], tmp_path / "maps", n_images=2, image_size=32, clusters=3)
+    assert len(written) == 4
+    row = Image.open(tmp_path / "maps" / "img0_attention.png")
+    assert row.size == ((vit.num_heads + 2) * 32, 32)
+    assert Image.open(tmp_path / "maps" / "img0_clusters.png").size == (64, 32)
+
+
+def _labelled_folder(root, n_per_class=6, classes=3, offset=0):
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for j in range(n_per_class):
+            idx = offset + j * classes + c  # synthetic_image's label is idx % classes
+            img, label = synthetic_image(idx, classes, 48, seed=1)
+            assert label == c
+            img.save(root / f"c{c}" / f"{idx}.png")
+    return root
+
+
+def test_cli_knn_linear_attention_and_periodic_knn(tmp_path, capsys):
+    tr = _labelled_folder(tmp_path / "train")
+    va = _labelled_folder(tmp_path / "val", n_per_class=3, offset=999)
+    run = tmp_path / "run"
+    cfg = tiny_config(run, **{"runtime.max_steps": 4, "eval.every_n_steps": 2, "eval.train_path": str(tr),
+                              "eval.val_path": str(va), "eval.image_size": 32, "eval.batch_size": 8})
+    train(cfg)
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    knn_rows = [r for r in rows if r.get("knn_top1")]
+    assert [int(r["step"]) for r in knn_rows] == [2, 4]
+    assert all(0.0 <= float(r["knn_top1"]) <= 100.0 for r in knn_rows)
+
+    common = ["--image-size", "32", "--device", "cpu", "--workers", "0"]
+    assert main(["eval", "knn", str(run), "--train", str(tr), "--val", str(va), "--k", "5",
+                 "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "knn.json")] + common) == 0
+    res = json.loads((tmp_path / "knn.json").read_text())
+    assert res["n_train"] == 18 and res["n_val"] == 9 and 0 <= res["top1"] <= 100
+    assert list((tmp_path / "cache").glob("*.pt"))  # features cached
+    assert main(["eval", "linear", str(run), "--train", str(tr), "--val", str(va), "--epochs", "3",
+                 "--n-last-blocks", "2", "--avgpool"] + common) == 0
+    assert '"feature_dim": 576' in capsys.readouterr().out  # 2 x 192 [CLS] + 192 pooled
+    assert main(["eval", "attention", str(run), "--images", str(va / "c0"), "--out", str(tmp_path / "maps"),
+                 "-n", "1"] + common[:2] + ["--device", "cpu"]) == 0
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 2
+    assert main(["eval", "knn", str(tmp_path / "nope"), "--train", str(tr), "--val", str(va)]) == 1
+
+
+def test_knn_on_real_images(tmp_path, shared_images):
+    from fastibot.eval.knn import run_knn
+    vit = VisionTransformer("vit_tiny", patch_size=16, img_size=64)
+    res = run_knn(vit, shared_images / "train", shared_images / "val", k=10, image_size=64, batch_size=32,
+                  max_images=60, num_workers=0)
+    assert res["n_train"] == 60 and res["n_val"] == 60 and 0 <= res["top1"] <= 100
