@@ -33,8 +33,10 @@ def test_synthetic_run_writes_checkpoints_and_metrics(tmp_path):
     assert state["centers"]["center"].abs().sum() > 0
 
 
-def test_resume_is_bit_exact(tmp_path):
-    extra = {"runtime.max_steps": 8, "model.drop_path": 0.2, "data.num_workers": 1}  # 6 steps per epoch
+@pytest.mark.parametrize("packed", [True, False])
+def test_resume_is_bit_exact(tmp_path, packed):
+    extra = {"runtime.max_steps": 8, "model.drop_path": 0.2, "data.num_workers": 1,  # 6 steps per epoch
+             "model.packed": packed}
     full = tmp_path / "full"
     train(tiny_config(full, **extra))
     part = tmp_path / "part"
