@@ -363,10 +363,11 @@ class Trainer:
             rng = gathered
         else:
             rng = [rng]
+        counters = self.counters.cpu()  # sync-ok: checkpoints only
         return {"step": self.step, "student": self.student_module.state_dict(),
                 "teacher": self.teacher.state_dict(), "centers": self.centers.state_dict(),
                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
-                "counters": self.counters.cpu(), "rng": rng, "config": self.cfg.to_dict()}
+                "counters": counters, "rng": rng, "config": self.cfg.to_dict()}
 
     def save(self) -> Optional[Path]:
         state = self.state()  # collective under DDP: every rank gathers

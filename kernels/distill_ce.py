@@ -26,6 +26,8 @@ and skips even that pass when grad_output == 1 (checked on the device).
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -313,82 +315,102 @@ def _launch_ce(student, target, self_probs, center, weight, B, G, inv_ts, inv_tt
     return loss_rows, grad
 
 
-def _scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    n = grad.numel()
-    if n:
-        block = 4096
-        _scale_inplace_kernel[(triton.cdiv(n, block),)](grad, grad_output.reshape(1).float(), n, BLOCK=block)
-    return grad
-
-
 def _rowmajor(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-class DistillCE(torch.autograd.Function):
-    """Σ_m w_m CE(softmax((T_m - c)/τt), log_softmax(S_m/τs)); also returns Σ_m T_m (no grad)."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, weight, center, teacher_temp, student_temp):
-        M, K = student.shape
-        colsum = torch.zeros(K, dtype=torch.float32, device=student.device)
-        if M == 0:
-            ctx.save_for_backward(torch.zeros_like(student))
-            return student.new_zeros((), dtype=torch.float32), colsum
-        loss_rows, grad = _launch_ce(_rowmajor(student), _rowmajor(teacher), None,
-                                     center.reshape(-1).float().contiguous(), weight.float().contiguous(), 1, 0,
-                                     1.0 / student_temp, 1.0 / teacher_temp, True, colsum)
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(colsum)
-        return loss_rows.sum(), colsum
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_colsum):
-        (grad,) = ctx.saved_tensors
-        return _scale_grad(grad, grad_loss), None, None, None, None, None
+# ------------------------------------------------------------------ torch.library ops
+# Registered as custom ops so torch.compile treats them as opaque calls with known
+# output shapes (no graph break); the autograd formula is the saved gradient, scaled.
 
 
-class ClsDistillCE(torch.autograd.Function):
-    """The [CLS] term: mean over (g, v != g) pairs of the batch-mean CE; also Σ over teacher rows."""
+@torch.library.custom_op("fastibot::distill_ce_rows", mutates_args=())
+def _rows_op(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, center: torch.Tensor,
+             teacher_temp: float, student_temp: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (Σ_m w_m CE_m, Σ_m T_m (K,), dLoss/dS (M, K))."""
+    M, K = student.shape
+    colsum = torch.zeros(K, dtype=torch.float32, device=student.device)
+    if M == 0:
+        return student.new_zeros((), dtype=torch.float32), colsum, torch.zeros_like(student)
+    loss_rows, grad = _launch_ce(_rowmajor(student), _rowmajor(teacher), None,
+                                 center.reshape(-1).float().contiguous(), weight.float().contiguous(), 1, 0,
+                                 1.0 / student_temp, 1.0 / teacher_temp, True, colsum)
+    return loss_rows.sum(), colsum, grad
 
-    @staticmethod
-    def forward(ctx, student_cls, teacher_cls, center, n_global, teacher_temp, student_temp):
-        GB, K = teacher_cls.shape
-        B = GB // n_global
-        V = student_cls.shape[0] // B
-        teacher_cls = _rowmajor(teacher_cls)
-        probs = torch.empty(GB, K, dtype=torch.float32, device=teacher_cls.device)
-        colsum = torch.zeros(K, dtype=torch.float32, device=teacher_cls.device)
-        cfg = launch_config(K)
-        _softmax_rows_kernel[(GB,)](probs, colsum, teacher_cls, center.reshape(-1).float().contiguous(), K,
-                                    teacher_cls.stride(0), probs.stride(0), 1.0 / teacher_temp,
-                                    SINGLE=cfg["single"], BLOCK_K=cfg["block"], num_warps=cfg["warps"])
-        qsum = probs.view(n_global, B, K).sum(0)  # (B, K): all globals' targets per image
-        pairs = n_global * V - n_global
-        weight = torch.full((V * B,), 1.0 / (max(pairs, 1) * B), dtype=torch.float32, device=student_cls.device)
-        loss_rows, grad = _launch_ce(_rowmajor(student_cls), qsum, probs, None, weight, B, n_global,
-                                     1.0 / student_temp, 1.0, False, None)
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(colsum)
-        return loss_rows.sum(), colsum
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_colsum):
-        (grad,) = ctx.saved_tensors
-        return _scale_grad(grad, grad_loss), None, None, None, None, None
+@_rows_op.register_fake
+def _(student, teacher, weight, center, teacher_temp, student_temp):
+    return (student.new_empty((), dtype=torch.float32), student.new_empty(student.shape[1], dtype=torch.float32),
+            torch.empty_like(student))
+
+
+@torch.library.custom_op("fastibot::distill_ce_cls", mutates_args=())
+def _cls_op(student_cls: torch.Tensor, teacher_cls: torch.Tensor, center: torch.Tensor, n_global: int,
+            teacher_temp: float, student_temp: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ([CLS] loss, Σ over teacher rows (K,), dLoss/dS (V*B, K))."""
+    GB, K = teacher_cls.shape
+    B = GB // n_global
+    V = student_cls.shape[0] // B
+    teacher_cls = _rowmajor(teacher_cls)
+    probs = torch.empty(GB, K, dtype=torch.float32, device=teacher_cls.device)
+    colsum = torch.zeros(K, dtype=torch.float32, device=teacher_cls.device)
+    cfg = launch_config(K)
+    _softmax_rows_kernel[(GB,)](probs, colsum, teacher_cls, center.reshape(-1).float().contiguous(), K,
+                                teacher_cls.stride(0), probs.stride(0), 1.0 / teacher_temp,
+                                SINGLE=cfg["single"], BLOCK_K=cfg["block"], num_warps=cfg["warps"])
+    qsum = probs.view(n_global, B, K).sum(0)  # (B, K): all globals' targets per image
+    pairs = n_global * V - n_global
+    weight = torch.full((V * B,), 1.0 / (max(pairs, 1) * B), dtype=torch.float32, device=student_cls.device)
+    loss_rows, grad = _launch_ce(_rowmajor(student_cls), qsum, probs, None, weight, B, n_global,
+                                 1.0 / student_temp, 1.0, False, None)
+    return loss_rows.sum(), colsum, grad
+
+
+@_cls_op.register_fake
+def _(student_cls, teacher_cls, center, n_global, teacher_temp, student_temp):
+    return (student_cls.new_empty((), dtype=torch.float32),
+            student_cls.new_empty(teacher_cls.shape[1], dtype=torch.float32), torch.empty_like(student_cls))
+
+
+@torch.library.custom_op("fastibot::scale_grad_", mutates_args=("grad",))
+def _scale_op(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """grad *= grad_output in place; the kernel skips the pass when grad_output == 1 (read on the device)."""
+    n = grad.numel()
+    if n:
+        block = 4096
+        _scale_inplace_kernel[(triton.cdiv(n, block),)](grad, grad_output.reshape(1).float(), n, BLOCK=block)
+
+
+@_scale_op.register_fake
+def _(grad, grad_output):
+    return None
+
+
+def _save_grad(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+
+
+def _backward(ctx, grad_loss, grad_colsum, grad_grad):
+    (grad,) = ctx.saved_tensors
+    _scale_op(grad, grad_loss)
+    return grad, None, None, None, None, None
+
+
+_rows_op.register_autograd(_backward, setup_context=_save_grad)
+_cls_op.register_autograd(_backward, setup_context=_save_grad)
 
 
 def distill_ce(student, teacher, weight, center, *, teacher_temp: float, student_temp: float = 0.1,
                return_colsum: bool = False):
     """Weighted distillation CE over rows; see the module docstring. ``student`` gets the gradient."""
-    loss, colsum = DistillCE.apply(student, teacher.detach(), weight.detach(), center.detach(),
-                                   float(teacher_temp), float(student_temp))
+    loss, colsum, _ = _rows_op(student, teacher.detach(), weight.detach(), center.detach(),
+                               float(teacher_temp), float(student_temp))
     return (loss, colsum) if return_colsum else loss
 
 
 def cls_distill_loss(student_cls, teacher_cls, center_cls, *, n_global: int, teacher_temp: float,
                      student_temp: float = 0.1, return_colsum: bool = False):
     """The iBOT [CLS] loss (mean over the 2·V - 2 cross-view pairs) in two launches."""
-    loss, colsum = ClsDistillCE.apply(student_cls, teacher_cls.detach(), center_cls.detach(), int(n_global),
-                                      float(teacher_temp), float(student_temp))
+    loss, colsum, _ = _cls_op(student_cls, teacher_cls.detach(), center_cls.detach(), int(n_global),
+                              float(teacher_temp), float(student_temp))
     return (loss, colsum) if return_colsum else loss

@@ -205,3 +205,26 @@ def test_flat_params_are_views_and_model_still_trains():
 def test_ema_shape_mismatch_is_an_error():
     with pytest.raises(ValueError):
         ema_update_(torch.zeros(3, device=DEVICE), torch.zeros(4, device=DEVICE), 0.9)
+
+
+def test_ops_work_inside_torch_compile():
+    """The kernels are registered torch.library ops: a compiled function calls them with no graph break."""
+    s, t, w, c = _rows(13, 129, torch.float32, seed=4)
+    tc = torch.randn(4, 129, device=DEVICE)
+    sc = torch.randn(10, 129, device=DEVICE)
+
+    def fn(s, sc):
+        return (dce.distill_ce(s, t, w, c, teacher_temp=0.05) * 1.3
+                + dce.cls_distill_loss(sc, tc, c, n_global=2, teacher_temp=0.05))
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    grads = []
+    for f in (fn, compiled):
+        a, b = s.clone().requires_grad_(True), sc.clone().requires_grad_(True)
+        loss = f(a, b)
+        loss.backward()
+        grads.append((loss.detach(), a.grad, b.grad))
+    for x, y in zip(*grads):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    torch.library.opcheck(torch.ops.fastibot.distill_ce_rows.default, (s, t, w, c, 0.05, 0.1),
+                          test_utils=("test_schema", "test_faketensor"))
