@@ -37,7 +37,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "scipy"],
         "dali": ["nvidia-dali-cuda130"],
         "xformers": ["xformers"],
     },
