@@ -94,3 +94,25 @@ def mask_rows(masks: torch.Tensor, n_global: int) -> tuple:
     per_image = 1.0 / (n_global * b * counts.clamp(min=1).float())
     weight = per_image[index.div(n, rounding_mode="floor")]
     return index, weight
+
+
+def mask_rows_static(masks: torch.Tensor, n_global: int, max_rows: int) -> tuple:
+    """:func:`mask_rows` with a fixed row count, on the masks' device and without a host sync.
+
+    Rows past the real masked count point at patch 0 with weight 0 (they add nothing to the loss or
+    its gradient). Returns (index (max_rows,), weight (max_rows,), valid (max_rows,) bool).
+    """
+    gb, n = masks.shape
+    b = gb // n_global
+    flat = masks.reshape(-1)
+    index = torch.nonzero_static(flat, size=max_rows, fill_value=0).squeeze(1)
+    valid = torch.arange(max_rows, device=masks.device) < flat.sum()
+    per_image = 1.0 / (n_global * b * masks.sum(1).clamp(min=1).float())
+    weight = torch.where(valid, per_image[index.div(n, rounding_mode="floor")], 0.0)
+    return index, weight, valid
+
+
+def max_masked_rows(pred_ratio, pred_ratio_var, n_crops: int, n_patches: int) -> int:
+    """Upper bound on masked patches in a batch: blocks never exceed a crop's target ratio."""
+    top = max(r + v for r, v in zip(pred_ratio, pred_ratio_var))
+    return max(1, n_crops * int(top * n_patches))
