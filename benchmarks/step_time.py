@@ -98,13 +98,14 @@ def run_variant(name, overrides, args, matmul):
         marker.begin() if i >= args.warmup else None
         batch = next(batches)
         tr.mark("data wait")
-        masked.append(batch["mask_index"].numel() / batch["masks"].shape[0])
+        masked.append(batch["masks"].sum())  # read after the timed steps
         tr.train_step([batch])
         tr.mark("other")
     phases, ms = marker.summary()
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
     imgs = args.batch / (ms * 1e-3)
-    gflop = step_flops_per_image(cfg, sum(masked) / len(masked)) / 1e9
+    masked_per_crop = float(sum(m.item() for m in masked)) / (len(masked) * args.batch * cfg.crops.n_global)
+    gflop = step_flops_per_image(cfg, masked_per_crop) / 1e9
     tflops = gflop * imgs / 1e3
     peak_tf = peak_tflops(torch.cuda.get_device_name()) or float("nan")
     res = {"variant": name, "attention": tr.attention, "ms/step": ms, "img/s": imgs, "GFLOP/img": gflop,

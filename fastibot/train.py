@@ -190,7 +190,12 @@ class Trainer:
         else:
             out = ibot_loss(s.cls, s.patch, t.cls, t.patch, batch["masks"], self.centers.center,
                             self.centers.center2, **kw)
-        patch_mean = t.patch_mean if t.patch_mean is not None else out["teacher_rows_mean"]
+        patch_mean = t.patch_mean
+        if patch_mean is None and "mask_valid" in batch:  # fixed-size rows: padding rows do not count
+            valid = batch["mask_valid"].float()[:, None]
+            patch_mean = (t.patch.float() * valid).sum(0) / valid.sum().clamp(min=1.0)
+        elif patch_mean is None:
+            patch_mean = out["teacher_rows_mean"]
         self.centers.update(out["teacher_cls_mean"], patch_mean)
         return out
 

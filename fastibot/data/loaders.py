@@ -79,7 +79,8 @@ def dali_available() -> bool:
 def build_data(cfg, rank: int, world: int, device: torch.device):
     kind = cfg.data.loader
     if kind == "auto":
-        kind = "dali" if device.type == "cuda" and dali_available() else "torchvision"
+        use_dali = device.type == "cuda" and cfg.data.source == "imagefolder" and dali_available()
+        kind = "dali" if use_dali else "torchvision"
     if kind == "synthetic":
         data = SyntheticTensorData(cfg, rank, world, device)
     elif kind == "dali":

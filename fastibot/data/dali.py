@@ -1,0 +1,162 @@
+"""NVIDIA DALI pipeline: JPEG decode, multi-crop augmentation and block masks on the GPU.
+
+``multicrop_graph`` is the augmentation as a plain function of DALI nodes (the
+same distribution as ``fastibot.data.transforms``): per crop a random-resized
+crop (area and aspect ratio drawn by ``random_crop_generator``, bicubic
+resize), colour jitter with p=0.8 (brightness and contrast U(0.6, 1.4),
+saturation U(0.8, 1.2), hue ±0.1 of the circle), grayscale p=0.2 (saturation
+0), Gaussian blur (sigma U(0.1, 2)) with p=1 / 0.1 / 0.5 for global 1 / the
+other globals / locals, solarization p=0.2 on the globals after the first,
+horizontal flip p=0.5 and ImageNet normalisation to CHW. ``ibot_pipeline``
+wraps it with the file reader (``name="Reader"``, sharded per rank,
+``seed = base + rank``) and the decoder (``mixed`` on a GPU: nvJPEG; grayscale
+and CMYK JPEGs come out RGB).
+
+Block masks are drawn on the device by the Triton kernel of
+``fastibot.kernels.block_mask`` (the reference generator on the CPU) and the
+masked-patch index has a fixed size (padding rows weigh 0), so no host sync
+and no per-image Python loop remain.
+
+Differences from the torchvision path, by construction: DALI applies the jitter
+operations in a fixed order (torchvision shuffles them) and centres contrast on
+mid-gray rather than the image mean; DALI's reader shuffles with its own
+generator, so a resumed run restores the model exactly but not the data order.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from typing import List
+
+import torch
+
+from .datasets import DataError, list_images
+from .masking import MaskGenerator, mask_rows_static, max_masked_rows
+
+log = logging.getLogger("fastibot")
+
+MEAN_255 = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+STD_255 = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+
+
+def _crop(images, shape, size: int, scale, blur_p: float, solarize_p: float, with_params: bool):
+    from nvidia.dali import fn, types
+
+    anchor, extent = fn.random_crop_generator(shape, random_area=list(scale), random_aspect_ratio=[3 / 4, 4 / 3])
+    start = fn.cast(anchor, dtype=types.FLOAT)
+    x = fn.resize(images, roi_start=start, roi_end=start + fn.cast(extent, dtype=types.FLOAT), size=[size, size],
+                  interp_type=types.INTERP_CUBIC, antialias=True)
+    jitter = fn.random.coin_flip(probability=0.8)
+    gray = fn.random.coin_flip(probability=0.2)
+    brightness = jitter * fn.random.uniform(range=[0.6, 1.4]) + (1 - jitter)
+    contrast = jitter * fn.random.uniform(range=[0.6, 1.4]) + (1 - jitter)
+    saturation = (jitter * fn.random.uniform(range=[0.8, 1.2]) + (1 - jitter)) * (1 - gray)
+    hue = jitter * fn.random.uniform(range=[-36.0, 36.0])  # degrees: ±0.1 of the hue circle
+    x = fn.color_twist(x, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
+    blurred = fn.random.coin_flip(probability=blur_p)
+    if blur_p > 0:
+        sharp = fn.gaussian_blur(x, sigma=fn.random.uniform(range=[0.1, 2.0]))
+        x = sharp if blur_p >= 1 else blurred * sharp + (1 - blurred) * x
+    solarized = fn.random.coin_flip(probability=solarize_p)
+    if solarize_p > 0:
+        x = x + solarized * (x >= 128.0) * (255.0 - 2.0 * x)
+    flip = fn.random.coin_flip(probability=0.5)
+    out = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=MEAN_255, std=STD_255,
+                                   mirror=flip)
+    if not with_params:
+        return [out]
+    return [out, extent, shape, flip, gray, jitter, blurred, solarized]
+
+
+def multicrop_graph(images, shape, crops, with_params: bool = False) -> List:
+    """All crops of one image batch (globals first); with ``with_params`` each crop also returns
+    its window extent, the image shape and its flip / grayscale / jitter / blur / solarize draws."""
+    outs = []
+    for i in range(crops.n_global + crops.n_local):
+        if i < crops.n_global:
+            blur_p, sol_p = (1.0, 0.0) if i == 0 else (0.1, 0.2)
+            outs += _crop(images, shape, crops.global_size, crops.global_scale, blur_p, sol_p, with_params)
+        else:
+            outs += _crop(images, shape, crops.local_size, crops.local_scale, 0.5, 0.0, with_params)
+    return outs
+
+
+def build_pipeline(files, labels, crops, batch_size: int, shard_id: int, num_shards: int, seed: int,
+                   device_id, num_threads: int = 4, with_params: bool = False):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                  prefetch_queue_depth=2)
+    def ibot_pipeline():
+        jpegs, lab = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
+                                     random_shuffle=True, name="Reader", seed=seed)
+        shape = fn.peek_image_shape(jpegs)
+        images = fn.decoders.image(jpegs, device="mixed" if device_id is not None else "cpu",
+                                   output_type=types.RGB)
+        return tuple(multicrop_graph(images, shape, crops, with_params)) + (lab,)
+
+    pipe = ibot_pipeline()
+    pipe.build()
+    return pipe
+
+
+class DaliData:
+    """The loader interface of ``fastibot.data.loaders`` over a DALI pipeline."""
+
+    def __init__(self, cfg, rank: int, world: int, device: torch.device):
+        if cfg.data.source != "imagefolder":
+            raise DataError("data.loader=dali reads image files: set data.source=imagefolder and data.path")
+        samples, self.classes = list_images(cfg.data.path)
+        self.cfg, self.device, self.rank = cfg, device, rank
+        self.batch = cfg.data.batch_size
+        self.steps_per_epoch = len(samples) // (self.batch * world)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{len(samples)} images cannot fill one global batch of {self.batch * world}")
+        threads = max(1, min(4, cfg.data.num_workers or 4))
+        self.pipe = build_pipeline([p for p, _ in samples], [lab for _, lab in samples], cfg.crops, self.batch,
+                                   rank, world, cfg.runtime.seed + rank,
+                                   device.index if device.type == "cuda" else None, threads)
+        c, m = cfg.crops, cfg.masking
+        self.grid = c.global_size // cfg.model.patch_size
+        self.n_outputs = c.n_global + c.n_local
+        self.max_rows = max_masked_rows(m.pred_ratio, m.pred_ratio_var, c.n_global * self.batch, self.grid ** 2)
+        self.mask_gen = MaskGenerator(m.pred_ratio, m.pred_ratio_var, m.aspect_ratio, m.shape)
+        self.step = 0
+        log.info("DALI loader: %d images, %d threads, decoder=%s, masks on %s", len(samples), threads,
+                 "mixed" if device.type == "cuda" else "cpu", device.type)
+
+    def set_position(self, epoch: int, step: int) -> None:
+        self.step = epoch * self.steps_per_epoch + step
+
+    def _masks(self) -> torch.Tensor:
+        c, m = self.cfg.crops, self.cfg.masking
+        n = c.n_global * self.batch
+        seed = self.cfg.runtime.seed * 1_000_003 + self.rank * 7_919 + self.step
+        if self.device.type == "cuda" and m.shape == "block":
+            from ..kernels.block_mask import block_masks, sample_ratios
+            g = torch.Generator(device=self.device).manual_seed(seed)
+            ratios = sample_ratios(n, m.pred_ratio, m.pred_ratio_var, generator=g, device=self.device)
+            return block_masks(ratios, self.grid, self.grid, seed, m.aspect_ratio).reshape(n, -1)
+        return self.mask_gen.batch(n, self.grid, self.grid, random.Random(seed)).reshape(n, -1).to(self.device)
+
+    def _to_torch(self, out) -> torch.Tensor:
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+            t = out.as_tensor()
+            x = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(t, x, cuda_stream=torch.cuda.current_stream(self.device))
+            return x
+        return torch.from_numpy(out.as_array()).clone()
+
+    def __iter__(self):
+        c = self.cfg.crops
+        for _ in range(self.step % self.steps_per_epoch, self.steps_per_epoch):
+            outs = self.pipe.run()
+            crops = [self._to_torch(o) for o in outs[: self.n_outputs]]
+            labels = torch.from_numpy(outs[-1].as_array().reshape(-1)).long()
+            masks = self._masks()  # (G*B, N)
+            index, weight, valid = mask_rows_static(masks, c.n_global, self.max_rows)
+            self.step += 1
+            yield {"globals": torch.cat(crops[: c.n_global]), "locals": torch.cat(crops[c.n_global:])
+                   if c.n_local else None, "masks": masks, "mask_index": index, "mask_weight": weight,
+                   "mask_valid": valid, "labels": labels.to(self.device), "n_bad": torch.zeros((), device=self.device)}

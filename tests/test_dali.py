@@ -1,0 +1,111 @@
+"""The DALI pipeline on DALI's CPU operators: shapes, ranges, masks, and augmentation statistics
+against the torchvision reference (the GPU decoder and mask kernel run the same graph on a GPU)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchvision import transforms as T
+
+from fastibot.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from conftest import tiny_config
+
+dali = pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'fastibot[dali]')")
+
+from fastibot.data.dali import DaliData, build_pipeline  # noqa: E402
+from fastibot.data.datasets import list_images  # noqa: E402
+
+
+def _cfg(tmp_path, images, **extra):
+    return tiny_config(tmp_path, **{"data.source": "imagefolder", "data.path": str(images / "train"),
+                                    "data.loader": "dali", "data.batch_size": 8, **extra})
+
+
+def test_batches_shapes_ranges_and_masks(tmp_path, shared_images):
+    cfg = _cfg(tmp_path, shared_images)
+    data = DaliData(cfg, 0, 1, torch.device("cpu"))
+    batches = iter(data)
+    ratios = []
+    for _ in range(3):
+        b = next(batches)
+        assert b["globals"].shape == (16, 3, 32, 32) and b["globals"].dtype == torch.float32
+        assert b["locals"].shape == (16, 3, 16, 16)
+        for x in (b["globals"], b["locals"]):
+            assert torch.isfinite(x).all()
+            lo = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+            hi = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+            assert x.min() >= lo - 0.05 and x.max() <= hi + 0.05
+            assert x.std() > 0.3  # real pictures, not constants
+        assert b["masks"].shape == (16, 16)
+        valid = int(b["mask_valid"].sum())
+        assert valid == int(b["masks"].sum())
+        assert torch.equal(b["masks"].reshape(-1)[b["mask_index"][:valid]], torch.ones(valid, dtype=torch.bool))
+        assert b["mask_weight"][valid:].abs().sum() == 0
+        ratios += b["masks"].float().mean(1).tolist()
+        assert b["labels"].shape == (8,) and b["labels"].max() < 10
+    r = np.array(ratios)
+    assert 0.2 < (r == 0).mean() < 0.8 and r.max() <= 0.5
+
+
+def _reference_area_fractions(n, scale, size=128):
+    """Crop area / image area drawn by torchvision's RandomResizedCrop on a size x size image."""
+    torch.manual_seed(0)
+    img = torch.zeros(3, size, size)
+    fr = []
+    for _ in range(n):
+        i, j, h, w = T.RandomResizedCrop.get_params(img, scale=list(scale), ratio=[3 / 4, 4 / 3])
+        fr.append(h * w / size ** 2)
+    return np.array(fr)
+
+
+def test_augmentation_statistics_match_torchvision(tmp_path, shared_images):
+    cfg = _cfg(tmp_path, shared_images)
+    samples, _ = list_images(cfg.data.path)
+    samples = samples[:: max(1, len(samples) // 400)][:400]
+    pipe = build_pipeline([p for p, _ in samples], [lab for _, lab in samples], cfg.crops, batch_size=50,
+                          shard_id=0, num_shards=1, seed=3, device_id=None, num_threads=2, with_params=True)
+    per_crop = 8  # out, extent, shape, flip, gray, jitter, blurred, solarized
+    n_crops = cfg.crops.n_global + cfg.crops.n_local
+    stats = {k: [[] for _ in range(n_crops)] for k in ("area", "flip", "gray", "jitter", "blur", "solar", "chan")}
+    mean = np.array(IMAGENET_MEAN)[:, None, None]
+    std = np.array(IMAGENET_STD)[:, None, None]
+    for _ in range(8):  # 400 images
+        outs = pipe.run()
+        for c in range(n_crops):
+            o = [np.array(outs[c * per_crop + k].as_tensor()) for k in range(per_crop)]
+            stats["area"][c] += list(o[1].prod(1) / (o[2][:, 0] * o[2][:, 1]))
+            for key, k in (("flip", 3), ("gray", 4), ("jitter", 5), ("blur", 6), ("solar", 7)):
+                stats[key][c] += list(o[k].reshape(-1).astype(float))
+            pix = o[0] * std + mean  # back to [0, 1]
+            stats["chan"][c] += list(np.abs(pix[:, 0] - pix[:, 1]).mean((1, 2)))
+    n = len(stats["flip"][0])
+    tol = 4 * math.sqrt(0.25 / n)  # four standard errors of a rate
+    for c in range(n_crops):
+        glob = c < cfg.crops.n_global
+        scale = cfg.crops.global_scale if glob else cfg.crops.local_scale
+        ref = _reference_area_fractions(2000, scale)
+        assert abs(np.mean(stats["area"][c]) - ref.mean()) < 0.04, c
+        assert abs(np.mean(stats["flip"][c]) - 0.5) < tol
+        assert abs(np.mean(stats["gray"][c]) - 0.2) < tol
+        assert abs(np.mean(stats["jitter"][c]) - 0.8) < tol
+        blur_p = 1.0 if c == 0 else (0.1 if glob else 0.5)
+        assert abs(np.mean(stats["blur"][c]) - blur_p) < tol
+        solar_p = 0.2 if (glob and c > 0) else 0.0
+        assert abs(np.mean(stats["solar"][c]) - solar_p) < tol
+        # the grayscale draw shows in the pixels: equal channels exactly when it was drawn
+        gray = np.array(stats["gray"][c]) > 0
+        chan = np.array(stats["chan"][c])
+        assert chan[gray].max() < 0.02 and np.median(chan[~gray]) > 0.02
+
+
+def test_training_with_the_dali_loader(tmp_path, shared_images):
+    from fastibot.train import train
+    summary = train(_cfg(tmp_path, shared_images, **{"runtime.max_steps": 2}))
+    assert summary["step"] == 2 and summary["loss"] > 0
+
+
+def test_dali_needs_an_image_folder(tmp_path):
+    from fastibot.data.datasets import DataError
+    cfg = tiny_config(tmp_path, **{"data.loader": "dali"})
+    with pytest.raises(DataError, match="data.source=imagefolder"):
+        DaliData(cfg, 0, 1, torch.device("cpu"))
