@@ -1,0 +1,110 @@
+"""Images per second of each data loader for the full iBOT multi-crop recipe.
+
+    python benchmarks/data_pipeline.py --images /path/to/jpegs [--make-from ../shared/data/imagenette2-128/train]
+
+Each loader produces what a training step consumes: 2 global crops of 224 px,
+10 local crops of 96 px and the block masks, as tensors on the training device.
+``--make-from`` first writes ImageNet-sized copies (500x375 JPEG, quality 90)
+of a folder's images under ``--images``, so decode cost is realistic.
+
+Loaders: ``torchvision`` (CPU workers, the reference), ``dali`` (GPU decode and
+augmentation, ``--dali-threads`` CPU threads) and ``synthetic`` (device-resident
+crops: the ceiling a loader could reach).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # a source checkout works without installing
+from common import device_info, print_table, write_json  # noqa: E402
+
+from fastibot.config import load_config  # noqa: E402
+from fastibot.data.loaders import build_data  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_imagenet_sized(src: Path, dst: Path, limit: int) -> int:
+    """Re-encode up to ``limit`` images of ``src`` (class subfolders kept) at 500x375."""
+    from PIL import Image
+
+    n = 0
+    for f in sorted(src.rglob("*")):
+        if f.suffix.lower() not in (".jpg", ".jpeg", ".png") or n >= limit:
+            continue
+        out = dst / f.parent.name / (f.stem + ".jpg")
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.open(f).convert("RGB").resize((500, 375), Image.BICUBIC).save(out, quality=90)
+        n += 1
+    return n
+
+
+def measure(kind: str, args, device: torch.device) -> dict:
+    over = [f"data.loader={kind}", f"data.batch_size={args.batch}", "data.source=imagefolder",
+            f"data.path={args.images}", f"data.num_workers={args.workers if kind == 'torchvision' else args.dali_threads}",
+            f"data.synthetic_size={args.batch * (args.batches + args.warmup + 1)}",
+            f"runtime.device={device.type}"]
+    cfg = load_config(REPO / "configs" / "vit_small_16.yaml", over)
+    data = build_data(cfg, 0, 1, device)
+    data.set_position(0, 0)
+    it = iter(data)
+    for _ in range(args.warmup):
+        next(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(args.batches):
+        b = next(it)
+        n += b["globals"].shape[0] // cfg.crops.n_global
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    threads = args.workers if kind == "torchvision" else (args.dali_threads if kind == "dali" else 0)
+    return {"loader": kind, "img/s": n / dt, "CPU threads": threads, "batches": args.batches,
+            "batch": args.batch}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", default="", help="ImageFolder tree of JPEGs (created with --make-from)")
+    ap.add_argument("--make-from", default="", help="re-encode this folder's images at 500x375 into --images")
+    ap.add_argument("--limit", type=int, default=4000, help="images to re-encode")
+    ap.add_argument("--loaders", nargs="+", default=["dali", "torchvision", "synthetic"])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=min(15, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--dali-threads", type=int, default=4)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not args.images:
+        args.images = tempfile.mkdtemp(prefix="fastibot-jpegs-")
+    if args.make_from:
+        n = make_imagenet_sized(Path(args.make_from), Path(args.images), args.limit)
+        print(f"{n} images at 500x375 in {args.images}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = device_info()
+    print(" | ".join(f"{k}: {v}" for k, v in info.items()) + f" | CPU cores: {os.cpu_count()}")
+    rows = []
+    for kind in args.loaders:
+        try:
+            rows.append(measure(kind, args, device))
+        except Exception as e:  # a loader that cannot run here is reported, not hidden
+            rows.append({"loader": kind, "note": f"{type(e).__name__}: {str(e)[:100]}"})
+    print_table(f"data loaders, full recipe (2x224 + 10x96 + masks), batch {args.batch}, on {device}", rows,
+                ["loader", "img/s", "CPU threads", "batches", "batch", "note"])
+    write_json(args.json, {"device": info, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
