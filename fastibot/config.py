@@ -144,7 +144,7 @@ class RuntimeConfig:
     max_nonfinite: int = _f(20, "stop after this many non-finite losses in a row")
     tensorboard: bool = _f(True, "write scalars for TensorBoard")
     progress: bool = _f(True, "show a progress bar")
-    compile: bool = _f(False, "torch.compile the student and teacher backbones")
+    compile: bool = _f(False, "torch.compile each transformer block of the student and the teacher")
 
 
 @dataclass

@@ -68,11 +68,10 @@ def test_launch_configs_match(config):
     torch.testing.assert_close(colsum_b, colsum_a, rtol=1e-6, atol=1e-6)
 
 
-def test_cls_with_several_rows_per_tile(monkeypatch):
-    monkeypatch.setattr(dce, "CONFIGS", [(dce.MAX_SINGLE_BLOCK, 4, 1, 1, False, 4)])  # rows: a power of 2
-    s = torch.randn(14, 50, device=DEVICE, requires_grad=True)  # V=7, B=2: rows straddle tiles
-    t = torch.randn(4, 50, device=DEVICE)
-    c = torch.randn(50, device=DEVICE) * 0.1
+def _check_cls_small(V, B, K):
+    s = torch.randn(V * B, K, device=DEVICE, requires_grad=True)
+    t = torch.randn(2 * B, K, device=DEVICE)
+    c = torch.randn(K, device=DEVICE) * 0.1
     loss = dce.cls_distill_loss(s, t, c, n_global=2, teacher_temp=0.04)
     loss.backward()
     s2 = s.detach().clone().requires_grad_(True)
@@ -80,6 +79,11 @@ def test_cls_with_several_rows_per_tile(monkeypatch):
     ref.backward()
     torch.testing.assert_close(loss, ref, **TOL[torch.float32])
     assert_rel(s.grad, s2.grad, torch.float32)
+
+
+def test_cls_with_several_rows_per_tile(monkeypatch):
+    monkeypatch.setattr(dce, "CONFIGS", [(dce.MAX_SINGLE_BLOCK, 4, 1, 1, False, 4)])  # rows: a power of 2
+    _check_cls_small(V=7, B=2, K=50)  # 14 student rows straddle tiles of 4
 
 
 def test_distill_ce_edge_rows():
@@ -127,16 +131,7 @@ def test_cls_distill_matches_reference(G, L, B, K, dtype):
 def test_cls_distill_multi_block(monkeypatch):
     monkeypatch.setattr(dce, "MAX_SINGLE_BLOCK", 32)
     monkeypatch.setattr(dce, "MULTI_BLOCK", 32)
-    s = torch.randn(8, 77, device=DEVICE, requires_grad=True)
-    t = torch.randn(4, 77, device=DEVICE)
-    c = torch.randn(77, device=DEVICE) * 0.1
-    loss = dce.cls_distill_loss(s, t, c, n_global=2, teacher_temp=0.04)
-    loss.backward()
-    s2 = s.detach().clone().requires_grad_(True)
-    ref = cls_loss_reference(s2, t, c, n_global=2, teacher_temp=0.04)
-    ref.backward()
-    torch.testing.assert_close(loss, ref, **TOL[torch.float32])
-    assert_rel(s.grad, s2.grad, torch.float32)
+    _check_cls_small(V=4, B=2, K=77)
 
 
 def test_ibot_loss_triton_equals_reference():
