@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e)
 MAX_SINGLE_BLOCK = 16384
 MULTI_BLOCK = 4096
 
@@ -90,7 +90,6 @@ def _distill_ce_kernel(
     SINGLE: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, TUPLE_REDUCE: tl.constexpr,
     ROWS: tl.constexpr,
 ):
-    LOG2E: tl.constexpr = 1.4426950408889634
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs = tl.arange(0, BLOCK_K)
@@ -219,7 +218,7 @@ def _softmax_rows_kernel(out_ptr, colsum_ptr, t_ptr, c_ptr, K, t_stride, o_strid
         t = tl.load(t_ptr + row * t_stride + offs, mask=kmask, other=0.0).to(tl.float32)
         c = tl.load(c_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
         u = tl.where(kmask, (t - c) * inv_tt, -float("inf"))
-        e = tl.exp2((u - tl.max(u, 0)) * 1.4426950408889634)
+        e = tl.exp2((u - tl.max(u, 0)) * LOG2E)
         tl.store(out_ptr + row * o_stride + offs, e / tl.sum(e, 0), mask=kmask)
         tl.atomic_add(colsum_ptr + offs, t, mask=kmask)
     else:
@@ -232,8 +231,8 @@ def _softmax_rows_kernel(out_ptr, colsum_ptr, t_ptr, c_ptr, K, t_stride, o_strid
             c = tl.load(c_ptr + ko, mask=kmask, other=0.0).to(tl.float32)
             u = tl.where(kmask, (t - c) * inv_tt, -float("inf"))
             new_m = tl.maximum(m, tl.max(u, 0))
-            z = z * tl.exp2((m - new_m) * 1.4426950408889634) + tl.sum(
-                tl.exp2((u - new_m) * 1.4426950408889634), 0)
+            z = z * tl.exp2((m - new_m) * LOG2E) + tl.sum(
+                tl.exp2((u - new_m) * LOG2E), 0)
             m = new_m
             tl.atomic_add(colsum_ptr + ko, t, mask=kmask)
         for k0 in range(0, K, BLOCK_K):
@@ -242,7 +241,7 @@ def _softmax_rows_kernel(out_ptr, colsum_ptr, t_ptr, c_ptr, K, t_stride, o_strid
             t = tl.load(t_ptr + row * t_stride + ko, mask=kmask, other=0.0).to(tl.float32)
             c = tl.load(c_ptr + ko, mask=kmask, other=0.0).to(tl.float32)
             u = (t - c) * inv_tt
-            tl.store(out_ptr + row * o_stride + ko, tl.exp2((u - m) * 1.4426950408889634) / z, mask=kmask)
+            tl.store(out_ptr + row * o_stride + ko, tl.exp2((u - m) * LOG2E) / z, mask=kmask)
 
 
 @triton.jit

@@ -211,12 +211,3 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, l
     if layout is None:
         return _DENSE[backend](q, k, v)
     return _PACKED[backend](q, k, v, layout)
-
-
-def attention_flops(layout_or_shape, heads: int, head_dim: int) -> float:
-    """Multiply-adds x 2 of QK^T and AV (forward only)."""
-    if isinstance(layout_or_shape, PackedLayout):
-        return sum(4.0 * n * length * length * heads * head_dim for n, length in layout_or_shape.groups)
-    b, n = layout_or_shape
-    return 4.0 * b * n * n * heads * head_dim
-
