@@ -149,3 +149,13 @@ def test_masked_only_heads_give_the_dense_loss(tmp_path, patch_center):
             assert a is None or a.abs().max() == 0, name
             continue
         torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_packed_block_compiles_without_graph_breaks():
+    """Static shapes from the layout: torch.compile (runtime.compile=true) captures a packed
+    block, drop path included, as one graph."""
+    import torch._dynamo as dynamo
+    vit = VisionTransformer("vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.1)
+    layout = PackedLayout(((6, 17), (12, 5)))
+    explained = dynamo.explain(vit.blocks[5])(torch.randn(layout.total, 192), layout)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1

@@ -15,7 +15,6 @@ Two ways in:
 """
 from __future__ import annotations
 
-import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -35,13 +34,6 @@ TIMM_NAMES = {"vit_tiny": "vit_tiny_patch{p}_224", "vit_small": "vit_small_patch
               "vit_base": "vit_base_patch{p}_224", "vit_large": "vit_large_patch{p}_224"}
 
 
-@functools.lru_cache(maxsize=32)
-def _token_owner(layout: PackedLayout, device: torch.device) -> torch.Tensor:
-    """Index of the sequence each packed token belongs to, (T,)."""
-    lens = torch.tensor(layout.seqlens(), device=device)
-    return torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
-
-
 def drop_path(x: torch.Tensor, p: float, training: bool, layout: Optional[PackedLayout]) -> torch.Tensor:
     """Stochastic depth: drop a whole sample's residual branch (per sequence when packed)."""
     if p == 0.0 or not training:
@@ -50,8 +42,10 @@ def drop_path(x: torch.Tensor, p: float, training: bool, layout: Optional[Packed
     if layout is None:
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
     else:
-        n_seq = sum(n for n, _ in layout.groups)
-        mask = x.new_empty(n_seq).bernoulli_(keep)[_token_owner(layout, x.device)][:, None]
+        # one draw per sequence, broadcast over its tokens; shapes come from the layout's ints,
+        # so torch.compile sees static shapes (no data-dependent repeat)
+        mask = torch.cat([x.new_empty(n, 1).bernoulli_(keep).expand(n, length).reshape(n * length)
+                          for n, length in layout.groups if n])[:, None]
     return x * mask.div_(keep)
 
 
