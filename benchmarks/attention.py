@@ -87,7 +87,6 @@ def bench_arch(arch, b, backends, rows):
         ref_ms = ref_ms or s_ms
         rows.append({"arch": arch, "backend": label, "attn fwd+bwd ms (all layers)": a_ms,
                      "student fwd+bwd ms": s_ms, "x vs first": ref_ms / s_ms, "peak MiB": mem, "note": ""})
-    del model
 
 
 def main(argv=None):

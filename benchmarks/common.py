@@ -86,7 +86,6 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), warmup=3, rep=20)
-    del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 

@@ -88,7 +88,7 @@ def _cls(impl, student_cls, teacher_cls, center_cls, n_global, teacher_temp, stu
         return loss, colsum / max(teacher_cls.shape[0], 1)
     loss = cls_loss_reference(student_cls, teacher_cls, center_cls, n_global=n_global,
                               teacher_temp=teacher_temp, student_temp=student_temp)
-    return loss, teacher_cls.detach().float().mean(0)
+    return loss, teacher_cls.detach().mean(0, dtype=torch.float32)  # fp32 accumulation, no fp32 copy
 
 
 def ibot_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks, center_cls, center_patch, *,
@@ -123,7 +123,7 @@ def _rows(impl, student_rows, teacher_rows, row_weight, center_patch, teacher_te
         return loss, colsum / max(teacher_rows.shape[0], 1)
     loss = weighted_ce_reference(student_rows, teacher_rows, row_weight, center_patch,
                                  teacher_temp=teacher_temp, student_temp=student_temp)
-    return loss, teacher_rows.detach().float().sum(0) / max(teacher_rows.shape[0], 1)
+    return loss, teacher_rows.detach().sum(0, dtype=torch.float32) / max(teacher_rows.shape[0], 1)
 
 
 def ibot_loss_rows(student_cls, student_rows, teacher_cls, teacher_rows, row_weight, center_cls, center_patch, *,

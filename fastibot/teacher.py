@@ -133,25 +133,3 @@ class EMA:
             ema_foreach(self.t_params, self.s_params, m)
         else:
             self._flat(m)
-
-
-def resolve_ema_impl(name: str, device_type: str) -> str:
-    if name != "auto":
-        if name == "triton" and device_type != "cuda" and not _triton_interpret():
-            raise RuntimeError("kernels.ema=triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
-        return name
-    return "triton" if device_type == "cuda" and _triton_ok() else "foreach"
-
-
-def _triton_interpret() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-        return True
-    except ImportError:
-        return False
-

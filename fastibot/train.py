@@ -30,7 +30,8 @@ from .logger import MetricsWriter, Progress, setup_logging
 from .loss import ibot_loss, ibot_loss_rows
 from .models.attention import resolve_backend
 from .models.ibot import build_model
-from .teacher import EMA, Centers, Schedules, resolve_ema_impl
+from .kernels import resolve_impl
+from .teacher import EMA, Centers, Schedules
 
 log = logging.getLogger("fastibot")
 
@@ -88,14 +89,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), fused=cfg.optim.fused)
 
 
-def resolve_loss_impl(name: str, device_type: str) -> str:
-    if name == "auto":
-        return "triton" if device_type == "cuda" else "reference"
-    if name == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise TrainingError("kernels.loss=triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
-    return name
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -148,7 +141,7 @@ class Trainer:
                     blk.compile()
         self.student_module, self.teacher = student, teacher
         # the triton EMA moves parameters into flat buffers: before DDP and the optimizer see them
-        self.ema_impl = resolve_ema_impl(cfg.kernels.ema, rt.device.type)
+        self.ema_impl = self._kernel_impl("ema", "foreach")
         self.ema = EMA(student, teacher, self.ema_impl)
         self.student = DDP(student, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
             if rt.world > 1 else student
@@ -156,12 +149,18 @@ class Trainer:
                                cfg.ibot.center_momentum2).to(rt.device)
         self.opt = build_optimizer(student, cfg)
         self.scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
-        self.loss_impl = resolve_loss_impl(cfg.kernels.loss, rt.device.type)
+        self.loss_impl = self._kernel_impl("loss", "reference")
         self.params = [p for p in student.parameters() if p.requires_grad]
         self.last_layer = [p for n, p in student.named_parameters() if "last_layer" in n and p.requires_grad]
         log.info("fastibot: %s/%d, %s, data=%s, attention=%s, packed=%s, loss=%s, ema=%s, precision=%s, world=%d",
                  cfg.model.arch, cfg.model.patch_size, rt.device, self.data.kind, self.attention, cfg.model.packed,
                  self.loss_impl, self.ema_impl, rt.amp_dtype or "fp32", rt.world)
+
+    def _kernel_impl(self, key: str, fallback: str) -> str:
+        try:
+            return resolve_impl(key, getattr(self.cfg.kernels, key), self.rt.device.type, fallback)
+        except RuntimeError as e:
+            raise TrainingError(str(e)) from None
 
     # ------------------------------------------------------------------ step parts
 

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
+
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e)
 MAX_SINGLE_BLOCK = 16384
 MULTI_BLOCK = 4096
@@ -268,11 +270,6 @@ CONFIGS = [
 MULTI_CONFIG = (16, 1, 2, True)  # num_warps, num_stages, programs per SM, tuple reductions
 
 
-def _interpreting() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def launch_config(K: int, override=None):
     """dict(single, block, warps, stages, per_sm, tuple) for K (``override`` entries replace them)."""
     if K <= MAX_SINGLE_BLOCK:
@@ -282,7 +279,7 @@ def launch_config(K: int, override=None):
     else:
         warps, stages, per_sm, tup = MULTI_CONFIG
         cfg = dict(single=False, block=MULTI_BLOCK, warps=warps, stages=stages, per_sm=per_sm, tuple=tup, rows=1)
-    if _interpreting():  # the interpreter runs tuple reductions element by element in Python
+    if interpreting():  # the interpreter runs tuple reductions element by element in Python
         cfg["tuple"] = False
     cfg.update(override or {})
     return cfg

@@ -2,7 +2,6 @@
 import random
 
 import numpy as np
-import pytest
 import torch
 
 from fastibot.data.masking import MaskGenerator, mask_rows, mask_rows_static, max_masked_rows

@@ -15,6 +15,7 @@ Two paths that share weights and give the same loss:
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -99,24 +100,28 @@ class IBOTModel(nn.Module):
                 w = masks.float()[..., None]
                 patch_mean = (patch.float() * w).sum(dim=(0, 1)) / w.sum().clamp(min=1.0)
             return TeacherOut(cls, patch, patch_mean)
-        flat = tokens[:, 1:].reshape(-1, tokens.shape[-1])  # (G*B*N, D)
-        z_cls = self.head.embed(tokens[:, 0])
+        gb, d = tokens.shape[0], tokens.shape[-1]
         if patch_center == "all":
-            z_all = self.head.embed(flat)  # (G*B*N, bottleneck)
-            rows = self.head.patch_logits(z_all[mask_index])  # (M, K)
+            z = self.head.embed(tokens.reshape(-1, d)).view(gb, tokens.shape[1], -1)  # every token, one MLP pass
+            z_cls, z_all = z[:, 0], z[:, 1:].reshape(-1, z.shape[-1])  # (G*B, b), (G*B*N, b)
+            z_rows = z_all[mask_index]
             # the last layer is linear: mean of logits = W · mean(z)
             patch_mean = self.head.patch_logits(z_all.float().mean(0, keepdim=True).to(z_all.dtype))[0].float()
         else:
-            rows = self.head.patch_logits(self.head.embed(flat[mask_index]))  # (M, K)
+            flat = tokens[:, 1:].reshape(-1, d)  # (G*B*N, D)
+            z = self.head.embed(torch.cat([tokens[:, 0], flat[mask_index]]))  # [CLS] and masked rows together
+            z_cls, z_rows = z[:gb], z[gb:]
             patch_mean = None
-        return TeacherOut(self.head.cls_logits(z_cls), rows, patch_mean)
+        return TeacherOut(self.head.cls_logits(z_cls), self.head.patch_logits(z_rows), patch_mean)
 
 
 def _no_mark(name: str) -> None:
     return None
 
 
+@functools.lru_cache(maxsize=32)
 def _cls_positions(layout, device) -> torch.Tensor:
+    """Token index of every sequence's [CLS] in a packed batch, (V*B,); cached per layout."""
     pos, start = [], 0
     for n, length in layout.groups:
         pos.append(torch.arange(n, device=device) * length + start)
