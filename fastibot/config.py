@@ -138,6 +138,8 @@ class RuntimeConfig:
     output_dir: str = _f("runs/ibot", "run folder: config, checkpoints, metrics")
     seed: int = _f(0, "base random seed (rank r uses seed + r)")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = run all epochs)")
+    max_minutes: float = _f(0.0, "stop (with a checkpoint) after this many minutes of training, checked at log "
+                                 "steps (0 = no limit)")
     log_every: int = _f(10, "read metrics from the device every N steps")
     ckpt_every: int = _f(1000, "write a checkpoint every N steps (0 = only at the end)")
     keep_last: int = _f(3, "checkpoints kept in the run folder")
@@ -292,6 +294,7 @@ def validate(cfg: Config) -> Config:
          "required when data.source is imagefolder")
     need(cfg.runtime.log_every >= 1, "runtime.log_every", "must be >= 1")
     need(cfg.runtime.keep_last >= 1, "runtime.keep_last", "must be >= 1")
+    need(cfg.runtime.max_minutes >= 0, "runtime.max_minutes", "must be >= 0")
     if cfg.eval.every_n_steps:
         need(bool(cfg.eval.train_path), "eval.train_path", "required when eval.every_n_steps > 0")
         need(bool(cfg.eval.val_path), "eval.val_path", "required when eval.every_n_steps > 0")

@@ -7,7 +7,7 @@ from typing import Tuple
 import torch
 
 from .checkpoint import load_checkpoint, resolve_resume
-from .config import Config, _apply
+from .config import Config, _apply, load_config
 from .models.ibot import build_model
 from .models.vit import timm_create_kwargs, timm_state_dict
 
@@ -28,6 +28,13 @@ def load_backbone(checkpoint, which: str = "teacher"):
     model = build_model(cfg, student=which == "student")
     model.load_state_dict(state[which])
     return model.backbone.eval(), cfg
+
+
+def random_backbone(spec: str, seed: int = 0):
+    """(VisionTransformer, Config) freshly initialised from ``random:ARCH`` (the untrained baseline)."""
+    cfg = load_config(None, [f"model.arch={spec.split(':', 1)[1]}"])
+    torch.manual_seed(seed)
+    return build_model(cfg, student=False).backbone.eval(), cfg
 
 
 def export_backbone(checkpoint, out_path, which: str = "teacher") -> Tuple[Path, str, dict]:

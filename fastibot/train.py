@@ -281,8 +281,10 @@ class Trainer:
             cfg.save(self.out / "config.yaml")
         progress = Progress(self.total_steps, self.step, cfg.runtime.progress and self.rt.is_main)
         summary = {}
+        self._started = time.perf_counter()
+        out_of_time = False
         try:
-            while self.step < self.total_steps:
+            while self.step < self.total_steps and not out_of_time:
                 epoch, pos = divmod(self.step, spe)
                 self.data.set_position(epoch, pos * self.accum)
                 batches = iter(self.data)
@@ -295,9 +297,14 @@ class Trainer:
                     if extra or self.step % cfg.runtime.log_every == 0 or self.step == self.total_steps:
                         summary = self.log_metrics(extra)
                         postfix = {k: f"{summary[k]:.4g}" for k in ("loss", "lr", "img_s") if k in summary}
+                        out_of_time = self._out_of_time()
                     progress.update(1, postfix)
                     if cfg.runtime.ckpt_every and self.step % cfg.runtime.ckpt_every == 0:
                         self.save()
+                    if out_of_time:
+                        log.info("runtime.max_minutes=%g reached at step %d of %d: stopping",
+                                 cfg.runtime.max_minutes, self.step, self.total_steps)
+                        break
                 del batches
             if not cfg.runtime.ckpt_every or self.step % cfg.runtime.ckpt_every != 0:
                 self.save()
@@ -305,6 +312,16 @@ class Trainer:
             progress.close()
             self.writer.close()
         return summary
+
+    def _out_of_time(self) -> bool:
+        """True once ``runtime.max_minutes`` have passed (every rank gets rank 0's answer)."""
+        limit = self.cfg.runtime.max_minutes
+        if limit <= 0:
+            return False
+        flag = torch.tensor(float(time.perf_counter() - self._started >= 60.0 * limit), device=self.rt.device)
+        if self.rt.world > 1:
+            dist.broadcast(flag, 0)
+        return bool(flag.item())  # sync-ok: only at log steps
 
     def periodic_eval(self) -> dict:
         """k-NN of the teacher every ``eval.every_n_steps`` (main process; the others wait)."""

@@ -123,6 +123,21 @@ def test_cli_knn_linear_attention_and_periodic_knn(tmp_path, capsys):
     assert main(["eval", "knn", str(tmp_path / "nope"), "--train", str(tr), "--val", str(va)]) == 1
 
 
+def test_cli_random_init_baseline(tmp_path, capsys):
+    tr = _labelled_folder(tmp_path / "train")
+    va = _labelled_folder(tmp_path / "val", n_per_class=3, offset=999)
+    common = ["--train", str(tr), "--val", str(va), "--image-size", "32", "--device", "cpu", "--workers", "0"]
+    assert main(["eval", "knn", "random:vit_tiny", "--k", "5", "--json", str(tmp_path / "r.json")] + common) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["checkpoint"] == "random:vit_tiny" and res["n_val"] == 9 and 0 <= res["top1"] <= 100
+    # the same seed gives the same untrained backbone, so the baseline is repeatable
+    assert main(["eval", "knn", "random:vit_tiny", "--k", "5", "--json", str(tmp_path / "r2.json")] + common) == 0
+    assert json.loads((tmp_path / "r2.json").read_text())["top1"] == res["top1"]
+    capsys.readouterr()
+    assert main(["eval", "knn", "random:vit_huge"] + common) == 1
+    assert "model.arch" in capsys.readouterr().err
+
+
 def test_knn_on_real_images(tmp_path, shared_images):
     from fastibot.eval.knn import run_knn
     vit = VisionTransformer("vit_tiny", patch_size=16, img_size=64)

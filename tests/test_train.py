@@ -33,6 +33,14 @@ def test_synthetic_run_writes_checkpoints_and_metrics(tmp_path):
     assert state["centers"]["center"].abs().sum() > 0
 
 
+def test_max_minutes_stops_with_a_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, **{"runtime.max_steps": 50, "runtime.log_every": 2, "runtime.ckpt_every": 0,
+                                   "runtime.max_minutes": 1e-9})
+    summary = train(cfg)
+    assert summary["step"] == 2  # the first log step is past the limit
+    assert [s for s, _ in checkpoints(tmp_path)] == [2]
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_resume_is_bit_exact(tmp_path, packed):
     extra = {"runtime.max_steps": 8, "model.drop_path": 0.2, "data.num_workers": 1,  # 6 steps per epoch

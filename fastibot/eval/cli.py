@@ -16,7 +16,8 @@ def _device(name: str) -> torch.device:
 
 
 def _common(p, folders: bool = True):
-    p.add_argument("checkpoint", help="checkpoint file or run folder (its latest checkpoint)")
+    p.add_argument("checkpoint", help="checkpoint file, run folder (its latest checkpoint), or random:ARCH for an "
+                                      "untrained baseline (e.g. random:vit_small)")
     p.add_argument("--which", default="teacher", choices=("teacher", "student"))
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--image-size", type=int, default=224)
@@ -38,36 +39,43 @@ def _finish(result: dict, path) -> int:
     return 0
 
 
-def _knn(args) -> int:
-    from ..export import load_backbone
-    from ..eval.features import checkpoint_fingerprint
+def _backbone(args):
+    """(backbone, name, cache tag) of a checkpoint, run folder or ``random:ARCH``."""
     from ..checkpoint import resolve_resume
-    from .knn import run_knn
+    from ..eval.features import checkpoint_fingerprint
+    from ..export import load_backbone, random_backbone
 
+    if args.checkpoint.startswith("random:"):
+        backbone, _ = random_backbone(args.checkpoint)
+        return backbone, args.checkpoint, args.checkpoint
     path = resolve_resume(args.checkpoint, args.checkpoint)
     backbone, _ = load_backbone(path, args.which)
+    return backbone, str(path), f"{checkpoint_fingerprint(path)}:{args.which}"
+
+
+def _knn(args) -> int:
+    from .knn import run_knn
+
+    backbone, name, tag = _backbone(args)
     res = run_knn(backbone, args.train, args.val, args.k, args.temperature, args.image_size, args.batch_size,
-                  args.max_images, _device(args.device), args.workers, args.cache_dir,
-                  cache_tag=f"{checkpoint_fingerprint(path)}:{args.which}", progress=True)
-    return _finish({"checkpoint": str(path), **res}, args.json)
+                  args.max_images, _device(args.device), args.workers, args.cache_dir, cache_tag=tag, progress=True)
+    return _finish({"checkpoint": name, **res}, args.json)
 
 
 def _linear(args) -> int:
-    from ..export import load_backbone
     from .linear import run_linear
 
-    backbone, _ = load_backbone(args.checkpoint, args.which)
+    backbone, name, _ = _backbone(args)
     res = run_linear(backbone, args.train, args.val, args.n_last_blocks, args.avgpool, args.lrs, args.epochs,
                      args.image_size, args.batch_size, args.max_images, _device(args.device), args.workers,
                      progress=True)
-    return _finish(res, args.json)
+    return _finish({"checkpoint": name, **res}, args.json)
 
 
 def _attention(args) -> int:
-    from ..export import load_backbone
     from .attention_maps import write_maps
 
-    backbone, _ = load_backbone(args.checkpoint, args.which)
+    backbone, _, _ = _backbone(args)
     written = write_maps(backbone, args.images, args.out, args.n, args.image_size, args.threshold, args.clusters,
                          _device(args.device))
     print("\n".join(map(str, written)))
