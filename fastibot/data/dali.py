@@ -107,6 +107,8 @@ class DaliData:
         if cfg.data.source != "imagefolder":
             raise DataError("data.loader=dali reads image files: set data.source=imagefolder and data.path")
         samples, self.classes = list_images(cfg.data.path)
+        if device.type == "cuda" and device.index is None:  # DALI needs the ordinal; "cuda" means the current one
+            device = torch.device("cuda", torch.cuda.current_device())
         self.cfg, self.device, self.rank = cfg, device, rank
         self.batch = cfg.data.batch_size
         self.steps_per_epoch = len(samples) // (self.batch * world)
@@ -140,13 +142,16 @@ class DaliData:
         return self.mask_gen.batch(n, self.grid, self.grid, random.Random(seed)).reshape(n, -1).to(self.device)
 
     def _to_torch(self, out) -> torch.Tensor:
-        if self.device.type == "cuda":
+        from nvidia.dali.tensors import TensorListGPU
+
+        if isinstance(out, TensorListGPU):
             from nvidia.dali.plugin.pytorch import feed_ndarray
             t = out.as_tensor()
             x = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
             feed_ndarray(t, x, cuda_stream=torch.cuda.current_stream(self.device))
             return x
-        return torch.from_numpy(out.as_array()).clone()
+        x = torch.from_numpy(out.as_array())  # CPU operators: DALI reuses this buffer, so copy it
+        return x.clone() if self.device.type == "cpu" else x.to(self.device)
 
     def __iter__(self):
         c = self.cfg.crops
