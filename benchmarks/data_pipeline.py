@@ -48,6 +48,15 @@ def make_imagenet_sized(src: Path, dst: Path, limit: int) -> int:
     return n
 
 
+def endless(data):
+    """Batches across epoch boundaries (a small folder holds fewer batches than warm-up + timed)."""
+    epoch = 0
+    while True:
+        data.set_position(epoch, 0)
+        yield from data
+        epoch += 1
+
+
 def measure(kind: str, args, device: torch.device) -> dict:
     over = [f"data.loader={kind}", f"data.batch_size={args.batch}", "data.source=imagefolder",
             f"data.path={args.images}", f"data.num_workers={args.workers if kind == 'torchvision' else args.dali_threads}",
@@ -55,8 +64,7 @@ def measure(kind: str, args, device: torch.device) -> dict:
             f"runtime.device={device.type}"]
     cfg = load_config(REPO / "configs" / "vit_small_16.yaml", over)
     data = build_data(cfg, 0, 1, device)
-    data.set_position(0, 0)
-    it = iter(data)
+    it = endless(data)
     for _ in range(args.warmup):
         next(it)
     if device.type == "cuda":
