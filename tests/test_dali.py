@@ -109,3 +109,69 @@ def test_dali_needs_an_image_folder(tmp_path):
     cfg = tiny_config(tmp_path, **{"data.loader": "dali"})
     with pytest.raises(DataError, match="data.source=imagefolder"):
         DaliData(cfg, 0, 1, torch.device("cpu"))
+
+
+def _odd_files(root):
+    """RGB, grayscale, CMYK and PNG images that decode, and empty, non-image and truncated files."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    (root / "c0").mkdir(parents=True)
+    good = []
+    for i in range(6):
+        img = Image.fromarray((rng.random((40 + i, 56, 3)) * 255).astype("uint8"))
+        for mode, ext in (("RGB", "jpg"), ("L", "jpg"), ("CMYK", "jpg"), ("RGB", "png")):
+            p = root / "c0" / f"{i}_{mode}.{ext}"
+            img.convert(mode).save(p)
+            good.append(str(p))
+    jpeg = (root / "c0" / "0_RGB.jpg").read_bytes()
+    bad = {"truncated.jpg": jpeg[: len(jpeg) // 2], "text.jpg": b"not an image" * 8, "empty.png": b""}
+    for name, data in bad.items():
+        (root / "c0" / name).write_bytes(data)
+    return sorted(good), sorted(str(root / "c0" / n) for n in bad)
+
+
+def test_screen_files_leaves_out_what_dali_cannot_decode(tmp_path):
+    from fastibot.data.dali import screen_files
+    good, bad = _odd_files(tmp_path)
+    samples, _ = list_images(tmp_path)
+    kept, left_out = screen_files(samples, threads=2)
+    assert sorted(p for p, _ in kept) == good and sorted(left_out) == bad
+
+
+def test_dali_reads_gray_cmyk_png_and_counts_unreadable_files(tmp_path):
+    _, bad = _odd_files(tmp_path / "imgs")
+    cfg = tiny_config(tmp_path, **{"data.source": "imagefolder", "data.path": str(tmp_path / "imgs"),
+                                   "data.loader": "dali", "data.batch_size": 8})
+    data = DaliData(cfg, 0, 1, torch.device("cpu"))
+    data.set_position(0, 0)
+    it = iter(data)
+    first, second = next(it), next(it)
+    assert first["globals"].shape[1] == 3 and torch.isfinite(first["globals"]).all()
+    assert first["n_bad"].item() == len(bad) and second["n_bad"].item() == 0
+
+
+def test_dali_stops_when_most_files_are_unreadable(tmp_path):
+    from fastibot.data.datasets import DataError
+    (tmp_path / "imgs" / "c0").mkdir(parents=True)
+    for i in range(5):
+        (tmp_path / "imgs" / "c0" / f"{i}.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)  # no end marker
+    cfg = tiny_config(tmp_path, **{"data.source": "imagefolder", "data.path": str(tmp_path / "imgs"),
+                                   "data.loader": "dali", "data.batch_size": 2})
+    with pytest.raises(DataError, match="unreadable"):
+        DaliData(cfg, 0, 1, torch.device("cpu"))
+
+
+def test_dali_decode_failure_is_a_data_error(tmp_path):
+    from fastibot.data.datasets import DataError
+    good, _ = _odd_files(tmp_path / "imgs")
+    for p in (tmp_path / "imgs" / "c0").glob("*"):
+        if str(p) not in good:
+            p.unlink()
+    # signature and end marker present, nothing decodable between them: passes the screen, fails in DALI
+    (tmp_path / "imgs" / "c0" / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\x17" * 300 + b"\xff\xd9")
+    cfg = tiny_config(tmp_path, **{"data.source": "imagefolder", "data.path": str(tmp_path / "imgs"),
+                                   "data.loader": "dali", "data.batch_size": len(good) + 1})
+    data = DaliData(cfg, 0, 1, torch.device("cpu"))
+    data.set_position(0, 0)
+    with pytest.raises(DataError, match="torchvision skips"):
+        next(iter(data))

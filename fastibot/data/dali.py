@@ -17,6 +17,13 @@ Block masks are drawn on the device by the Triton kernel of
 masked-patch index has a fixed size (padding rows weigh 0), so no host sync
 and no per-image Python loop remain.
 
+DALI stops on a file it cannot decode, so ``DaliData`` first screens the list
+(two small reads per file, in threads): empty files, files whose first bytes are
+no known image signature and JPEG/PNG files without their end marker
+(truncated downloads) are left out, counted in the first batch's ``n_bad`` and
+logged. A file damaged inside its data still decodes (with garbage pixels) or
+stops the run with an error that says which loader skips it.
+
 Differences from the torchvision path, by construction: DALI applies the jitter
 operations in a fixed order (torchvision shuffles them) and centres contrast on
 mid-gray rather than the image mean; DALI's reader shuffles with its own
@@ -25,8 +32,10 @@ generator, so a resumed run restores the model exactly but not the data order.
 from __future__ import annotations
 
 import logging
+import os
 import random
-from typing import List
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Tuple
 
 import torch
 
@@ -37,6 +46,39 @@ log = logging.getLogger("fastibot")
 
 MEAN_255 = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD_255 = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+
+
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"P2", b"P3", b"P5", b"P6")
+
+
+def readable(path: str) -> bool:
+    """Cheap check that DALI's decoder will not stop on ``path``: a known signature and, for JPEG and PNG,
+    the end marker near the end of the file (a truncated file lacks it)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64))
+            tail = f.read()
+    except OSError:
+        return False
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    if not any(head.startswith(sig) for sig in _SIGNATURES):
+        return False
+    if head.startswith(b"\xff\xd8"):
+        return b"\xff\xd9" in tail
+    if head.startswith(b"\x89PNG"):
+        return b"IEND" in tail
+    return True
+
+
+def screen_files(samples: List[Tuple[str, int]], threads: int = 16) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """(samples DALI can read, paths left out)."""
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        ok = list(pool.map(readable, (p for p, _ in samples), chunksize=256))
+    return [s for s, good in zip(samples, ok) if good], [p for (p, _), good in zip(samples, ok) if not good]
 
 
 def _crop(images, shape, size: int, scale, blur_p: float, solarize_p: float, with_params: bool):
@@ -107,6 +149,13 @@ class DaliData:
         if cfg.data.source != "imagefolder":
             raise DataError("data.loader=dali reads image files: set data.source=imagefolder and data.path")
         samples, self.classes = list_images(cfg.data.path)
+        samples, bad = screen_files(samples)
+        if bad:
+            log.warning("DALI loader: %d unreadable file(s) left out, e.g. %s", len(bad), ", ".join(bad[:3]))
+            if len(bad) > cfg.data.max_bad_fraction * (len(samples) + len(bad)):
+                raise DataError(f"{len(bad)} of {len(samples) + len(bad)} files under data.path are unreadable "
+                                f"(more than data.max_bad_fraction={cfg.data.max_bad_fraction}), e.g. {bad[0]}")
+        self.unreported_bad = len(bad)  # counted once, in the first batch
         if device.type == "cuda" and device.index is None:  # DALI needs the ordinal; "cuda" means the current one
             device = torch.device("cuda", torch.cuda.current_device())
         self.cfg, self.device, self.rank = cfg, device, rank
@@ -153,10 +202,18 @@ class DaliData:
         x = torch.from_numpy(out.as_array())  # CPU operators: DALI reuses this buffer, so copy it
         return x.clone() if self.device.type == "cpu" else x.to(self.device)
 
+    def _take_bad(self) -> torch.Tensor:
+        n, self.unreported_bad = self.unreported_bad, 0
+        return torch.full((), float(n), device=self.device)  # a fill, no host-to-device copy
+
     def __iter__(self):
         c = self.cfg.crops
         for _ in range(self.step % self.steps_per_epoch, self.steps_per_epoch):
-            outs = self.pipe.run()
+            try:
+                outs = self.pipe.run()
+            except RuntimeError as e:
+                raise DataError(f"DALI could not decode an image under data.path ({str(e).splitlines()[0][:200]}); "
+                                "data.loader=torchvision skips such files") from e
             crops = [self._to_torch(o) for o in outs[: self.n_outputs]]
             labels = torch.from_numpy(outs[-1].as_array().reshape(-1)).long()
             masks = self._masks()  # (G*B, N)
@@ -164,4 +221,4 @@ class DaliData:
             self.step += 1
             yield {"globals": torch.cat(crops[: c.n_global]), "locals": torch.cat(crops[c.n_global:])
                    if c.n_local else None, "masks": masks, "mask_index": index, "mask_weight": weight,
-                   "mask_valid": valid, "labels": labels.to(self.device), "n_bad": torch.zeros((), device=self.device)}
+                   "mask_valid": valid, "labels": labels.to(self.device), "n_bad": self._take_bad()}
