@@ -16,7 +16,9 @@ normaliser Z (Z = Σ exp((T - c)/τt - max) for teacher logits, 1 for Q̃):
 One program owns a contiguous run of rows. When K fits one block (K <= 16384)
 each row is read once: S and T in, dS out, and the teacher column sums Σ_m T_m
 (for the center update) accumulate in registers and leave with one atomic add
-per column per program. For larger K a first pass keeps online statistics
+per column per program (``PREFETCH``: the next tile's S and T loads are issued
+before this tile's math, so one row's latency hides behind the other's work;
+patch rows only). For larger K a first pass keeps online statistics
 (running max and rescaled sums) and a second pass writes dS.
 
 Bytes (single block, bf16 inputs): reads S and T once, writes dS once:
@@ -68,6 +70,16 @@ def _rowsum3(a, e, d, TUPLE: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(s_ptr, t_ptr, rows, M, offs, kmask, s_stride, t_stride):
+    """(S, T) rows of one tile in their stored dtype; rows past M read as 0."""
+    r64 = tl.cast(rows, tl.int64)
+    m2 = (rows < M)[:, None] & kmask[None, :]
+    s = tl.load(s_ptr + r64[:, None] * s_stride + offs[None, :], mask=m2, other=0.0)
+    t = tl.load(t_ptr + r64[:, None] * t_stride + offs[None, :], mask=m2, other=0.0)
+    return s, t
+
+
+@triton.jit
 def _load_target(t_ptr, self_ptr, row, r64, ko, kmask, B, G, t_stride, self_stride, MIX: tl.constexpr):
     """One K-chunk of the row's target: teacher logits, or the partners' probability sum."""
     if MIX:
@@ -90,7 +102,7 @@ def _distill_ce_kernel(
     inv_ts, inv_tt,
     ROW_IS_LOGITS: tl.constexpr, MIX: tl.constexpr, COLSUM: tl.constexpr,
     SINGLE: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, TUPLE_REDUCE: tl.constexpr,
-    ROWS: tl.constexpr,
+    ROWS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -102,21 +114,30 @@ def _distill_ce_kernel(
         if ROW_IS_LOGITS:
             c = tl.load(c_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
         col_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        if PREFETCH:  # the next tile's loads are issued before this tile's math (patch rows only)
+            s_next, t_next = _load_tile(s_ptr, t_ptr, pid * ROWS + ridx, M, offs, kmask, s_stride, t_stride)
         for base in tl.range(pid * ROWS, M, nprog * ROWS, num_stages=NUM_STAGES):
             rows = base + ridx  # (ROWS,)
             rmask = rows < M
             r64 = tl.cast(rows, tl.int64)
             m2 = rmask[:, None] & kmask[None, :]
-            s = tl.load(s_ptr + r64[:, None] * s_stride + offs[None, :], mask=m2, other=0.0).to(tl.float32) * inv_ts
-            if MIX:
-                # row = v * B + b: partners are all globals of image b except v itself
-                b64 = tl.cast(rows % B, tl.int64)
-                t = tl.load(t_ptr + b64[:, None] * t_stride + offs[None, :], mask=m2, other=0.0).to(tl.float32)
-                own_mask = m2 & ((rows // B) < G)[:, None]
-                t -= tl.load(self_ptr + r64[:, None] * self_stride + offs[None, :], mask=own_mask,
-                             other=0.0).to(tl.float32)
+            if PREFETCH:
+                s_raw, t_raw = s_next, t_next
+                s_next, t_next = _load_tile(s_ptr, t_ptr, rows + nprog * ROWS, M, offs, kmask, s_stride, t_stride)
+                s = s_raw.to(tl.float32) * inv_ts
+                t = t_raw.to(tl.float32)
             else:
-                t = tl.load(t_ptr + r64[:, None] * t_stride + offs[None, :], mask=m2, other=0.0).to(tl.float32)
+                s = tl.load(s_ptr + r64[:, None] * s_stride + offs[None, :], mask=m2, other=0.0).to(tl.float32)
+                s = s * inv_ts
+                if MIX:
+                    # row = v * B + b: partners are all globals of image b except v itself
+                    b64 = tl.cast(rows % B, tl.int64)
+                    t = tl.load(t_ptr + b64[:, None] * t_stride + offs[None, :], mask=m2, other=0.0).to(tl.float32)
+                    own_mask = m2 & ((rows // B) < G)[:, None]
+                    t -= tl.load(self_ptr + r64[:, None] * self_stride + offs[None, :], mask=own_mask,
+                                 other=0.0).to(tl.float32)
+                else:
+                    t = tl.load(t_ptr + r64[:, None] * t_stride + offs[None, :], mask=m2, other=0.0).to(tl.float32)
             if COLSUM:
                 col_acc += tl.sum(t, 0)
             # padding columns get -inf; rows past M stay finite and are never stored
@@ -248,37 +269,40 @@ def _softmax_rows_kernel(out_ptr, colsum_ptr, t_ptr, c_ptr, K, t_stride, o_strid
 
 @triton.jit
 def _scale_inplace_kernel(x_ptr, g_ptr, N, BLOCK: tl.constexpr):
-    """x *= g, skipped entirely when g == 1 (the usual grad_output)."""
+    """x *= g over a grid-stride loop, skipped entirely when g == 1 (the usual grad_output): then the
+    launch is a few hundred programs that read one scalar and exit."""
     g = tl.load(g_ptr).to(tl.float32)
     if g != 1.0:
-        offs = tl.cast(tl.program_id(0), tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < N
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(x_ptr + offs, (x * g).to(x_ptr.dtype.element_ty), mask=mask)
+        for start in range(tl.program_id(0) * BLOCK, N, tl.num_programs(0) * BLOCK):
+            offs = tl.cast(start, tl.int64) + tl.arange(0, BLOCK)
+            mask = offs < N
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(x_ptr + offs, (x * g).to(x_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------- launchers
 
 
 # Launch configurations per K range, measured on an H100 (benchmarks/kernels.py --sweep):
-# (max K, num_warps, num_stages, programs per SM, tuple reductions, rows per tile)
+# (max K, num_warps, num_stages, programs per SM, tuple reductions, rows per tile, register prefetch)
 CONFIGS = [
-    (2048, 8, 1, 2, True, 2),
-    (8192, 16, 1, 1, True, 1),
-    (MAX_SINGLE_BLOCK, 16, 1, 1, True, 1),
+    (2048, 8, 1, 2, True, 2, False),
+    (8192, 16, 1, 1, True, 1, False),
+    (MAX_SINGLE_BLOCK, 16, 1, 1, True, 1, False),
 ]
 MULTI_CONFIG = (16, 1, 2, True)  # num_warps, num_stages, programs per SM, tuple reductions
 
 
 def launch_config(K: int, override=None):
-    """dict(single, block, warps, stages, per_sm, tuple) for K (``override`` entries replace them)."""
+    """dict(single, block, warps, stages, per_sm, tuple, rows, prefetch) for K (``override`` entries replace them)."""
     if K <= MAX_SINGLE_BLOCK:
-        _, warps, stages, per_sm, tup, rows = next(c for c in CONFIGS if K <= c[0])
+        _, warps, stages, per_sm, tup, rows, prefetch = next(c for c in CONFIGS if K <= c[0])
         cfg = dict(single=True, block=max(16, triton.next_power_of_2(K)), warps=warps, stages=stages,
-                   per_sm=per_sm, tuple=tup, rows=rows)
+                   per_sm=per_sm, tuple=tup, rows=rows, prefetch=prefetch)
     else:
         warps, stages, per_sm, tup = MULTI_CONFIG
-        cfg = dict(single=False, block=MULTI_BLOCK, warps=warps, stages=stages, per_sm=per_sm, tuple=tup, rows=1)
+        cfg = dict(single=False, block=MULTI_BLOCK, warps=warps, stages=stages, per_sm=per_sm, tuple=tup, rows=1,
+                   prefetch=False)
     if interpreting():  # the interpreter runs tuple reductions element by element in Python
         cfg["tuple"] = False
     cfg.update(override or {})
@@ -306,7 +330,7 @@ def _launch_ce(student, target, self_probs, center, weight, B, G, inv_ts, inv_tt
         student.stride(0), target.stride(0), own.stride(0), grad.stride(0), inv_ts, inv_tt,
         ROW_IS_LOGITS=row_is_logits, MIX=not row_is_logits, COLSUM=colsum is not None,
         SINGLE=cfg["single"], BLOCK_K=cfg["block"], NUM_STAGES=cfg["stages"], TUPLE_REDUCE=cfg["tuple"],
-        ROWS=cfg["rows"], num_warps=cfg["warps"],
+        ROWS=cfg["rows"], PREFETCH=cfg["prefetch"] and cfg["single"] and row_is_logits, num_warps=cfg["warps"],
     )
     return loss_rows, grad
 
@@ -374,7 +398,8 @@ def _scale_op(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     n = grad.numel()
     if n:
         block = 4096
-        _scale_inplace_kernel[(triton.cdiv(n, block),)](grad, grad_output.reshape(1).float(), n, BLOCK=block)
+        programs = _programs(triton.cdiv(n, block), grad.device, 4)
+        _scale_inplace_kernel[(programs,)](grad, grad_output.reshape(1).float(), n, BLOCK=block)
 
 
 @_scale_op.register_fake

@@ -56,10 +56,14 @@ def test_distill_ce_multi_block_path(monkeypatch, dtype):
     _check_rows(*_rows(11, 301, dtype, seed=5))  # 301 = 4 full chunks + a partial one
 
 
-@pytest.mark.parametrize("config", [{"tuple": True}, {"rows": 2}, {"rows": 4, "tuple": True}, {"rows": 2, "per_sm": 1}])
-def test_launch_configs_match(config):
-    """Other launch shapes (tuple reductions, several rows per tile, fewer programs) give the same numbers."""
-    s, t, w, c = _rows(7, 33, torch.float32, seed=9)
+@pytest.mark.parametrize("config", [{"tuple": True}, {"rows": 2}, {"rows": 4, "tuple": True}, {"rows": 2, "per_sm": 1},
+                                    {"prefetch": True}, {"prefetch": True, "rows": 2, "per_sm": 1},
+                                    {"prefetch": True, "per_sm": 1, "tuple": True}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_launch_configs_match(config, dtype):
+    """Other launch shapes (tuple reductions, several rows per tile, fewer programs, the next tile's loads
+    issued early) give the same numbers."""
+    s, t, w, c = _rows(7, 33, dtype, seed=9)
     colsum_a, colsum_b = torch.zeros(33, device=DEVICE), torch.zeros(33, device=DEVICE)
     ref = dce._launch_ce(s, t, None, c, w, 1, 0, 10.0, 20.0, True, colsum_a, {"tuple": False, "rows": 1})
     out = dce._launch_ce(s, t, None, c, w, 1, 0, 10.0, 20.0, True, colsum_b, config)
@@ -82,7 +86,8 @@ def _check_cls_small(V, B, K):
 
 
 def test_cls_with_several_rows_per_tile(monkeypatch):
-    monkeypatch.setattr(dce, "CONFIGS", [(dce.MAX_SINGLE_BLOCK, 4, 1, 1, False, 4)])  # rows: a power of 2
+    # rows: a power of 2; prefetch applies to patch rows only and must leave the [CLS] path as it is
+    monkeypatch.setattr(dce, "CONFIGS", [(dce.MAX_SINGLE_BLOCK, 4, 1, 1, False, 4, True)])
     _check_cls_small(V=7, B=2, K=50)  # 14 student rows straddle tiles of 4
 
 
