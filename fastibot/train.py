@@ -124,8 +124,12 @@ class Trainer:
 
     def _build_models(self) -> None:
         cfg, rt = self.cfg, self.rt
-        student = build_model(cfg, student=True).to(rt.device)
-        teacher = build_model(cfg, student=False).to(rt.device)
+        with torch.random.fork_rng(devices=[]):
+            # the base seed on every rank: DDP broadcasts the student from rank 0, but the teacher is a copy
+            # made here, so every rank must start from the same weights
+            torch.manual_seed(cfg.runtime.seed)
+            student = build_model(cfg, student=True).to(rt.device)
+            teacher = build_model(cfg, student=False).to(rt.device)
         teacher.load_state_dict(student.state_dict(), strict=False)
         teacher.requires_grad_(False).eval()
         self.attention = resolve_backend(cfg.model.attention, rt.device.type, rt.amp_dtype or torch.float32)
