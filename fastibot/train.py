@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -31,68 +29,16 @@ from .loss import ibot_loss, ibot_loss_rows
 from .models.attention import resolve_backend
 from .models.ibot import build_model
 from .kernels import resolve_impl
+from .runtime import Runtime, TrainingError, build_optimizer, init_runtime, seed_everything
 from .teacher import EMA, Centers, Schedules
+
+__all__ = ["Runtime", "Trainer", "TrainingError", "build_optimizer", "init_runtime", "train"]
 
 log = logging.getLogger("fastibot")
 
 # device-side counters: sums since the start of the run
 C_LOSS, C_CLS, C_PATCH, C_FINITE, C_NONFINITE, C_BAD_RUN, C_MAX_BAD_RUN, C_BAD_IMAGES, C_GRAD_NORM = range(9)
 N_COUNTERS = 9
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (diverged, data unusable); the message says what to do."""
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    amp_dtype: Optional[torch.dtype] = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_runtime(cfg: Config) -> Runtime:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    want = cfg.runtime.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("runtime.device=cuda but no CUDA device is visible")
-    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    precision = cfg.runtime.precision
-    if precision == "auto":
-        precision = "bf16" if use_cuda else "fp32"
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-    return Runtime(device, rank, world, local, amp)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases and 1-D parameters (official grouping)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), fused=cfg.optim.fused)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 def _no_mark(name: str) -> None:
@@ -103,7 +49,7 @@ class Trainer:
     def __init__(self, cfg: Config, rt: Runtime, resume: Optional[str] = None):
         self.cfg, self.rt = cfg, rt
         self.out = Path(cfg.runtime.output_dir)
-        _seed_everything(cfg.runtime.seed + rt.rank)
+        seed_everything(cfg.runtime.seed + rt.rank)
         self.data = build_data(cfg, rt.rank, rt.world, rt.device)
         self.accum = cfg.optim.accum_steps
         self.steps_per_epoch = self.data.steps_per_epoch // self.accum

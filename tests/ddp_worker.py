@@ -1,6 +1,5 @@
 """Run under torchrun by tests/test_ddp.py: train, then write this rank's parameter and center digests."""
 import json
-import os
 import sys
 from pathlib import Path
 
