@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import List, Optional
 
@@ -23,6 +24,11 @@ def _train(args) -> int:
     except (DataError, TrainingError, FileNotFoundError) as e:
         print(f"fastibot: {e}", file=sys.stderr)
         return 1
+    stopped = summary.get("stopped") if summary else None
+    if stopped in ("SIGINT", "SIGTERM"):
+        print(f"stopped by {stopped} at step {summary.get('step')}: checkpoint written; continue with "
+              f"fastibot train ... --resume", file=sys.stderr)
+        return 128 + int(getattr(signal, stopped))
     if summary:
         print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, run folder {cfg.runtime.output_dir}")
     return 0

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -66,3 +68,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set ``received`` (the loop then saves and stops); a second
+    signal of the same kind acts as it would without this (Ctrl-C twice interrupts at once)."""
+
+    def __enter__(self) -> "StopSignals":
+        self.received: Optional[str] = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self._old[signum] or signal.SIG_DFL)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler or signal.SIG_DFL)

@@ -29,7 +29,7 @@ from .loss import ibot_loss, ibot_loss_rows
 from .models.attention import resolve_backend
 from .models.ibot import build_model
 from .kernels import resolve_impl
-from .runtime import Runtime, TrainingError, build_optimizer, init_runtime, seed_everything
+from .runtime import Runtime, StopSignals, TrainingError, build_optimizer, init_runtime, seed_everything
 from .teacher import EMA, Centers, Schedules
 
 __all__ = ["Runtime", "Trainer", "TrainingError", "build_optimizer", "init_runtime", "train"]
@@ -232,46 +232,66 @@ class Trainer:
         progress = Progress(self.total_steps, self.step, cfg.runtime.progress and self.rt.is_main)
         summary = {}
         self._started = time.perf_counter()
-        out_of_time = False
-        try:
-            while self.step < self.total_steps and not out_of_time:
-                epoch, pos = divmod(self.step, spe)
-                self.data.set_position(epoch, pos * self.accum)
-                batches = iter(self.data)
-                for _ in range(pos, spe):
-                    if self.step >= self.total_steps:
-                        break
-                    self.train_step([next(batches) for _ in range(self.accum)])
-                    postfix = None
-                    extra = self.periodic_eval()
-                    if extra or self.step % cfg.runtime.log_every == 0 or self.step == self.total_steps:
-                        summary = self.log_metrics(extra)
-                        postfix = {k: f"{summary[k]:.4g}" for k in ("loss", "lr", "img_s") if k in summary}
-                        out_of_time = self._out_of_time()
-                    progress.update(1, postfix)
-                    if cfg.runtime.ckpt_every and self.step % cfg.runtime.ckpt_every == 0:
-                        self.save()
-                    if out_of_time:
-                        log.info("runtime.max_minutes=%g reached at step %d of %d: stopping",
-                                 cfg.runtime.max_minutes, self.step, self.total_steps)
-                        break
-                del batches
-            if not cfg.runtime.ckpt_every or self.step % cfg.runtime.ckpt_every != 0:
-                self.save()
-        finally:
-            progress.close()
-            self.writer.close()
+        self.stop_reason = None
+        with StopSignals() as signals:
+            try:
+                while self.step < self.total_steps and self.stop_reason is None:
+                    epoch, pos = divmod(self.step, spe)
+                    self.data.set_position(epoch, pos * self.accum)
+                    batches = iter(self.data)
+                    for _ in range(pos, spe):
+                        if self.step >= self.total_steps:
+                            break
+                        try:
+                            micro = [next(batches) for _ in range(self.accum)]
+                        except Exception:
+                            # loader workers got the same signal and quit: the state is between steps, so save
+                            if signals.received is None or self.rt.world > 1:
+                                raise
+                            self.stop_reason = signals.received
+                            break
+                        self.train_step(micro)
+                        postfix = None
+                        extra = self.periodic_eval()
+                        at_log = bool(extra) or self.step % cfg.runtime.log_every == 0 or self.step == self.total_steps
+                        if at_log:
+                            summary = self.log_metrics(extra)
+                            postfix = {k: f"{summary[k]:.4g}" for k in ("loss", "lr", "img_s") if k in summary}
+                        self.stop_reason = self._stop_reason(signals.received, at_log)
+                        progress.update(1, postfix)
+                        if cfg.runtime.ckpt_every and self.step % cfg.runtime.ckpt_every == 0:
+                            self.save()
+                        if self.stop_reason is not None:
+                            summary = summary if at_log else self.log_metrics()
+                            break
+                    del batches
+                if self.stop_reason is not None:
+                    log.info("%s at step %d of %d: stopping with a checkpoint (continue with --resume)",
+                             self.stop_reason, self.step, self.total_steps)
+                if not cfg.runtime.ckpt_every or self.step % cfg.runtime.ckpt_every != 0:
+                    self.save()
+            finally:
+                progress.close()
+                self.writer.close()
         return summary
 
-    def _out_of_time(self) -> bool:
-        """True once ``runtime.max_minutes`` have passed (every rank gets rank 0's answer)."""
+    def _stop_reason(self, signal_name: Optional[str], at_log: bool) -> Optional[str]:
+        """Why to stop after this step, if at all: a SIGINT/SIGTERM, or ``runtime.max_minutes`` spent.
+
+        One process acts on a signal after the current step. Several processes agree at log steps (a max
+        all-reduce, so any rank's signal or clock stops all of them at the same step)."""
         limit = self.cfg.runtime.max_minutes
-        if limit <= 0:
-            return False
-        flag = torch.tensor(float(time.perf_counter() - self._started >= 60.0 * limit), device=self.rt.device)
+        late = at_log and limit > 0 and time.perf_counter() - self._started >= 60.0 * limit
         if self.rt.world > 1:
-            dist.broadcast(flag, 0)
-        return bool(flag.item())  # sync-ok: only at log steps
+            if not at_log:
+                return None
+            flags = torch.tensor([float(late), float(signal_name is not None)], device=self.rt.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            late, signalled = (bool(v) for v in flags.tolist())  # sync-ok: only at log steps
+            signal_name = (signal_name or "a stop signal on another rank") if signalled else None
+        if signal_name is not None:
+            return signal_name
+        return f"runtime.max_minutes={limit:g} reached" if late else None
 
     def periodic_eval(self) -> dict:
         """k-NN of the teacher every ``eval.every_n_steps`` (main process; the others wait)."""
@@ -383,7 +403,9 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     rt = init_runtime(cfg)
     setup_logging(rt.is_main)
     try:
-        return Trainer(cfg, rt, resume).fit()
+        trainer = Trainer(cfg, rt, resume)
+        summary = trainer.fit()
+        return {**summary, "stopped": trainer.stop_reason} if trainer.stop_reason else summary
     finally:
         if rt.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -134,3 +134,39 @@ def test_cli_missing_data_folder(tmp_path, capsys):
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny_config(tmp_path / "empty"), resume=str(tmp_path))
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch, sig):
+    import os
+    import signal
+    before = signal.getsignal(getattr(signal, sig))
+    step = Trainer.train_step
+
+    def step_then_signal(self, micro):
+        step(self, micro)
+        if self.step == 2:
+            os.kill(os.getpid(), getattr(signal, sig))  # as a scheduler's preemption or Ctrl-C would
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    cfg = tiny_config(tmp_path, **{"runtime.max_steps": 6, "runtime.log_every": 4})
+    summary = train(cfg)
+    assert summary["stopped"] == sig and summary["step"] == 2
+    assert [s for s, _ in checkpoints(tmp_path)] == [2]
+    assert signal.getsignal(getattr(signal, sig)) is before  # handlers restored
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert train(cfg, resume=str(tmp_path))["step"] == 6
+
+
+def test_cli_exit_code_after_a_signal(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    step = Trainer.train_step
+
+    def step_then_signal(self, micro):
+        step(self, micro)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    assert main(["train"] + tiny_overrides(tmp_path, **{"runtime.max_steps": 5})) == 128 + signal.SIGTERM
+    assert "--resume" in capsys.readouterr().err
