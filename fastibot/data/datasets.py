@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
@@ -216,6 +217,10 @@ def build_source(data_cfg, seed: int):
 def _worker_init(_):
     # one intra-op thread per worker: the workers are the parallelism
     torch.set_num_threads(1)
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the main process finishes its step and
+    # writes a checkpoint, so the workers must keep serving it rather than die under it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False):
