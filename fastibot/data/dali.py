@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Tuple
 
@@ -149,7 +150,9 @@ class DaliData:
         if cfg.data.source != "imagefolder":
             raise DataError("data.loader=dali reads image files: set data.source=imagefolder and data.path")
         samples, self.classes = list_images(cfg.data.path)
+        t0 = time.perf_counter()
         samples, bad = screen_files(samples)
+        log.info("DALI loader: screened %d files in %.1f s", len(samples) + len(bad), time.perf_counter() - t0)
         if bad:
             log.warning("DALI loader: %d unreadable file(s) left out, e.g. %s", len(bad), ", ".join(bad[:3]))
             if len(bad) > cfg.data.max_bad_fraction * (len(samples) + len(bad)):
