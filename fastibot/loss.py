@@ -109,21 +109,18 @@ def ibot_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks, cen
         from .data.masking import mask_rows
         index, weight = mask_rows(masks.reshape(masks.shape[0], -1), n_global)
         k = student_patch.shape[-1]
-        patch, _ = _rows(impl, student_patch.reshape(-1, k)[index], teacher_patch.reshape(-1, k)[index],
-                         weight.to(student_patch.device), center_patch, teacher_patch_temp, student_temp)
+        patch = _rows(impl, student_patch.reshape(-1, k)[index], teacher_patch.reshape(-1, k)[index],
+                      weight.to(student_patch.device), center_patch, teacher_patch_temp, student_temp)
     return _total(cls, patch, lambda1, lambda2, teacher_cls_mean=cls_mean)
 
 
 def _rows(impl, student_rows, teacher_rows, row_weight, center_patch, teacher_temp, student_temp):
-    """(weighted patch loss, mean of the raw teacher rows (K,))."""
     if impl == "triton":
         from .kernels.distill_ce import distill_ce
-        loss, colsum = distill_ce(student_rows, teacher_rows, row_weight, center_patch, teacher_temp=teacher_temp,
-                                  student_temp=student_temp, return_colsum=True)
-        return loss, colsum / max(teacher_rows.shape[0], 1)
-    loss = weighted_ce_reference(student_rows, teacher_rows, row_weight, center_patch,
+        return distill_ce(student_rows, teacher_rows, row_weight, center_patch, teacher_temp=teacher_temp,
+                          student_temp=student_temp)
+    return weighted_ce_reference(student_rows, teacher_rows, row_weight, center_patch,
                                  teacher_temp=teacher_temp, student_temp=student_temp)
-    return loss, teacher_rows.detach().sum(0, dtype=torch.float32) / max(teacher_rows.shape[0], 1)
 
 
 def ibot_loss_rows(student_cls, student_rows, teacher_cls, teacher_rows, row_weight, center_cls, center_patch, *,
@@ -132,10 +129,9 @@ def ibot_loss_rows(student_cls, student_rows, teacher_cls, teacher_rows, row_wei
     """iBOT loss from packed outputs: patch logits only at the M masked positions.
 
     student_rows, teacher_rows (M, K); row_weight (M,) = 1 / (G·B·#masked of the row's image).
-    Also returns "teacher_cls_mean" and "teacher_rows_mean" (K,), the means the centers need.
+    Also returns "teacher_cls_mean" (K,) for the [CLS] center (the patch center's comes from the teacher).
     """
     _check_impl(impl)
     cls, cls_mean = _cls(impl, student_cls, teacher_cls, center_cls, n_global, teacher_temp, student_temp)
-    patch, rows_mean = _rows(impl, student_rows, teacher_rows, row_weight, center_patch, teacher_patch_temp,
-                             student_temp)
-    return _total(cls, patch, lambda1, lambda2, teacher_cls_mean=cls_mean, teacher_rows_mean=rows_mean)
+    patch = _rows(impl, student_rows, teacher_rows, row_weight, center_patch, teacher_patch_temp, student_temp)
+    return _total(cls, patch, lambda1, lambda2, teacher_cls_mean=cls_mean)

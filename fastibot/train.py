@@ -139,13 +139,7 @@ class Trainer:
         else:
             out = ibot_loss(s.cls, s.patch, t.cls, t.patch, batch["masks"], self.centers.center,
                             self.centers.center2, **kw)
-        patch_mean = t.patch_mean
-        if patch_mean is None and "mask_valid" in batch:  # fixed-size rows: padding rows do not count
-            valid = batch["mask_valid"].float()[:, None]
-            patch_mean = (t.patch.float() * valid).sum(0) / valid.sum().clamp(min=1.0)
-        elif patch_mean is None:
-            patch_mean = out["teacher_rows_mean"]
-        self.centers.update(out["teacher_cls_mean"], patch_mean)
+        self.centers.update(out["teacher_cls_mean"], t.patch_mean)
         return out
 
     def micro_step(self, batch, it: int, last: bool) -> torch.Tensor:

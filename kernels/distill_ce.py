@@ -121,23 +121,23 @@ def _distill_ce_kernel(
             rmask = rows < M
             r64 = tl.cast(rows, tl.int64)
             m2 = rmask[:, None] & kmask[None, :]
-            if PREFETCH:
-                s_raw, t_raw = s_next, t_next
-                s_next, t_next = _load_tile(s_ptr, t_ptr, rows + nprog * ROWS, M, offs, kmask, s_stride, t_stride)
-                s = s_raw.to(tl.float32) * inv_ts
-                t = t_raw.to(tl.float32)
+            if MIX:
+                s_raw = tl.load(s_ptr + r64[:, None] * s_stride + offs[None, :], mask=m2, other=0.0)
+                # row = v * B + b: partners are all globals of image b except v itself
+                b64 = tl.cast(rows % B, tl.int64)
+                t = tl.load(t_ptr + b64[:, None] * t_stride + offs[None, :], mask=m2, other=0.0).to(tl.float32)
+                own_mask = m2 & ((rows // B) < G)[:, None]
+                t -= tl.load(self_ptr + r64[:, None] * self_stride + offs[None, :], mask=own_mask,
+                             other=0.0).to(tl.float32)
             else:
-                s = tl.load(s_ptr + r64[:, None] * s_stride + offs[None, :], mask=m2, other=0.0).to(tl.float32)
-                s = s * inv_ts
-                if MIX:
-                    # row = v * B + b: partners are all globals of image b except v itself
-                    b64 = tl.cast(rows % B, tl.int64)
-                    t = tl.load(t_ptr + b64[:, None] * t_stride + offs[None, :], mask=m2, other=0.0).to(tl.float32)
-                    own_mask = m2 & ((rows // B) < G)[:, None]
-                    t -= tl.load(self_ptr + r64[:, None] * self_stride + offs[None, :], mask=own_mask,
-                                 other=0.0).to(tl.float32)
+                if PREFETCH:
+                    s_raw, t_raw = s_next, t_next
+                    s_next, t_next = _load_tile(s_ptr, t_ptr, rows + nprog * ROWS, M, offs, kmask, s_stride,
+                                                t_stride)
                 else:
-                    t = tl.load(t_ptr + r64[:, None] * t_stride + offs[None, :], mask=m2, other=0.0).to(tl.float32)
+                    s_raw, t_raw = _load_tile(s_ptr, t_ptr, rows, M, offs, kmask, s_stride, t_stride)
+                t = t_raw.to(tl.float32)
+            s = s_raw.to(tl.float32) * inv_ts
             if COLSUM:
                 col_acc += tl.sum(t, 0)
             # padding columns get -inf; rows past M stay finite and are never stored

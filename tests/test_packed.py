@@ -159,3 +159,21 @@ def test_packed_block_compiles_without_graph_breaks():
     layout = PackedLayout(((6, 17), (12, 5)))
     explained = dynamo.explain(vit.blocks[5])(torch.randn(layout.total, 192), layout)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_masked_center_ignores_padding_rows():
+    """With a fixed-size row index (the DALI loader's), the padding rows do not enter the masked patch center."""
+    from fastibot.data.masking import mask_rows_static
+    over = ["model.patch_size=8", "crops.global_size=32", "model.out_dim=97", "model.patch_out_dim=97",
+            "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "model.packed=true"]
+    torch.manual_seed(0)
+    model = build_model(load_config(packaged_config("quickstart"), over), student=False).to(DEVICE).double()
+    g, _, m = _crops(b=3, n_local=0)
+    index, _ = mask_rows(m.cpu(), 2)
+    padded, _, valid = mask_rows_static(m.cpu(), 2, index.numel() + 7)
+    assert int(valid.sum()) == index.numel()
+    exact = model.teacher(g.double(), m, index.to(DEVICE), "masked")
+    pad = model.teacher(g.double(), m, padded.to(DEVICE), "masked")
+    torch.testing.assert_close(pad.patch_mean, exact.patch_mean, rtol=1e-6, atol=1e-9)
+    rows_mean = exact.patch.double().mean(0)  # the mean of the real masked rows' logits
+    torch.testing.assert_close(exact.patch_mean.double(), rows_mean, rtol=1e-5, atol=1e-7)

@@ -193,17 +193,21 @@ class DaliData:
             return block_masks(ratios, self.grid, self.grid, seed, m.aspect_ratio).reshape(n, -1)
         return self.mask_gen.batch(n, self.grid, self.grid, random.Random(seed)).reshape(n, -1).to(self.device)
 
-    def _to_torch(self, out) -> torch.Tensor:
+    def _stack(self, outs) -> torch.Tensor:
+        """DALI outputs (one per crop, B each) copied straight into one (n*B, ...) tensor: no extra cat."""
         from nvidia.dali.tensors import TensorListGPU
 
-        if isinstance(out, TensorListGPU):
-            from nvidia.dali.plugin.pytorch import feed_ndarray
-            t = out.as_tensor()
-            x = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
-            feed_ndarray(t, x, cuda_stream=torch.cuda.current_stream(self.device))
-            return x
-        x = torch.from_numpy(out.as_array())  # CPU operators: DALI reuses this buffer, so copy it
-        return x.clone() if self.device.type == "cpu" else x.to(self.device)
+        first = outs[0].as_tensor()
+        b = first.shape()[0]
+        x = torch.empty([b * len(outs)] + list(first.shape()[1:]), dtype=torch.float32, device=self.device)
+        for i, out in enumerate(outs):
+            dst = x[i * b:(i + 1) * b]
+            if isinstance(out, TensorListGPU):
+                from nvidia.dali.plugin.pytorch import feed_ndarray
+                feed_ndarray(out.as_tensor(), dst, cuda_stream=torch.cuda.current_stream(self.device))
+            else:  # CPU operators: DALI reuses this buffer, so it is copied
+                dst.copy_(torch.from_numpy(out.as_array()))
+        return x
 
     def _take_bad(self) -> torch.Tensor:
         n, self.unreported_bad = self.unreported_bad, 0
@@ -217,11 +221,10 @@ class DaliData:
             except RuntimeError as e:
                 raise DataError(f"DALI could not decode an image under data.path ({str(e).splitlines()[0][:200]}); "
                                 "data.loader=torchvision skips such files") from e
-            crops = [self._to_torch(o) for o in outs[: self.n_outputs]]
             labels = torch.from_numpy(outs[-1].as_array().reshape(-1)).long()
             masks = self._masks()  # (G*B, N)
             index, weight, valid = mask_rows_static(masks, c.n_global, self.max_rows)
             self.step += 1
-            yield {"globals": torch.cat(crops[: c.n_global]), "locals": torch.cat(crops[c.n_global:])
-                   if c.n_local else None, "masks": masks, "mask_index": index, "mask_weight": weight,
-                   "mask_valid": valid, "labels": labels.to(self.device), "n_bad": self._take_bad()}
+            yield {"globals": self._stack(outs[: c.n_global]),
+                   "locals": self._stack(outs[c.n_global:self.n_outputs]) if c.n_local else None,
+                   "masks": masks, "mask_index": index, "mask_weight": weight, "mask_valid": valid, "labels": labels.to(self.device), "n_bad": self._take_bad()}

@@ -15,7 +15,8 @@ log = logging.getLogger("fastibot")
 
 
 class LabelledFolder(torch.utils.data.Dataset):
-    """(image tensor, label) with the evaluation transform; unreadable images are skipped up front."""
+    """(image tensor, label) with the evaluation transform; an unreadable image yields None (dropped by
+    the collate function, with a warning)."""
 
     def __init__(self, root, image_size: int = 224, max_images: int = 0, seed: int = 0):
         src = ImageFolderSource(root)

@@ -10,8 +10,9 @@ Two paths that share weights and give the same loss:
   masked global patch tokens, gathered into one ``(V*B + M, D)`` tensor. The
   teacher's patch head runs on the same ``M`` positions; when the patch center
   must average all patches (``ibot.patch_center: all``) the teacher's MLP runs
-  on all its patch tokens and, because the last layer is linear, the center
-  statistic is ``W · mean(z)``: no ``(G*B*N, K)`` tensor is ever made.
+  on all its patch tokens. Because the last layer is linear, the center
+  statistic is ``W · mean(z)`` over all patches or over the masked ones: no
+  ``(G*B*N, K)`` tensor is ever made, and no extra pass over the ``(M, K)`` rows.
 """
 from __future__ import annotations
 
@@ -34,8 +35,7 @@ class StudentOut(NamedTuple):
 class TeacherOut(NamedTuple):
     cls: torch.Tensor  # (G*B, K)
     patch: torch.Tensor  # dense (G*B, N, K), or packed rows (M, K)
-    patch_mean: Optional[torch.Tensor]  # (K,) batch mean of the patch logits the center averages;
-    # None when it is the mean of the returned rows (the loss computes it while reading them)
+    patch_mean: torch.Tensor  # (K,) batch mean of the patch logits the center averages (fp32)
 
 
 class IBOTModel(nn.Module):
@@ -105,13 +105,16 @@ class IBOTModel(nn.Module):
             z = self.head.embed(tokens.reshape(-1, d)).view(gb, tokens.shape[1], -1)  # every token, one MLP pass
             z_cls, z_all = z[:, 0], z[:, 1:].reshape(-1, z.shape[-1])  # (G*B, b), (G*B*N, b)
             z_rows = z_all[mask_index]
-            # the last layer is linear: mean of logits = W · mean(z)
-            patch_mean = self.head.patch_logits(z_all.float().mean(0, keepdim=True).to(z_all.dtype))[0].float()
+            pooled = z_all.float().mean(0)
         else:
             flat = tokens[:, 1:].reshape(-1, d)  # (G*B*N, D)
             z = self.head.embed(torch.cat([tokens[:, 0], flat[mask_index]]))  # [CLS] and masked rows together
             z_cls, z_rows = z[:gb], z[gb:]
-            patch_mean = None
+            # a fixed-size row index pads past the real masked count: those rows do not count
+            valid = (torch.arange(z_rows.shape[0], device=z_rows.device) < masks.sum())[:, None]
+            pooled = (z_rows.float() * valid).sum(0) / valid.sum().clamp(min=1)
+        # the last layer is linear: mean of logits = W · mean(z), no (rows, K) pass for the center
+        patch_mean = self.head.patch_logits(pooled[None].to(z_rows.dtype))[0].float()
         return TeacherOut(self.head.cls_logits(z_cls), self.head.patch_logits(z_rows), patch_mean)
 
 
