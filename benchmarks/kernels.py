@@ -100,34 +100,44 @@ def bench_distill(copy_bw, compile_eager, rows):
         del sets
 
 
+SWEEP = (  # (M, K, grid): neighbourhoods of earlier bests (benchmarks/RESULTS.md); 2 stages never won
+    (3763, 8192, dict(warps=(16, 32), prefetch=(False, True), c_regs=(True, False), evict_first=(False, True))),
+    (3763, 8192, dict(warps=(16,), per_sm=(2,), prefetch=(False, True))),
+    (7526, 8192, dict(warps=(16, 32), prefetch=(False, True))),
+    (3763, 2048, dict(warps=(8,), rows=(1, 2, 4), per_sm=(2, 4), prefetch=(False, True))),
+    (3763, 65536, dict(rows=(1, 2, 4), per_sm=(1, 2), reverse=(True, False))),
+    (3763, 65536, dict(block=(2048,), rows=(4, 8), per_sm=(1, 2))),
+)
+
+
 def sweep(copy_bw):
-    """Kernel-only time of the patch-row kernel over launch configurations (picks CONFIGS)."""
+    """Kernel-only time of the patch-row kernel over launch configurations (picks CONFIGS); each
+    configuration's gradient is checked against the default's."""
     from triton.testing import do_bench
     rows = []
-    # grids narrowed to the neighbourhood of earlier bests (benchmarks/RESULTS.md: 32 warps, 2 stages and the
-    # two-pass path at K=8192 never won); `prefetch` issues the next tile's loads before this tile's math
-    for M, K, grid in ((3763, 8192, dict(warps=(8, 16), rows=(1, 2), per_sm=(1, 2), prefetch=(False, True))),
-                       (7526, 8192, dict(warps=(8, 16), rows=(1,), per_sm=(1, 2), prefetch=(False, True))),
-                       (3763, 2048, dict(warps=(8,), rows=(1, 2), per_sm=(2, 4), prefetch=(False, True))),
-                       (3763, 65536, dict(warps=(16,), per_sm=(2, 4), block=(4096,)))):
+    for M, K, grid in SWEEP:
         s, t, w, c = _rows_inputs(M, K, "cuda")[0]
         colsum = torch.zeros(K, device="cuda")
+        base_loss, base_grad = dce._launch_ce(s, t, None, c, w, 1, 0, 10.0, 14.0, True, colsum)
         keys = list(grid)
         for values in itertools.product(*grid.values()):
             over = dict(zip(keys, values))
             try:
                 fn = lambda: dce._launch_ce(s, t, None, c, w, 1, 0, 10.0, 14.0, True, colsum, over)  # noqa: E731
+                loss, grad = fn()
+                diff = (grad.float() - base_grad.float()).abs().max().item()
                 ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
             except Exception as e:
                 print(f"sweep {M}x{K} {over}: {type(e).__name__}: {str(e)[:80]}")
                 continue
             gbs = 6.0 * M * K / (ms * 1e-3) / 1e9
             rows.append({"shape": f"M={M} K={K}", **{k: str(v) for k, v in over.items()}, "kernel ms": ms,
-                         "GB/s": gbs, "% copy bw": 100 * gbs / copy_bw})
+                         "GB/s": gbs, "% copy bw": 100 * gbs / copy_bw, "max |dgrad|": f"{diff:.1e}",
+                         "dloss": f"{abs(loss.sum().item() - base_loss.sum().item()):.1e}"})
         rows.sort(key=lambda r: (r["shape"], r["kernel ms"]))
-    print_table("patch-row kernel launch configurations (kernel only, do_bench median)", rows,
-                ["shape", "single", "warps", "rows", "stages", "per_sm", "tuple", "block", "prefetch", "kernel ms",
-                 "GB/s", "% copy bw"])
+    print_table("patch-row kernel launch configurations (kernel only, do_bench median; |d| against the default)",
+                rows, ["shape", "single", "warps", "rows", "per_sm", "block", "prefetch", "c_regs", "evict_first",
+                       "reverse", "kernel ms", "GB/s", "% copy bw", "max |dgrad|", "dloss"])
     return rows
 
 

@@ -70,79 +70,73 @@ def _rowsum3(a, e, d, TUPLE: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(s_ptr, t_ptr, rows, M, offs, kmask, s_stride, t_stride):
-    """(S, T) rows of one tile in their stored dtype; rows past M read as 0."""
+def _load_tile(s_ptr, t_ptr, self_ptr, rows, M, ko, kmask, B, G, s_stride, t_stride, self_stride,
+               MIX: tl.constexpr, EVICT: tl.constexpr):
+    """One (rows × K-chunk) tile: student logits in their stored dtype, and the target: teacher logits (stored
+    dtype) or, for [CLS] rows, the partners' probability sum (fp32). Rows past M read as 0."""
     r64 = tl.cast(rows, tl.int64)
     m2 = (rows < M)[:, None] & kmask[None, :]
-    s = tl.load(s_ptr + r64[:, None] * s_stride + offs[None, :], mask=m2, other=0.0)
-    t = tl.load(t_ptr + r64[:, None] * t_stride + offs[None, :], mask=m2, other=0.0)
+    s = tl.load(s_ptr + r64[:, None] * s_stride + ko[None, :], mask=m2, other=0.0, eviction_policy=EVICT)
+    if MIX:
+        # row = v * B + b: partners are all globals of image b except v itself
+        b64 = tl.cast(rows % B, tl.int64)
+        t = tl.load(t_ptr + b64[:, None] * t_stride + ko[None, :], mask=m2, other=0.0).to(tl.float32)
+        own = m2 & ((rows // B) < G)[:, None]
+        t -= tl.load(self_ptr + r64[:, None] * self_stride + ko[None, :], mask=own, other=0.0).to(tl.float32)
+    else:
+        t = tl.load(t_ptr + r64[:, None] * t_stride + ko[None, :], mask=m2, other=0.0, eviction_policy=EVICT)
     return s, t
 
 
 @triton.jit
-def _load_target(t_ptr, self_ptr, row, r64, ko, kmask, B, G, t_stride, self_stride, MIX: tl.constexpr):
-    """One K-chunk of the row's target: teacher logits, or the partners' probability sum."""
-    if MIX:
-        # row = v * B + b: partners are all globals of image b except v itself
-        b = row % B
-        t = tl.load(t_ptr + tl.cast(b, tl.int64) * t_stride + ko, mask=kmask, other=0.0).to(tl.float32)
-        if row // B < G:
-            t -= tl.load(self_ptr + r64 * self_stride + ko, mask=kmask, other=0.0).to(tl.float32)
-    else:
-        t = tl.load(t_ptr + r64 * t_stride + ko, mask=kmask, other=0.0).to(tl.float32)
-    return t
-
-
-@triton.jit
 def _distill_ce_kernel(
-    loss_ptr, grad_ptr, colsum_ptr, stats_ptr,
+    loss_ptr, grad_ptr, colsum_ptr,
     s_ptr, t_ptr, self_ptr, c_ptr, w_ptr,
     M, K, B, G,
     s_stride, t_stride, self_stride, g_stride,
     inv_ts, inv_tt,
     ROW_IS_LOGITS: tl.constexpr, MIX: tl.constexpr, COLSUM: tl.constexpr,
     SINGLE: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, TUPLE_REDUCE: tl.constexpr,
-    ROWS: tl.constexpr, PREFETCH: tl.constexpr,
+    ROWS: tl.constexpr, PREFETCH: tl.constexpr, EVEN_K: tl.constexpr, C_REGS: tl.constexpr,
+    REVERSE: tl.constexpr, EVICT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs = tl.arange(0, BLOCK_K)
+    ridx = tl.arange(0, ROWS)
     if SINGLE:
         # whole rows in registers, ROWS at a time: S and T read once, dS written once
-        kmask = offs < K
-        ridx = tl.arange(0, ROWS)
-        if ROW_IS_LOGITS:
+        if EVEN_K:  # K == BLOCK_K: no padding columns, the masks fold away
+            kmask = tl.full([BLOCK_K], 1, tl.int1)
+        else:
+            kmask = offs < K
+        if ROW_IS_LOGITS and C_REGS:
             c = tl.load(c_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
         col_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-        if PREFETCH:  # the next tile's loads are issued before this tile's math (patch rows only)
-            s_next, t_next = _load_tile(s_ptr, t_ptr, pid * ROWS + ridx, M, offs, kmask, s_stride, t_stride)
+        if PREFETCH:  # the next tile's loads are issued before this tile's math
+            s_next, t_next = _load_tile(s_ptr, t_ptr, self_ptr, pid * ROWS + ridx, M, offs, kmask, B, G,
+                                        s_stride, t_stride, self_stride, MIX, EVICT)
         for base in tl.range(pid * ROWS, M, nprog * ROWS, num_stages=NUM_STAGES):
             rows = base + ridx  # (ROWS,)
             rmask = rows < M
             r64 = tl.cast(rows, tl.int64)
             m2 = rmask[:, None] & kmask[None, :]
-            if MIX:
-                s_raw = tl.load(s_ptr + r64[:, None] * s_stride + offs[None, :], mask=m2, other=0.0)
-                # row = v * B + b: partners are all globals of image b except v itself
-                b64 = tl.cast(rows % B, tl.int64)
-                t = tl.load(t_ptr + b64[:, None] * t_stride + offs[None, :], mask=m2, other=0.0).to(tl.float32)
-                own_mask = m2 & ((rows // B) < G)[:, None]
-                t -= tl.load(self_ptr + r64[:, None] * self_stride + offs[None, :], mask=own_mask,
-                             other=0.0).to(tl.float32)
+            if PREFETCH:
+                s_raw, t_raw = s_next, t_next
+                s_next, t_next = _load_tile(s_ptr, t_ptr, self_ptr, rows + nprog * ROWS, M, offs, kmask, B, G,
+                                            s_stride, t_stride, self_stride, MIX, EVICT)
             else:
-                if PREFETCH:
-                    s_raw, t_raw = s_next, t_next
-                    s_next, t_next = _load_tile(s_ptr, t_ptr, rows + nprog * ROWS, M, offs, kmask, s_stride,
-                                                t_stride)
-                else:
-                    s_raw, t_raw = _load_tile(s_ptr, t_ptr, rows, M, offs, kmask, s_stride, t_stride)
-                t = t_raw.to(tl.float32)
+                s_raw, t_raw = _load_tile(s_ptr, t_ptr, self_ptr, rows, M, offs, kmask, B, G,
+                                          s_stride, t_stride, self_stride, MIX, EVICT)
+            t = t_raw.to(tl.float32)
             s = s_raw.to(tl.float32) * inv_ts
             if COLSUM:
                 col_acc += tl.sum(t, 0)
             # padding columns get -inf; rows past M stay finite and are never stored
             s_m = tl.where(kmask[None, :], s, -float("inf"))
             if ROW_IS_LOGITS:
+                if not C_REGS:  # re-read per tile (an L1/L2 hit) instead of holding BLOCK_K/threads registers
+                    c = tl.load(c_ptr + offs, mask=kmask, other=0.0, eviction_policy="evict_last")
                 u = tl.where(kmask[None, :], (t - c[None, :]) * inv_tt, -float("inf"))
                 t_max, s_max = _rowmax2(u, s_m, TUPLE_REDUCE)
                 a = tl.exp2((u - t_max[:, None]) * LOG2E)
@@ -160,74 +154,90 @@ def _distill_ce_kernel(
             w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
             lse = s_max + tl.log(s_sum)
             tl.store(loss_ptr + rows, w * (mass_z * lse - dot * inv_z), mask=rmask)
-            grad = (w * inv_ts)[:, None] * (mass_z[:, None] * (e / s_sum[:, None]) - a * inv_z[:, None])
+            p_scale = mass_z / s_sum  # per-row factors: one multiply per element, no division
+            grad = (w * inv_ts)[:, None] * (e * p_scale[:, None] - a * inv_z[:, None])
             tl.store(grad_ptr + r64[:, None] * g_stride + offs[None, :], grad.to(grad_ptr.dtype.element_ty), mask=m2)
         if COLSUM:
             tl.atomic_add(colsum_ptr + offs, col_acc, mask=kmask)
     else:
-        # K too large for registers: pass 1 keeps online statistics per row (running maxima,
-        # rescaled sums), pass 2 re-reads the row (mostly from L2) and writes dS
-        for row in tl.range(pid, M, nprog):
-            r64 = tl.cast(row, tl.int64)
-            s_max = -float("inf")
-            t_max = 0.0
+        # K too large for registers: ROWS rows at a time, pass 1 keeps online statistics per row (running
+        # maxima, rescaled sums) and adds the tile's column sums (one atomic per column per tile); pass 2
+        # re-reads the rows, last chunk first (the chunks pass 1 read last are the likeliest still in L2),
+        # and writes dS
+        n_chunks = tl.cdiv(K, BLOCK_K)
+        for base in tl.range(pid * ROWS, M, nprog * ROWS):
+            rows = base + ridx
+            rmask = rows < M
+            r64 = tl.cast(rows, tl.int64)
+            s_max = tl.full([ROWS], -float("inf"), tl.float32)
             if ROW_IS_LOGITS:
-                t_max = -float("inf")
-            s_sum = 0.0
-            z = 0.0
-            dot = 0.0
+                t_max = tl.full([ROWS], -float("inf"), tl.float32)
+            else:
+                t_max = tl.zeros([ROWS], tl.float32)
+            s_sum = tl.zeros([ROWS], tl.float32)
+            z = tl.zeros([ROWS], tl.float32)
+            dot = tl.zeros([ROWS], tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 ko = k0 + offs
                 kmask = ko < K
-                s = tl.load(s_ptr + r64 * s_stride + ko, mask=kmask, other=0.0).to(tl.float32) * inv_ts
-                t = _load_target(t_ptr, self_ptr, row, r64, ko, kmask, B, G, t_stride, self_stride, MIX)
-                s_m = tl.where(kmask, s, -float("inf"))
+                s_raw, t_raw = _load_tile(s_ptr, t_ptr, self_ptr, rows, M, ko, kmask, B, G,
+                                          s_stride, t_stride, self_stride, MIX, EVICT)
+                s = s_raw.to(tl.float32) * inv_ts
+                t = t_raw.to(tl.float32)
+                if COLSUM:
+                    tl.atomic_add(colsum_ptr + ko, tl.sum(t, 0), mask=kmask)
+                s_m = tl.where(kmask[None, :], s, -float("inf"))
                 if ROW_IS_LOGITS:
                     c = tl.load(c_ptr + ko, mask=kmask, other=0.0).to(tl.float32)
-                    u = tl.where(kmask, (t - c) * inv_tt, -float("inf"))
+                    u = tl.where(kmask[None, :], (t - c[None, :]) * inv_tt, -float("inf"))
                     cu, cs = _rowmax2(u, s_m, TUPLE_REDUCE)
                     new_t = tl.maximum(t_max, cu)
                     scale_t = tl.exp2((t_max - new_t) * LOG2E)
-                    a = tl.exp2((u - new_t) * LOG2E)
+                    a = tl.exp2((u - new_t[:, None]) * LOG2E)
                     t_max = new_t
                 else:
-                    cs = tl.max(s_m, 0)
-                    scale_t = 1.0
-                    a = tl.where(kmask, t, 0.0)
+                    cs = tl.max(s_m, 1)
+                    scale_t = tl.full([ROWS], 1.0, tl.float32)
+                    a = tl.where(kmask[None, :], t, 0.0)
                 new_s = tl.maximum(s_max, cs)
-                ca, ce, cd = _rowsum3(a, tl.exp2((s_m - new_s) * LOG2E), a * tl.where(kmask, s, 0.0), TUPLE_REDUCE)
+                ca, ce, cd = _rowsum3(a, tl.exp2((s_m - new_s[:, None]) * LOG2E), a * tl.where(kmask[None, :], s, 0.0),
+                                      TUPLE_REDUCE)
                 s_sum = s_sum * tl.exp2((s_max - new_s) * LOG2E) + ce
                 s_max = new_s
                 z = z * scale_t + ca
                 dot = dot * scale_t + cd
             if ROW_IS_LOGITS:
                 inv_z = 1.0 / z
-                mass_z = 1.0
+                mass_z = tl.full([ROWS], 1.0, tl.float32)
             else:
-                inv_z = 1.0
+                inv_z = tl.full([ROWS], 1.0, tl.float32)
                 mass_z = z
             lse = s_max + tl.log(s_sum)
-            w = tl.load(w_ptr + row).to(tl.float32)
-            tl.store(loss_ptr + row, w * (mass_z * lse - dot * inv_z))
-            tl.store(stats_ptr + r64 * 4 + 0, lse)
-            tl.store(stats_ptr + r64 * 4 + 1, t_max)
-            tl.store(stats_ptr + r64 * 4 + 2, inv_z)
-            tl.store(stats_ptr + r64 * 4 + 3, mass_z)
-            for k0 in range(0, K, BLOCK_K):
+            w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+            tl.store(loss_ptr + rows, w * (mass_z * lse - dot * inv_z), mask=rmask)
+            g_p = (w * inv_ts * mass_z)[:, None]
+            g_a = (w * inv_ts * inv_z)[:, None]
+            for i in range(0, n_chunks):
+                if REVERSE:
+                    k0 = (n_chunks - 1 - i) * BLOCK_K
+                else:
+                    k0 = i * BLOCK_K
                 ko = k0 + offs
                 kmask = ko < K
-                s = tl.load(s_ptr + r64 * s_stride + ko, mask=kmask, other=0.0).to(tl.float32) * inv_ts
-                t = _load_target(t_ptr, self_ptr, row, r64, ko, kmask, B, G, t_stride, self_stride, MIX)
-                if COLSUM:
-                    tl.atomic_add(colsum_ptr + ko, t, mask=kmask)
+                s_raw, t_raw = _load_tile(s_ptr, t_ptr, self_ptr, rows, M, ko, kmask, B, G,
+                                          s_stride, t_stride, self_stride, MIX, EVICT)
+                s = s_raw.to(tl.float32) * inv_ts
+                t = t_raw.to(tl.float32)
                 if ROW_IS_LOGITS:
                     c = tl.load(c_ptr + ko, mask=kmask, other=0.0).to(tl.float32)
-                    a = tl.where(kmask, tl.exp2(((t - c) * inv_tt - t_max) * LOG2E), 0.0)
+                    a = tl.exp2(((t - c[None, :]) * inv_tt - t_max[:, None]) * LOG2E)
                 else:
-                    a = tl.where(kmask, t, 0.0)
-                p = tl.exp2((s - lse) * LOG2E)
-                grad = (w * inv_ts) * (mass_z * p - a * inv_z)
-                tl.store(grad_ptr + r64 * g_stride + ko, grad.to(grad_ptr.dtype.element_ty), mask=kmask)
+                    a = t
+                p = tl.exp2((s - lse[:, None]) * LOG2E)
+                grad = g_p * p - g_a * a
+                m2 = rmask[:, None] & kmask[None, :]
+                tl.store(grad_ptr + r64[:, None] * g_stride + ko[None, :], grad.to(grad_ptr.dtype.element_ty),
+                         mask=m2)
 
 
 @triton.jit
@@ -283,26 +293,26 @@ def _scale_inplace_kernel(x_ptr, g_ptr, N, BLOCK: tl.constexpr):
 # ------------------------------------------------------------------------- launchers
 
 
-# Launch configurations per K range, measured on an H100 (benchmarks/kernels.py --sweep):
-# (max K, num_warps, num_stages, programs per SM, tuple reductions, rows per tile, register prefetch)
+# Launch configurations per K range, measured (benchmarks/kernels.py --sweep; benchmarks/RESULTS.md):
+# warps, stages (software pipelining of the row loop), programs per SM, tuple reductions, rows per tile,
+# register prefetch of the next tile, center held in registers (else re-read per tile)
 CONFIGS = [
-    (2048, 8, 1, 2, True, 2, False),
-    (8192, 16, 1, 1, True, 1, False),
-    (MAX_SINGLE_BLOCK, 16, 1, 1, True, 1, False),
+    (2048, dict(warps=8, stages=1, per_sm=2, tuple=True, rows=2, prefetch=False, c_regs=True)),
+    (8192, dict(warps=16, stages=1, per_sm=1, tuple=True, rows=1, prefetch=False, c_regs=True)),
+    (MAX_SINGLE_BLOCK, dict(warps=16, stages=1, per_sm=1, tuple=True, rows=1, prefetch=False, c_regs=True)),
 ]
-MULTI_CONFIG = (16, 1, 2, True)  # num_warps, num_stages, programs per SM, tuple reductions
+# K > MAX_SINGLE_BLOCK: two passes over chunks of MULTI_BLOCK columns, the second one last chunk first
+MULTI_CONFIG = dict(warps=16, stages=1, per_sm=2, tuple=True, rows=1, prefetch=False, c_regs=False, reverse=True)
 
 
 def launch_config(K: int, override=None):
-    """dict(single, block, warps, stages, per_sm, tuple, rows, prefetch) for K (``override`` entries replace them)."""
+    """dict(single, block, warps, stages, per_sm, tuple, rows, prefetch, c_regs, reverse, evict_first) for K;
+    ``override`` entries replace them."""
     if K <= MAX_SINGLE_BLOCK:
-        _, warps, stages, per_sm, tup, rows, prefetch = next(c for c in CONFIGS if K <= c[0])
-        cfg = dict(single=True, block=max(16, triton.next_power_of_2(K)), warps=warps, stages=stages,
-                   per_sm=per_sm, tuple=tup, rows=rows, prefetch=prefetch)
+        cfg = dict(next(c for k, c in CONFIGS if K <= k), single=True, block=max(16, triton.next_power_of_2(K)))
     else:
-        warps, stages, per_sm, tup = MULTI_CONFIG
-        cfg = dict(single=False, block=MULTI_BLOCK, warps=warps, stages=stages, per_sm=per_sm, tuple=tup, rows=1,
-                   prefetch=False)
+        cfg = dict(MULTI_CONFIG, single=False, block=MULTI_BLOCK)
+    cfg = dict(dict(reverse=False, evict_first=False), **cfg)
     if interpreting():  # the interpreter runs tuple reductions element by element in Python
         cfg["tuple"] = False
     cfg.update(override or {})
@@ -320,17 +330,18 @@ def _launch_ce(student, target, self_probs, center, weight, B, G, inv_ts, inv_tt
     grad = torch.empty_like(student)
     loss_rows = torch.empty(M, dtype=torch.float32, device=student.device)
     cfg = launch_config(K, config)
-    stats = loss_rows if cfg["single"] else torch.empty(M, 4, dtype=torch.float32, device=student.device)
     own = self_probs if self_probs is not None else target
     programs = min(_programs(M, student.device, cfg["per_sm"]), triton.cdiv(M, cfg["rows"]))
     _distill_ce_kernel[(programs,)](
-        loss_rows, grad, colsum if colsum is not None else loss_rows, stats,
+        loss_rows, grad, colsum if colsum is not None else loss_rows,
         student, target, own, center if center is not None else loss_rows, weight,
         M, K, B, G,
         student.stride(0), target.stride(0), own.stride(0), grad.stride(0), inv_ts, inv_tt,
         ROW_IS_LOGITS=row_is_logits, MIX=not row_is_logits, COLSUM=colsum is not None,
         SINGLE=cfg["single"], BLOCK_K=cfg["block"], NUM_STAGES=cfg["stages"], TUPLE_REDUCE=cfg["tuple"],
-        ROWS=cfg["rows"], PREFETCH=cfg["prefetch"] and cfg["single"] and row_is_logits, num_warps=cfg["warps"],
+        ROWS=cfg["rows"], PREFETCH=cfg["prefetch"] and cfg["single"], EVEN_K=cfg["single"] and K == cfg["block"],
+        C_REGS=cfg["c_regs"], REVERSE=cfg["reverse"], EVICT="evict_first" if cfg["evict_first"] else "",
+        num_warps=cfg["warps"],
     )
     return loss_rows, grad
 
