@@ -17,9 +17,9 @@ One program owns a contiguous run of rows. When K fits one block (K <= 16384)
 each row is read once: S and T in, dS out, and the teacher column sums Σ_m T_m
 (for the center update) accumulate in registers and leave with one atomic add
 per column per program (``PREFETCH``: the next tile's S and T loads are issued
-before this tile's math, so one row's latency hides behind the other's work;
-patch rows only). For larger K a first pass keeps online statistics
-(running max and rescaled sums) and a second pass writes dS.
+before this tile's math, so one row's latency hides behind the other's work).
+For larger K a first pass keeps online statistics (running max and rescaled
+sums) and adds column sums; a second pass, last chunk first, writes dS.
 
 Bytes (single block, bf16 inputs): reads S and T once, writes dS once:
 6·M·K bytes, plus 4·K per program for the column sums. The gradient is
