@@ -51,7 +51,8 @@ def _bench(fns: dict, sets, floor_bytes: float, copy_bw: float, label: str, rows
         try:
             f_ms = time_ms(lambda: fwd(*next(it)))
             fb_ms = time_ms(lambda: fwd_bwd(*next(it)))
-            graph_ms = time_graph_ms(lambda: fwd_bwd(*sets[0]))
+            # one graph runs all input sets in turn: each call's inputs left L2 a set ago
+            graph_ms = time_graph_ms(lambda: [fwd_bwd(*x) for x in sets], calls=len(sets))
             mem = peak_mib(lambda: fwd_bwd(*sets[0]))
         except Exception as e:  # a backend that fails here is reported, not hidden
             print(f"{label} {impl}: failed: {type(e).__name__}: {e}")

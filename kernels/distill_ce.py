@@ -90,7 +90,7 @@ def _load_tile(s_ptr, t_ptr, self_ptr, rows, M, ko, kmask, B, G, s_stride, t_str
 
 @triton.jit
 def _distill_ce_kernel(
-    loss_ptr, grad_ptr, colsum_ptr,
+    loss_ptr, partial_ptr, count_ptr, grad_ptr, colsum_ptr,
     s_ptr, t_ptr, self_ptr, c_ptr, w_ptr,
     M, K, B, G,
     s_stride, t_stride, self_stride, g_stride,
@@ -98,12 +98,13 @@ def _distill_ce_kernel(
     ROW_IS_LOGITS: tl.constexpr, MIX: tl.constexpr, COLSUM: tl.constexpr,
     SINGLE: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, TUPLE_REDUCE: tl.constexpr,
     ROWS: tl.constexpr, PREFETCH: tl.constexpr, EVEN_K: tl.constexpr, C_REGS: tl.constexpr,
-    REVERSE: tl.constexpr, EVICT: tl.constexpr,
+    REVERSE: tl.constexpr, EVICT: tl.constexpr, NPROG_P2: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs = tl.arange(0, BLOCK_K)
     ridx = tl.arange(0, ROWS)
+    loss_acc = 0.0  # this program's Σ w_m CE_m
     if SINGLE:
         # whole rows in registers, ROWS at a time: S and T read once, dS written once
         if EVEN_K:  # K == BLOCK_K: no padding columns, the masks fold away
@@ -153,12 +154,12 @@ def _distill_ce_kernel(
                 mass_z = z
             w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
             lse = s_max + tl.log(s_sum)
-            tl.store(loss_ptr + rows, w * (mass_z * lse - dot * inv_z), mask=rmask)
+            loss_acc += tl.sum(tl.where(rmask, w * (mass_z * lse - dot * inv_z), 0.0), 0)
             p_scale = mass_z / s_sum  # per-row factors: one multiply per element, no division
             grad = (w * inv_ts)[:, None] * (e * p_scale[:, None] - a * inv_z[:, None])
             tl.store(grad_ptr + r64[:, None] * g_stride + offs[None, :], grad.to(grad_ptr.dtype.element_ty), mask=m2)
         if COLSUM:
-            tl.atomic_add(colsum_ptr + offs, col_acc, mask=kmask)
+            tl.atomic_add(colsum_ptr + offs, col_acc, mask=kmask, sem="relaxed")
     else:
         # K too large for registers: ROWS rows at a time, pass 1 keeps online statistics per row (running
         # maxima, rescaled sums) and adds the tile's column sums (one atomic per column per tile); pass 2
@@ -185,7 +186,7 @@ def _distill_ce_kernel(
                 s = s_raw.to(tl.float32) * inv_ts
                 t = t_raw.to(tl.float32)
                 if COLSUM:
-                    tl.atomic_add(colsum_ptr + ko, tl.sum(t, 0), mask=kmask)
+                    tl.atomic_add(colsum_ptr + ko, tl.sum(t, 0), mask=kmask, sem="relaxed")
                 s_m = tl.where(kmask[None, :], s, -float("inf"))
                 if ROW_IS_LOGITS:
                     c = tl.load(c_ptr + ko, mask=kmask, other=0.0).to(tl.float32)
@@ -214,7 +215,7 @@ def _distill_ce_kernel(
                 mass_z = z
             lse = s_max + tl.log(s_sum)
             w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-            tl.store(loss_ptr + rows, w * (mass_z * lse - dot * inv_z), mask=rmask)
+            loss_acc += tl.sum(tl.where(rmask, w * (mass_z * lse - dot * inv_z), 0.0), 0)
             g_p = (w * inv_ts * mass_z)[:, None]
             g_a = (w * inv_ts * inv_z)[:, None]
             for i in range(0, n_chunks):
@@ -238,6 +239,16 @@ def _distill_ce_kernel(
                 m2 = rmask[:, None] & kmask[None, :]
                 tl.store(grad_ptr + r64[:, None] * g_stride + ko[None, :], grad.to(grad_ptr.dtype.element_ty),
                          mask=m2)
+    # the loss: each program leaves its partial sum; the last to finish (a ticket from a zeroed counter)
+    # adds them in program order, so the result does not depend on which program finished when
+    tl.store(partial_ptr + pid, loss_acc)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if ticket == nprog - 1:
+        tl.debug_barrier()
+        pidx = tl.arange(0, NPROG_P2)
+        parts = tl.load(partial_ptr + pidx, mask=pidx < nprog, other=0.0, cache_modifier=".cg")
+        tl.store(loss_ptr, tl.sum(parts, 0))
 
 
 @triton.jit
@@ -253,7 +264,7 @@ def _softmax_rows_kernel(out_ptr, colsum_ptr, t_ptr, c_ptr, K, t_stride, o_strid
         u = tl.where(kmask, (t - c) * inv_tt, -float("inf"))
         e = tl.exp2((u - tl.max(u, 0)) * LOG2E)
         tl.store(out_ptr + row * o_stride + offs, e / tl.sum(e, 0), mask=kmask)
-        tl.atomic_add(colsum_ptr + offs, t, mask=kmask)
+        tl.atomic_add(colsum_ptr + offs, t, mask=kmask, sem="relaxed")
     else:
         m = -float("inf")
         z = 0.0
@@ -267,7 +278,7 @@ def _softmax_rows_kernel(out_ptr, colsum_ptr, t_ptr, c_ptr, K, t_stride, o_strid
             z = z * tl.exp2((m - new_m) * LOG2E) + tl.sum(
                 tl.exp2((u - new_m) * LOG2E), 0)
             m = new_m
-            tl.atomic_add(colsum_ptr + ko, t, mask=kmask)
+            tl.atomic_add(colsum_ptr + ko, t, mask=kmask, sem="relaxed")
         for k0 in range(0, K, BLOCK_K):
             ko = k0 + offs
             kmask = ko < K
@@ -297,12 +308,15 @@ def _scale_inplace_kernel(x_ptr, g_ptr, N, BLOCK: tl.constexpr):
 # warps, stages (software pipelining of the row loop), programs per SM, tuple reductions, rows per tile,
 # register prefetch of the next tile, center held in registers (else re-read per tile)
 CONFIGS = [
-    (2048, dict(warps=8, stages=1, per_sm=2, tuple=True, rows=2, prefetch=False, c_regs=True)),
-    (8192, dict(warps=16, stages=1, per_sm=1, tuple=True, rows=1, prefetch=False, c_regs=True)),
-    (MAX_SINGLE_BLOCK, dict(warps=16, stages=1, per_sm=1, tuple=True, rows=1, prefetch=False, c_regs=True)),
+    (2048, dict(warps=8, stages=1, per_sm=2, tuple=True, rows=4, prefetch=True, c_regs=True, evict_first=False)),
+    (8192, dict(warps=16, stages=1, per_sm=1, tuple=True, rows=1, prefetch=True, c_regs=True, evict_first=True)),
+    # K = 16384: a prefetched row would not fit the registers (unmeasured: no recipe uses this K)
+    (MAX_SINGLE_BLOCK, dict(warps=16, stages=1, per_sm=1, tuple=True, rows=1, prefetch=False, c_regs=True,
+                            evict_first=False)),
 ]
 # K > MAX_SINGLE_BLOCK: two passes over chunks of MULTI_BLOCK columns, the second one last chunk first
-MULTI_CONFIG = dict(warps=16, stages=1, per_sm=2, tuple=True, rows=1, prefetch=False, c_regs=False, reverse=True)
+MULTI_CONFIG = dict(warps=16, stages=1, per_sm=2, tuple=True, rows=4, prefetch=False, c_regs=False, reverse=True,
+                    evict_first=False)
 
 
 def launch_config(K: int, override=None):
@@ -325,25 +339,36 @@ def _programs(M: int, device: torch.device, per_sm: int) -> int:
 
 
 def _launch_ce(student, target, self_probs, center, weight, B, G, inv_ts, inv_tt, row_is_logits, colsum,
-               config=None):
+               config=None, count=None):
+    """-> (Σ_m w_m CE_m as a 0-d fp32 tensor, dS). ``count``: a zeroed int32 slot (allocated when None)."""
     M, K = student.shape
+    dev = student.device
     grad = torch.empty_like(student)
-    loss_rows = torch.empty(M, dtype=torch.float32, device=student.device)
     cfg = launch_config(K, config)
+    programs = min(_programs(M, dev, cfg["per_sm"]), triton.cdiv(max(M, 1), cfg["rows"]))
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    partial = torch.empty(programs, dtype=torch.float32, device=dev)
+    if count is None:
+        count = torch.zeros(1, dtype=torch.int32, device=dev)
     own = self_probs if self_probs is not None else target
-    programs = min(_programs(M, student.device, cfg["per_sm"]), triton.cdiv(M, cfg["rows"]))
     _distill_ce_kernel[(programs,)](
-        loss_rows, grad, colsum if colsum is not None else loss_rows,
-        student, target, own, center if center is not None else loss_rows, weight,
+        loss, partial, count, grad, colsum if colsum is not None else partial,
+        student, target, own, center if center is not None else partial, weight,
         M, K, B, G,
         student.stride(0), target.stride(0), own.stride(0), grad.stride(0), inv_ts, inv_tt,
         ROW_IS_LOGITS=row_is_logits, MIX=not row_is_logits, COLSUM=colsum is not None,
         SINGLE=cfg["single"], BLOCK_K=cfg["block"], NUM_STAGES=cfg["stages"], TUPLE_REDUCE=cfg["tuple"],
         ROWS=cfg["rows"], PREFETCH=cfg["prefetch"] and cfg["single"], EVEN_K=cfg["single"] and K == cfg["block"],
         C_REGS=cfg["c_regs"], REVERSE=cfg["reverse"], EVICT="evict_first" if cfg["evict_first"] else "",
-        num_warps=cfg["warps"],
+        NPROG_P2=triton.next_power_of_2(programs), num_warps=cfg["warps"],
     )
-    return loss_rows, grad
+    return loss, grad
+
+
+def _zeroed(K: int, device):
+    """(colsum (K,) fp32, counter (1,) int32): both zero, from one memset."""
+    buf = torch.zeros(K + 1, dtype=torch.float32, device=device)
+    return buf[:K], buf[K:].view(torch.int32)
 
 
 def _rowmajor(x: torch.Tensor) -> torch.Tensor:
@@ -360,13 +385,13 @@ def _rows_op(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
              teacher_temp: float, student_temp: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (Σ_m w_m CE_m, Σ_m T_m (K,), dLoss/dS (M, K))."""
     M, K = student.shape
-    colsum = torch.zeros(K, dtype=torch.float32, device=student.device)
+    colsum, count = _zeroed(K, student.device)
     if M == 0:
         return student.new_zeros((), dtype=torch.float32), colsum, torch.zeros_like(student)
-    loss_rows, grad = _launch_ce(_rowmajor(student), _rowmajor(teacher), None,
-                                 center.reshape(-1).float().contiguous(), weight.float().contiguous(), 1, 0,
-                                 1.0 / student_temp, 1.0 / teacher_temp, True, colsum)
-    return loss_rows.sum(), colsum, grad
+    loss, grad = _launch_ce(_rowmajor(student), _rowmajor(teacher), None, center.reshape(-1).float().contiguous(),
+                            weight.float().contiguous(), 1, 0, 1.0 / student_temp, 1.0 / teacher_temp, True, colsum,
+                            count=count)
+    return loss, colsum, grad
 
 
 @_rows_op.register_fake
@@ -384,7 +409,7 @@ def _cls_op(student_cls: torch.Tensor, teacher_cls: torch.Tensor, center: torch.
     V = student_cls.shape[0] // B
     teacher_cls = _rowmajor(teacher_cls)
     probs = torch.empty(GB, K, dtype=torch.float32, device=teacher_cls.device)
-    colsum = torch.zeros(K, dtype=torch.float32, device=teacher_cls.device)
+    colsum, count = _zeroed(K, teacher_cls.device)
     cfg = launch_config(K)
     _softmax_rows_kernel[(GB,)](probs, colsum, teacher_cls, center.reshape(-1).float().contiguous(), K,
                                 teacher_cls.stride(0), probs.stride(0), 1.0 / teacher_temp,
@@ -392,9 +417,9 @@ def _cls_op(student_cls: torch.Tensor, teacher_cls: torch.Tensor, center: torch.
     qsum = probs.view(n_global, B, K).sum(0)  # (B, K): all globals' targets per image
     pairs = n_global * V - n_global
     weight = torch.full((V * B,), 1.0 / (max(pairs, 1) * B), dtype=torch.float32, device=student_cls.device)
-    loss_rows, grad = _launch_ce(_rowmajor(student_cls), qsum, probs, None, weight, B, n_global,
-                                 1.0 / student_temp, 1.0, False, None)
-    return loss_rows.sum(), colsum, grad
+    loss, grad = _launch_ce(_rowmajor(student_cls), qsum, probs, None, weight, B, n_global,
+                            1.0 / student_temp, 1.0, False, None, count=count)
+    return loss, colsum, grad
 
 
 @_cls_op.register_fake
@@ -420,9 +445,14 @@ def _(grad, grad_output):
 
 def _save_grad(ctx, inputs, output):
     ctx.save_for_backward(output[2])
+    # the column sums and dS outputs never receive gradients: without this, autograd would fill an (M, K)
+    # tensor of zeros for dS's unused gradient on every backward
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, grad_colsum, grad_grad):
+    if grad_loss is None:
+        return None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
     _scale_op(grad, grad_loss)
     return grad, None, None, None, None, None

@@ -106,6 +106,15 @@ def test_cls_two_pass_path(monkeypatch):
     _check_cls_small(V=5, B=3, K=100)  # 4 chunks, the last one partial; 15 rows straddle tiles of 2
 
 
+def test_loss_sum_is_deterministic():
+    """Programs leave partial sums that the last one adds in program order: the same bits on every call."""
+    s, t, w, c = _rows(301, 257, torch.float32, seed=3)
+    losses = {dce.distill_ce(s, t, w, c, teacher_temp=0.07).item() for _ in range(4)}
+    assert len(losses) == 1
+    ref = weighted_ce_reference(s, t, w, c, teacher_temp=0.07)
+    torch.testing.assert_close(torch.tensor(losses.pop(), dtype=torch.float32), ref.cpu(), **TOL[torch.float32])
+
+
 def test_distill_ce_edge_rows():
     s, t, w, c = _rows(9, 257, torch.float32, seed=1)
     w[2] = 0.0  # zero weight
