@@ -142,6 +142,23 @@ def sweep(copy_bw):
     return rows
 
 
+def breakdown(M=3763, K=8192):
+    """Graph-timed pieces of the patch-row op: the kernel alone, the op's forward, forward + backward."""
+    s, t, w, c = _rows_inputs(M, K, "cuda")[0]
+    colsum = torch.zeros(K, device="cuda")
+    pieces = {
+        "kernel alone": lambda: dce._launch_ce(s, t, None, c, w, 1, 0, 10.0, 14.0, True, colsum),
+        "op forward": lambda: distill_ce(s, t, w, c, teacher_temp=0.07),
+        "fwd + bwd": _grad_step(lambda s_, t_, w_, c_: distill_ce(s_, t_, w_, c_, teacher_temp=0.07)),
+    }
+    rows = []
+    for name, fn in pieces.items():
+        args = (s, t, w, c) if name == "fwd + bwd" else ()
+        rows.append({"piece": name, "graph ms": time_graph_ms(lambda: fn(*args), rep=50)})
+    print_table(f"patch-row op pieces, M={M} K={K} (CUDA graph, one input set)", rows, ["piece", "graph ms"])
+    return rows
+
+
 def bench_ema(copy_bw, rows):
     for arch in ("vit_small", "vit_base"):
         cfg = Config()
@@ -183,6 +200,7 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--only", choices=("distill", "ema"), help="run one kernel's table")
     ap.add_argument("--sweep", action="store_true", help="time the patch kernel's launch configurations first")
+    ap.add_argument("--breakdown", action="store_true", help="time the kernel, the op and fwd+bwd separately")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU (the CPU tests cover correctness)")
@@ -192,6 +210,8 @@ def main(argv=None):
     distill_rows, ema_rows, sweep_rows = [], [], []
     if args.sweep:
         sweep_rows = sweep(copy_bw)
+    if args.breakdown:
+        breakdown()
     if args.only in (None, "distill"):
         bench_distill(copy_bw, not args.no_compile, distill_rows)
         print_table("distillation cross-entropy (bf16 logits, K prototypes); GB/s, % and x from the graph-replayed "

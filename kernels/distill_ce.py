@@ -304,7 +304,7 @@ def _scale_inplace_kernel(x_ptr, g_ptr, N, BLOCK: tl.constexpr):
 # ------------------------------------------------------------------------- launchers
 
 
-# Launch configurations per K range, measured (benchmarks/kernels.py --sweep; benchmarks/RESULTS.md):
+# Launch configurations per K range, measured on an H100 (benchmarks/kernels.py --sweep; benchmarks/RESULTS.md):
 # warps, stages (software pipelining of the row loop), programs per SM, tuple reductions, rows per tile,
 # register prefetch of the next tile, center held in registers (else re-read per tile)
 CONFIGS = [
