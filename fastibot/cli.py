@@ -26,10 +26,11 @@ def _train(args) -> int:
         return 1
     stopped = summary.get("stopped") if summary else None
     if stopped in ("SIGINT", "SIGTERM"):
-        print(f"stopped by {stopped} at step {summary.get('step')}: checkpoint written; continue with "
-              f"fastibot train ... --resume", file=sys.stderr)
+        if summary.get("rank", 0) == 0:
+            print(f"stopped by {stopped} at step {summary.get('step')}: checkpoint written; continue with "
+                  f"fastibot train ... --resume", file=sys.stderr)
         return 128 + int(getattr(signal, stopped))
-    if summary:
+    if summary.get("step") is not None and summary.get("rank", 0) == 0:
         print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, run folder {cfg.runtime.output_dir}")
     return 0
 

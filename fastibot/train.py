@@ -38,6 +38,9 @@ log = logging.getLogger("fastibot")
 
 # device-side counters: sums since the start of the run
 C_LOSS, C_CLS, C_PATCH, C_FINITE, C_NONFINITE, C_BAD_RUN, C_MAX_BAD_RUN, C_BAD_IMAGES, C_GRAD_NORM = range(9)
+# per-rank counts of each rank's own batches; the others (non-finite steps, gradient norms) follow the
+# all-reduced gradients and are equal on every rank
+_RANK_SUMMED = [C_LOSS, C_CLS, C_PATCH, C_FINITE, C_BAD_IMAGES]
 N_COUNTERS = 9
 
 
@@ -305,7 +308,13 @@ class Trainer:
 
     def log_metrics(self, extra: Optional[dict] = None) -> dict:
         now = time.perf_counter()
-        vals = self.counters.tolist()  # sync-ok: read every runtime.log_every steps
+        counters = self.counters
+        if self.rt.world > 1:  # losses and bad images summed over ranks (the other counters agree already)
+            counters = counters.clone()
+            summed = counters[_RANK_SUMMED]
+            dist.all_reduce(summed)
+            counters[_RANK_SUMMED] = summed
+        vals = counters.tolist()  # sync-ok: read every runtime.log_every steps
         step0, prev, t0 = self._last
         self._last = (self.step, vals, now)
         d = [a - b for a, b in zip(vals, prev)]
@@ -399,6 +408,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     try:
         trainer = Trainer(cfg, rt, resume)
         summary = trainer.fit()
+        summary = {**summary, "rank": rt.rank}
         return {**summary, "stopped": trainer.stop_reason} if trainer.stop_reason else summary
     finally:
         if rt.world > 1 and dist.is_initialized():

@@ -38,6 +38,8 @@ def test_ddp_keeps_ranks_in_step(tmp_path):
     assert r0["student"] == pytest.approx(r1["student"], rel=1e-6, abs=1e-6)
     assert r0["teacher"] == pytest.approx(r1["teacher"], rel=1e-6, abs=1e-6)
     assert r0["centers"] == pytest.approx(r1["centers"], rel=1e-6, abs=1e-6)
+    # the logged loss is the mean over both ranks' batches, not each rank's own
+    assert r0["loss"] == r1["loss"]
     assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_00000003.pt"]  # rank 0 only
 
 
