@@ -343,7 +343,7 @@ def _launch_ce(student, target, self_probs, center, weight, B, G, inv_ts, inv_tt
     """-> (Σ_m w_m CE_m as a 0-d fp32 tensor, dS). ``count``: a zeroed int32 slot (allocated when None)."""
     M, K = student.shape
     dev = student.device
-    grad = torch.empty_like(student)
+    grad = torch.empty_like(student, dtype=_grad_dtype(student.dtype))
     cfg = launch_config(K, config)
     programs = min(_programs(M, dev, cfg["per_sm"]), triton.cdiv(max(M, 1), cfg["rows"]))
     loss = torch.empty((), dtype=torch.float32, device=dev)
@@ -363,6 +363,13 @@ def _launch_ce(student, target, self_probs, center, weight, B, G, inv_ts, inv_tt
         NPROG_P2=triton.next_power_of_2(programs), num_warps=cfg["warps"],
     )
     return loss, grad
+
+
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dS is saved in forward and scaled in backward; under fp16 loss scaling an unscaled fp16 dS would
+    underflow (|dS| ~ w/τs·|p - q| is often below fp16's 6e-8), so fp16 logits get an fp32 dS (autograd
+    casts the scaled result back to fp16)."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _zeroed(K: int, device):
@@ -387,7 +394,8 @@ def _rows_op(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
     M, K = student.shape
     colsum, count = _zeroed(K, student.device)
     if M == 0:
-        return student.new_zeros((), dtype=torch.float32), colsum, torch.zeros_like(student)
+        return student.new_zeros((), dtype=torch.float32), colsum, torch.zeros_like(student,
+                                                                                   dtype=_grad_dtype(student.dtype))
     loss, grad = _launch_ce(_rowmajor(student), _rowmajor(teacher), None, center.reshape(-1).float().contiguous(),
                             weight.float().contiguous(), 1, 0, 1.0 / student_temp, 1.0 / teacher_temp, True, colsum,
                             count=count)
@@ -397,7 +405,7 @@ def _rows_op(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
 @_rows_op.register_fake
 def _(student, teacher, weight, center, teacher_temp, student_temp):
     return (student.new_empty((), dtype=torch.float32), student.new_empty(student.shape[1], dtype=torch.float32),
-            torch.empty_like(student))
+            torch.empty_like(student, dtype=_grad_dtype(student.dtype)))
 
 
 @torch.library.custom_op("fastibot::distill_ce_cls", mutates_args=())
@@ -425,7 +433,8 @@ def _cls_op(student_cls: torch.Tensor, teacher_cls: torch.Tensor, center: torch.
 @_cls_op.register_fake
 def _(student_cls, teacher_cls, center, n_global, teacher_temp, student_temp):
     return (student_cls.new_empty((), dtype=torch.float32),
-            student_cls.new_empty(teacher_cls.shape[1], dtype=torch.float32), torch.empty_like(student_cls))
+            student_cls.new_empty(teacher_cls.shape[1], dtype=torch.float32),
+            torch.empty_like(student_cls, dtype=_grad_dtype(student_cls.dtype)))
 
 
 @torch.library.custom_op("fastibot::scale_grad_", mutates_args=("grad",))

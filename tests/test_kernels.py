@@ -115,6 +115,29 @@ def test_loss_sum_is_deterministic():
     torch.testing.assert_close(torch.tensor(losses.pop(), dtype=torch.float32), ref.cpu(), **TOL[torch.float32])
 
 
+def test_fp16_gradients_survive_loss_scaling():
+    """fp16 logits under a large grad_output (loss scaling): dS is kept in fp32 until it is scaled, so
+    gradients far below fp16's smallest subnormal before scaling come out right after it."""
+    s, t, w, c = _rows(13, 100, torch.float32, seed=4)
+    w = w * 1e-8  # unscaled |dS| <= 1e-7: about one fp16 subnormal step
+    scale = 65536.0
+    s16 = s.half().requires_grad_(True)
+    (dce.distill_ce(s16, t.half(), w, c, teacher_temp=0.04) * scale).backward()
+    s32 = s.half().float().requires_grad_(True)
+    (weighted_ce_reference(s32, t.half().float(), w, c, teacher_temp=0.04) * scale).backward()
+    assert s16.grad.dtype == torch.float16
+    assert_rel(s16.grad.float(), s32.grad, torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    sc = (torch.randn(6, 64, generator=g) * 3).half().to(DEVICE).requires_grad_(True)
+    tc = (torch.randn(4, 64, generator=g) * 3).half().to(DEVICE)
+    cc = torch.zeros(1, 64, device=DEVICE)
+    (dce.cls_distill_loss(sc, tc, cc, n_global=2, teacher_temp=0.04) * 1e-7 * scale).backward()
+    sr = sc.detach().float().requires_grad_(True)
+    (cls_loss_reference(sr, tc.float(), cc, n_global=2, teacher_temp=0.04) * 1e-7 * scale).backward()
+    assert sc.grad.dtype == torch.float16
+    assert_rel(sc.grad.float(), sr.grad, torch.bfloat16)
+
+
 def test_distill_ce_edge_rows():
     s, t, w, c = _rows(9, 257, torch.float32, seed=1)
     w[2] = 0.0  # zero weight
