@@ -134,7 +134,7 @@ def sweep(copy_bw):
             gbs = 6.0 * M * K / (ms * 1e-3) / 1e9
             rows.append({"shape": f"M={M} K={K}", **{k: str(v) for k, v in over.items()}, "kernel ms": ms,
                          "GB/s": gbs, "% copy bw": 100 * gbs / copy_bw, "max |dgrad|": f"{diff:.1e}",
-                         "dloss": f"{abs(loss.sum().item() - base_loss.sum().item()):.1e}"})
+                         "dloss": f"{abs(loss.item() - base_loss.item()):.1e}"})
         rows.sort(key=lambda r: (r["shape"], r["kernel ms"]))
     print_table("patch-row kernel launch configurations (kernel only, do_bench median; |d| against the default)",
                 rows, ["shape", "single", "warps", "rows", "per_sm", "block", "prefetch", "c_regs", "evict_first",
@@ -149,12 +149,9 @@ def breakdown(M=3763, K=8192):
     pieces = {
         "kernel alone": lambda: dce._launch_ce(s, t, None, c, w, 1, 0, 10.0, 14.0, True, colsum),
         "op forward": lambda: distill_ce(s, t, w, c, teacher_temp=0.07),
-        "fwd + bwd": _grad_step(lambda s_, t_, w_, c_: distill_ce(s_, t_, w_, c_, teacher_temp=0.07)),
+        "fwd + bwd": lambda: _grad_step(lambda *a: distill_ce(*a, teacher_temp=0.07))(s, t, w, c),
     }
-    rows = []
-    for name, fn in pieces.items():
-        args = (s, t, w, c) if name == "fwd + bwd" else ()
-        rows.append({"piece": name, "graph ms": time_graph_ms(lambda: fn(*args), rep=50)})
+    rows = [{"piece": name, "graph ms": time_graph_ms(fn, rep=50)} for name, fn in pieces.items()]
     print_table(f"patch-row op pieces, M={M} K={K} (CUDA graph, one input set)", rows, ["piece", "graph ms"])
     return rows
 

@@ -24,7 +24,7 @@ def _train(args) -> int:
     except (DataError, TrainingError, FileNotFoundError) as e:
         print(f"fastibot: {e}", file=sys.stderr)
         return 1
-    stopped = summary.get("stopped") if summary else None
+    stopped = summary.get("stopped")
     if stopped in ("SIGINT", "SIGTERM"):
         if summary.get("rank", 0) == 0:
             print(f"stopped by {stopped} at step {summary.get('step')}: checkpoint written; continue with "

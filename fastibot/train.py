@@ -407,9 +407,10 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     setup_logging(rt.is_main)
     try:
         trainer = Trainer(cfg, rt, resume)
-        summary = trainer.fit()
-        summary = {**summary, "rank": rt.rank}
-        return {**summary, "stopped": trainer.stop_reason} if trainer.stop_reason else summary
+        summary = {**trainer.fit(), "rank": rt.rank}
+        if trainer.stop_reason:
+            summary["stopped"] = trainer.stop_reason
+        return summary
     finally:
         if rt.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

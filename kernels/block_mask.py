@@ -61,9 +61,10 @@ def _block_mask_kernel(out_ptr, ratio_ptr, seed, H, W, min_area, log_lo, log_hi,
 
 def sample_ratios(n: int, pred_ratio: Sequence[float], pred_ratio_var: Sequence[float], generator=None,
                   device="cpu") -> torch.Tensor:
-    """Per-mask target ratios: pick one (ratio, var) pair, then U(ratio - var, ratio + var)."""
-    r = torch.tensor(pred_ratio, dtype=torch.float32, device=device)
-    v = torch.tensor(pred_ratio_var, dtype=torch.float32, device=device)
+    """Per-mask target ratios: pick one (ratio, var) pair, then U(ratio - var, ratio + var). The pairs may
+    be lists or tensors already on ``device`` (no copy then)."""
+    r = torch.as_tensor(pred_ratio, dtype=torch.float32, device=device)
+    v = torch.as_tensor(pred_ratio_var, dtype=torch.float32, device=device)
     pick = torch.randint(len(pred_ratio), (n,), generator=generator, device=device)
     u = torch.rand(n, generator=generator, device=device)
     return r[pick] + v[pick] * (2 * u - 1)

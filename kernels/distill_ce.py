@@ -323,10 +323,11 @@ def launch_config(K: int, override=None):
     """dict(single, block, warps, stages, per_sm, tuple, rows, prefetch, c_regs, reverse, evict_first) for K;
     ``override`` entries replace them."""
     if K <= MAX_SINGLE_BLOCK:
-        cfg = dict(next(c for k, c in CONFIGS if K <= k), single=True, block=max(16, triton.next_power_of_2(K)))
+        entry = next(c for k, c in CONFIGS if K <= k)
+        cfg = {"evict_first": False, **entry, "reverse": False, "single": True,
+               "block": max(16, triton.next_power_of_2(K))}
     else:
         cfg = dict(MULTI_CONFIG, single=False, block=MULTI_BLOCK)
-    cfg = dict(dict(reverse=False, evict_first=False), **cfg)
     if interpreting():  # the interpreter runs tuple reductions element by element in Python
         cfg["tuple"] = False
     cfg.update(override or {})

@@ -175,6 +175,9 @@ class DaliData:
         self.n_outputs = c.n_global + c.n_local
         self.max_rows = max_masked_rows(m.pred_ratio, m.pred_ratio_var, c.n_global * self.batch, self.grid ** 2)
         self.mask_gen = MaskGenerator(m.pred_ratio, m.pred_ratio_var, m.aspect_ratio, m.shape)
+        # the ratio table lives on the device: no host-to-device copy per batch
+        self.ratio_table = (torch.tensor(m.pred_ratio, dtype=torch.float32, device=device),
+                            torch.tensor(m.pred_ratio_var, dtype=torch.float32, device=device))
         self.step = 0
         log.info("DALI loader: %d images, %d threads, decoder=%s, masks on %s", len(samples), threads,
                  "mixed" if device.type == "cuda" else "cpu", device.type)
@@ -189,7 +192,7 @@ class DaliData:
         if self.device.type == "cuda" and m.shape == "block":
             from ..kernels.block_mask import block_masks, sample_ratios
             g = torch.Generator(device=self.device).manual_seed(seed)
-            ratios = sample_ratios(n, m.pred_ratio, m.pred_ratio_var, generator=g, device=self.device)
+            ratios = sample_ratios(n, *self.ratio_table, generator=g, device=self.device)
             return block_masks(ratios, self.grid, self.grid, seed, m.aspect_ratio).reshape(n, -1)
         return self.mask_gen.batch(n, self.grid, self.grid, random.Random(seed)).reshape(n, -1).to(self.device)
 
@@ -227,4 +230,5 @@ class DaliData:
             self.step += 1
             yield {"globals": self._stack(outs[: c.n_global]),
                    "locals": self._stack(outs[c.n_global:self.n_outputs]) if c.n_local else None,
-                   "masks": masks, "mask_index": index, "mask_weight": weight, "mask_valid": valid, "labels": labels.to(self.device), "n_bad": self._take_bad()}
+                   "masks": masks, "mask_index": index, "mask_weight": weight, "mask_valid": valid,
+                   "labels": labels.to(self.device), "n_bad": self._take_bad()}
