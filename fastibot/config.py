@@ -38,9 +38,11 @@ def _f(default, doc: str, choices: Optional[tuple] = None, **kw):
 class ModelConfig:
     arch: str = _f("vit_small", "backbone size", ("vit_tiny", "vit_small", "vit_base", "vit_large"))
     patch_size: int = _f(16, "patch size in pixels")
+    depth: int = _f(0, "transformer blocks (0 = the arch's own: 12, or 24 for vit_large)")
     drop_path: float = _f(0.1, "stochastic depth rate of the student (the teacher uses 0)")
     attention: str = _f("auto", "attention backend", ("auto", "xformers", "varlen", "sdpa", "reference"))
-    packed: bool = _f(False, "one student pass over all crops (block-diagonal attention, heads on masked tokens only)")
+    packed: bool = _f(True, "one student pass over all crops (block-diagonal attention, heads on [CLS] and masked "
+                            "tokens only); false = the official dense computation (the parity oracle)")
     out_dim: int = _f(8192, "number of prototypes K of the [CLS] head")
     patch_out_dim: int = _f(8192, "number of prototypes of the patch head")
     shared_head: bool = _f(True, "student: one last layer for [CLS] and patch tokens")
@@ -87,7 +89,6 @@ class OptimConfig:
                         ("per_param", "global"))
     freeze_last_layer: float = _f(1.0, "epochs during which the last head layer gets no update")
     accum_steps: int = _f(1, "micro-batches accumulated per optimizer step")
-    fused: bool = _f(True, "use the fused AdamW implementation where the device supports it")
 
 
 @dataclass
@@ -126,8 +127,10 @@ class DataConfig:
 
 @dataclass
 class KernelsConfig:
-    loss: str = _f("reference", "iBOT loss implementation", ("reference", "triton", "auto"))
-    ema: str = _f("reference", "teacher EMA implementation", ("reference", "foreach", "triton", "auto"))
+    loss: str = _f("auto", "iBOT loss: triton (fused kernels), reference (eager, official), auto (triton on CUDA, "
+                   "reference elsewhere)", ("reference", "triton", "auto"))
+    ema: str = _f("auto", "teacher EMA: triton (one fused launch), foreach, reference (the official per-tensor loop), "
+                  "auto (triton on CUDA, foreach elsewhere)", ("reference", "foreach", "triton", "auto"))
 
 
 @dataclass
@@ -146,7 +149,13 @@ class RuntimeConfig:
     max_nonfinite: int = _f(20, "stop after this many non-finite losses in a row")
     tensorboard: bool = _f(True, "write scalars for TensorBoard")
     progress: bool = _f(True, "show a progress bar")
-    compile: bool = _f(False, "torch.compile each transformer block of the student and the teacher")
+    compile: str = _f("auto", "torch.compile the teacher forward and the student forward + loss, each as one graph "
+                      "(auto = on CUDA)", ("auto", "true", "false"))
+    cuda_graph: str = _f("auto", "capture the whole step once as a CUDA graph and replay it (auto = on CUDA, "
+                         "one process)", ("auto", "true", "false"))
+    activation_memory: float = _f(1.0, "share of the student's activations kept for backward, (0, 1]: lower "
+                                       "recomputes more and uses less memory (compiled: the partitioner's budget; "
+                                       "eager: that share of blocks keep theirs, the rest recompute)")
 
 
 @dataclass
@@ -216,6 +225,8 @@ def _coerce(key: str, value: Any, typ, choices) -> Any:
     if typ is str:
         if value is None:
             value = ""
+        if isinstance(value, bool) and choices is not None and "true" in choices:
+            value = "true" if value else "false"  # auto|true|false switches written as YAML booleans
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         value = str(value)
@@ -282,6 +293,7 @@ def validate(cfg: Config) -> Config:
         need(len(s) == 2 and 0 < s[0] <= s[1] <= 1, f"crops.{key}", "need two numbers 0 < low <= high <= 1")
     need(c.n_global >= 1, "crops.n_global", "need at least one global crop")
     need(c.n_local >= 0, "crops.n_local", "must be >= 0")
+    need(cfg.model.depth >= 0, "model.depth", "must be >= 0 (0 = the arch's own depth)")
     need(c.global_size % cfg.model.patch_size == 0, "crops.global_size", "must be a multiple of model.patch_size")
     need(c.local_size % cfg.model.patch_size == 0, "crops.local_size", "must be a multiple of model.patch_size")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "need two numbers in [0, 1)")
@@ -295,6 +307,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.runtime.log_every >= 1, "runtime.log_every", "must be >= 1")
     need(cfg.runtime.keep_last >= 1, "runtime.keep_last", "must be >= 1")
     need(cfg.runtime.max_minutes >= 0, "runtime.max_minutes", "must be >= 0")
+    need(0 < cfg.runtime.activation_memory <= 1, "runtime.activation_memory", "must be in (0, 1]")
     if cfg.eval.every_n_steps:
         need(bool(cfg.eval.train_path), "eval.train_path", "required when eval.every_n_steps > 0")
         need(bool(cfg.eval.val_path), "eval.val_path", "required when eval.every_n_steps > 0")

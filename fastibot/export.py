@@ -44,7 +44,8 @@ def export_backbone(checkpoint, out_path, which: str = "teacher") -> Tuple[Path,
     pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)`` loads it strictly.
     """
     backbone, cfg = load_backbone(checkpoint, which)
-    name, kwargs = timm_create_kwargs(cfg.model.arch, cfg.model.patch_size, cfg.crops.global_size)
+    name, kwargs = timm_create_kwargs(cfg.model.arch, cfg.model.patch_size, cfg.crops.global_size,
+                                      cfg.model.depth)
     sd = {k: v.contiguous() for k, v in timm_state_dict(backbone).items()}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

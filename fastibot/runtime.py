@@ -1,4 +1,4 @@
-"""Process setup for training: device, distributed group, precision, seeds, optimizer."""
+"""Process setup for training: device, distributed group, precision, seeds, switches, stop signals."""
 from __future__ import annotations
 
 import os
@@ -54,14 +54,13 @@ def init_runtime(cfg: Config) -> Runtime:
     return Runtime(device, rank, world, local, amp)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases and 1-D parameters (official grouping)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), fused=cfg.optim.fused)
+def resolve_switch(key: str, value: str, device: torch.device, runs_on_cpu: bool) -> bool:
+    """An ``auto|true|false`` switch: auto is on on CUDA; true where it cannot run is an error that says why."""
+    if value == "auto":
+        return device.type == "cuda"
+    if value == "true" and not runs_on_cpu and device.type != "cuda":
+        raise TrainingError(f"{key}=true needs a CUDA device (this run uses {device}); set {key}=false or auto")
+    return value == "true"
 
 
 def seed_everything(seed: int) -> None:

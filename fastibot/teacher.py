@@ -7,8 +7,12 @@
   processes. A non-finite batch statistic leaves the center unchanged (checked
   on the device: no host sync).
 - EMA: θt <- m·θt + (1-m)·θs over all shared parameters; ``reference`` is the
-  official per-tensor loop, ``foreach`` one ``_foreach_lerp_``, ``triton`` the
-  fused kernel of ``fastibot.kernels.ema`` on flat buffers.
+  official per-tensor loop, ``foreach`` the same two products as two foreach
+  launches, ``triton`` the fused kernel of ``fastibot.kernels.ema`` on flat
+  buffers. All three read m and 1-m from device tensors (a schedule entry) and
+  round the two products as the loop does, so they give the same teacher bits.
+- The schedules live on the device too (:meth:`Schedules.device_table`): the
+  step reads its row with a device step counter, so no host value enters it.
 """
 from __future__ import annotations
 
@@ -66,6 +70,18 @@ class Schedules:
     def __len__(self):
         return len(self.lr)
 
+    # rows of the device table, in order
+    ROWS = ("lr", "wd", "momentum", "one_minus_momentum", "teacher_temp", "teacher_patch_temp", "frozen")
+
+    def device_table(self, device) -> torch.Tensor:
+        """(len(ROWS), steps) float64 tensor: column i holds step i's values. ``one_minus_momentum`` is 1 - m in
+        float64 (as the official loop forms it); ``frozen`` is 1 while the last head layer gets no update."""
+        n = len(self)
+        frozen = (np.arange(n) < self.freeze_last_layer_steps).astype(np.float64)
+        rows = [self.lr, self.wd, self.momentum, 1.0 - self.momentum, self.teacher_temp, self.teacher_patch_temp,
+                frozen]
+        return torch.from_numpy(np.stack([np.asarray(r, dtype=np.float64) for r in rows])).to(device)
+
 
 class Centers(nn.Module):
     """The [CLS] and patch centers (buffers, saved in checkpoints)."""
@@ -104,19 +120,26 @@ def ema_pairs(student: nn.Module, teacher: nn.Module) -> Tuple[List[torch.Tensor
 
 
 @torch.no_grad()
-def ema_reference(teacher_params, student_params, m: float) -> None:
-    """The official loop: θt.mul_(m).add_((1 - m) · θs) per tensor."""
+def ema_reference(teacher_params, student_params, m, one_minus_m) -> None:
+    """The official loop: θt.mul_(m).add_((1 - m) · θs) per tensor (m, 1 - m: floats or 0-d tensors)."""
     for pt, ps in zip(teacher_params, student_params):
-        pt.data.mul_(m).add_((1 - m) * ps.detach().data)
+        pt.mul_(m).add_(ps.detach() * one_minus_m)
 
 
 @torch.no_grad()
-def ema_foreach(teacher_params, student_params, m: float) -> None:
-    torch._foreach_lerp_(teacher_params, [p.detach() for p in student_params], 1.0 - m)
+def ema_foreach(teacher_params, student_params, m, one_minus_m) -> None:
+    """The same two products, each one foreach launch (no host value needed: m may be a device tensor)."""
+    torch._foreach_mul_(teacher_params, m)
+    torch._foreach_add_(teacher_params, torch._foreach_mul([p.detach() for p in student_params], one_minus_m))
+
+
+def _fp32(x):
+    """m as the fp32 value the loop multiplies fp32 parameters by (a 0-d tensor stays on its device)."""
+    return x.float() if torch.is_tensor(x) else float(np.float32(x))
 
 
 class EMA:
-    """Teacher update with the implementation chosen by ``kernels.ema``."""
+    """Teacher update with the implementation chosen by ``kernels.ema``; call with (m, 1 - m)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, impl: str):
         self.impl = impl
@@ -126,10 +149,11 @@ class EMA:
             self._flat = FlatEMA(self.t_params, self.s_params)
 
     @torch.no_grad()
-    def __call__(self, m: float) -> None:
+    def __call__(self, m, one_minus_m) -> None:
+        m, one_minus_m = _fp32(m), _fp32(one_minus_m)
         if self.impl == "reference":
-            ema_reference(self.t_params, self.s_params, m)
+            ema_reference(self.t_params, self.s_params, m, one_minus_m)
         elif self.impl == "foreach":
-            ema_foreach(self.t_params, self.s_params, m)
+            ema_foreach(self.t_params, self.s_params, m, one_minus_m)
         else:
-            self._flat(m)
+            self._flat(m, one_minus_m)

@@ -1,14 +1,14 @@
-"""The iBOT training loop: one file, no host syncs inside the step.
+"""The iBOT training loop: build the run, then call one static step per batch.
 
-A step is four named parts: teacher targets, student forward, losses (+ center
-update), update (clip, optimizer, EMA). Metrics accumulate on the device and
-are read every ``runtime.log_every`` steps. Non-finite gradients skip the
-optimizer step on the device (fused AdamW's ``found_inf``), are counted, and
-stop the run after ``runtime.max_nonfinite`` in a row.
+The step itself (``fastibot.step``: teacher targets, student forward + named loss terms, backward,
+update) reads only device tensors, so it is compiled whole (``runtime.compile``) and captured once as
+a CUDA graph (``runtime.cuda_graph``, ``fastibot.graph``). Metrics accumulate on the device and are
+read every ``runtime.log_every`` steps. Non-finite losses or gradients skip the optimizer step on
+the device (fused AdamW's ``found_inf``), are counted, and stop the run after
+``runtime.max_nonfinite`` in a row.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import time
@@ -18,34 +18,26 @@ from typing import List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
 from .config import Config
+from .data.batch import Batch, row_capacity
 from .data.datasets import DataError
 from .data.loaders import build_data
+from .graph import CapturedStep
 from .logger import MetricsWriter, Progress, setup_logging
-from .loss import ibot_loss, ibot_loss_rows
+from .loss import LossSpec
 from .models.attention import resolve_backend
 from .models.ibot import build_model
 from .kernels import resolve_impl
-from .runtime import Runtime, StopSignals, TrainingError, build_optimizer, init_runtime, seed_everything
+from .optim import GradBuffer, IBOTAdamW, LossScaler
+from .runtime import Runtime, StopSignals, TrainingError, init_runtime, resolve_switch, seed_everything
+from .step import TrainStep
 from .teacher import EMA, Centers, Schedules
 
-__all__ = ["Runtime", "Trainer", "TrainingError", "build_optimizer", "init_runtime", "train"]
+__all__ = ["Runtime", "Trainer", "TrainingError", "init_runtime", "train"]
 
 log = logging.getLogger("fastibot")
-
-# device-side counters: sums since the start of the run
-C_LOSS, C_CLS, C_PATCH, C_FINITE, C_NONFINITE, C_BAD_RUN, C_MAX_BAD_RUN, C_BAD_IMAGES, C_GRAD_NORM = range(9)
-# per-rank counts of each rank's own batches; the others (non-finite steps, gradient norms) follow the
-# all-reduced gradients and are equal on every rank
-_RANK_SUMMED = [C_LOSS, C_CLS, C_PATCH, C_FINITE, C_BAD_IMAGES]
-N_COUNTERS = 9
-
-
-def _no_mark(name: str) -> None:
-    return None
 
 
 class Trainer:
@@ -62,52 +54,52 @@ class Trainer:
         self.sched = Schedules.build(cfg, self.steps_per_epoch, rt.world)
         cap = cfg.runtime.max_steps
         self.total_steps = min(cap, len(self.sched)) if cap > 0 else len(self.sched)
-        self._build_models()
-        self.counters = torch.zeros(N_COUNTERS, dtype=torch.float64, device=rt.device)
+        self._build()
         self.step = 0
-        self.mark = _no_mark  # benchmarks set a phase marker (records CUDA events)
         self.writer = MetricsWriter(self.out, cfg.runtime.tensorboard, enabled=rt.is_main)
         if resume is not None:
             self.load(ckpt.resolve_resume(resume, cfg.runtime.output_dir))
-        self._last = (self.step, self.counters.tolist(), time.perf_counter())  # sync-ok: once at start
+        self._last = (self.step, self._metric_values(), time.perf_counter())
 
-    def _build_models(self) -> None:
+    def _build(self) -> None:
         cfg, rt = self.cfg, self.rt
         with torch.random.fork_rng(devices=[]):
-            # the base seed on every rank: DDP broadcasts the student from rank 0, but the teacher is a copy
-            # made here, so every rank must start from the same weights
+            # the base seed on every rank: every rank must start from the same student and teacher
             torch.manual_seed(cfg.runtime.seed)
             student = build_model(cfg, student=True).to(rt.device)
             teacher = build_model(cfg, student=False).to(rt.device)
         teacher.load_state_dict(student.state_dict(), strict=False)
         teacher.requires_grad_(False).eval()
         self.attention = resolve_backend(cfg.model.attention, rt.device.type, rt.amp_dtype or torch.float32)
-        if cfg.runtime.compile:
-            # every block instance (student and teacher, dense and packed inputs) has its own guards
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-            torch._dynamo.config.accumulated_cache_size_limit = max(
-                torch._dynamo.config.accumulated_cache_size_limit, 1024)
         for m in (student, teacher):
             m.backbone.set_attention_backend(self.attention)
-            if cfg.runtime.compile:
-                for blk in m.backbone.blocks:
-                    blk.compile()
-        self.student_module, self.teacher = student, teacher
-        # the triton EMA moves parameters into flat buffers: before DDP and the optimizer see them
+        self.compile = resolve_switch("runtime.compile", cfg.runtime.compile, rt.device, runs_on_cpu=True)
+        self.cuda_graph = resolve_switch("runtime.cuda_graph", cfg.runtime.cuda_graph, rt.device, runs_on_cpu=False)
+        if cfg.runtime.activation_memory < 1.0:
+            if self.compile:  # the min-cut partitioner recomputes until the saved activations fit the budget
+                torch._functorch.config.activation_memory_budget = cfg.runtime.activation_memory
+            else:
+                student.backbone.set_recompute(cfg.runtime.activation_memory)
+        self.student, self.teacher = student, teacher
+        # the triton EMA moves parameters into flat buffers: before the optimizer and the gradients see them
         self.ema_impl = self._kernel_impl("ema", "foreach")
         self.ema = EMA(student, teacher, self.ema_impl)
-        self.student = DDP(student, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
-            if rt.world > 1 else student
+        params = [p for p in student.parameters() if p.requires_grad]
+        self.grads = GradBuffer(params)
         self.centers = Centers(cfg.model.out_dim, cfg.model.patch_out_dim, cfg.ibot.center_momentum,
                                cfg.ibot.center_momentum2).to(rt.device)
-        self.opt = build_optimizer(student, cfg)
-        self.scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
+        self.opt = IBOTAdamW(student, cfg.optim.betas)
+        self.scaler = LossScaler(rt.device) if rt.amp_dtype == torch.float16 else None
         self.loss_impl = self._kernel_impl("loss", "reference")
-        self.params = [p for p in student.parameters() if p.requires_grad]
-        self.last_layer = [p for n, p in student.named_parameters() if "last_layer" in n and p.requires_grad]
-        log.info("fastibot: %s/%d, %s, data=%s, attention=%s, packed=%s, loss=%s, ema=%s, precision=%s, world=%d",
+        self.stepper = TrainStep(cfg, student, teacher, self.centers, self.ema, self.opt, self.grads, self.scaler,
+                                    LossSpec.from_config(cfg, self.loss_impl), self.sched, rt.device, rt.amp_dtype,
+                                    compile=self.compile)
+        self.run_step = CapturedStep(self.stepper, rt.device) if self.cuda_graph else self.stepper
+        log.info("fastibot: %s/%d, %s, data=%s, attention=%s, packed=%s, loss=%s, ema=%s, precision=%s, "
+                 "compile=%s, cuda_graph=%s, masked rows per batch=%d, world=%d",
                  cfg.model.arch, cfg.model.patch_size, rt.device, self.data.kind, self.attention, cfg.model.packed,
-                 self.loss_impl, self.ema_impl, rt.amp_dtype or "fp32", rt.world)
+                 self.loss_impl, self.ema_impl, rt.amp_dtype or "fp32", self.compile, self.cuda_graph,
+                 row_capacity(cfg), rt.world)
 
     def _kernel_impl(self, key: str, fallback: str) -> str:
         try:
@@ -115,108 +107,16 @@ class Trainer:
         except RuntimeError as e:
             raise TrainingError(str(e)) from None
 
-    # ------------------------------------------------------------------ step parts
+    @property
+    def metrics(self):
+        return self.stepper.metrics
 
-    def _autocast(self):
-        if self.rt.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.rt.device.type, dtype=self.rt.amp_dtype)
+    def _metric_values(self) -> dict:
+        m = self.metrics
+        return dict(zip(m.names, m.buf[:len(m.names)].tolist()))  # sync-ok: at log steps only
 
-    def teacher_targets(self, batch):
-        with self._autocast():
-            return self.teacher.teacher(batch["globals"], batch["masks"], batch["mask_index"],
-                                        self.cfg.ibot.patch_center)
-
-    def student_forward(self, batch):
-        with self._autocast():
-            return self.student(batch["globals"], batch["masks"], batch["locals"], batch["mask_index"])
-
-    def losses(self, s, t, batch, it: int):
-        c, sched = self.cfg, self.sched
-        kw = dict(n_global=c.crops.n_global, teacher_temp=float(sched.teacher_temp[it]),
-                  teacher_patch_temp=float(sched.teacher_patch_temp[it]), student_temp=c.ibot.student_temp,
-                  lambda1=c.ibot.lambda1, lambda2=c.ibot.lambda2, impl=self.loss_impl)
-        if c.model.packed:
-            out = ibot_loss_rows(s.cls, s.patch, t.cls, t.patch, batch["mask_weight"], self.centers.center,
-                                 self.centers.center2, **kw)
-        else:
-            out = ibot_loss(s.cls, s.patch, t.cls, t.patch, batch["masks"], self.centers.center,
-                            self.centers.center2, **kw)
-        self.centers.update(out["teacher_cls_mean"], t.patch_mean)
-        return out
-
-    def micro_step(self, batch, it: int, last: bool) -> torch.Tensor:
-        sync = contextlib.nullcontext() if (last or self.rt.world == 1) else self.student.no_sync()
-        with sync:
-            t = self.teacher_targets(batch)
-            self.mark("teacher forward")
-            s = self.student_forward(batch)
-            self.mark("heads")
-            out = self.losses(s, t, batch, it)
-            self.mark("loss")
-            loss = out["loss"] / self.accum
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            self.mark("backward")
-        vals = torch.stack([out["loss"], out["cls"], out["patch"]]).detach().double()
-        ok = torch.isfinite(vals).all()
-        self.counters[C_LOSS:C_PATCH + 1] += torch.where(ok, vals, 0.0)
-        self.counters[C_FINITE] += ok.double()
-        self.counters[C_BAD_IMAGES] += batch["n_bad"].double()
-        return ~ok
-
-    def update(self, it: int, bad_loss: torch.Tensor) -> None:
-        o = self.cfg.optim
-        for i, g in enumerate(self.opt.param_groups):
-            g["lr"] = float(self.sched.lr[it])
-            if i == 0:
-                g["weight_decay"] = float(self.sched.wd[it])
-        if self.scaler is not None:
-            self.scaler.unscale_(self.opt)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norms = torch._foreach_norm(grads)  # per-parameter gradient norms, on the device
-        total_norm = torch.linalg.vector_norm(torch.stack(norms))
-        found_inf = (~torch.isfinite(total_norm)).float()
-        if o.clip_grad > 0 and o.clip_mode == "per_param":
-            coef = torch._foreach_add(norms, 1e-6)
-            torch._foreach_reciprocal_(coef)
-            torch._foreach_mul_(coef, o.clip_grad)
-            torch._foreach_clamp_max_(coef, 1.0)
-            torch._foreach_mul_(grads, coef)
-        elif o.clip_grad > 0:
-            torch._foreach_mul_(grads, (o.clip_grad / (total_norm + 1e-6)).clamp(max=1.0))
-        if it < self.sched.freeze_last_layer_steps:
-            for p in self.last_layer:
-                p.grad = None
-        if self.scaler is not None:
-            bad = bad_loss.float()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            bad = torch.maximum(found_inf, bad_loss.float())  # 0-d, as fused AdamW's step count
-            if o.fused:
-                self.opt.found_inf = bad
-                self.opt.step()
-            elif not bool(bad.item()):  # sync-ok: only the non-fused optimizer needs a host decision
-                self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.mark("optimizer")
-        self.ema(float(self.sched.momentum[it]))
-        self.mark("EMA")
-        self._count_nonfinite(bad.double(), total_norm)
-
-    def _count_nonfinite(self, bad: torch.Tensor, total_norm: torch.Tensor) -> None:
-        c = self.counters
-        c[C_NONFINITE] += bad
-        c[C_BAD_RUN] = (c[C_BAD_RUN] + 1.0) * bad
-        c[C_MAX_BAD_RUN] = torch.maximum(c[C_MAX_BAD_RUN], c[C_BAD_RUN])
-        c[C_GRAD_NORM] += torch.where(torch.isfinite(total_norm), total_norm.double(), 0.0)
-
-    def train_step(self, micro_batches: List[dict]) -> None:
-        it = self.step
-        bad = torch.zeros((), dtype=torch.bool, device=self.rt.device)
-        for i, batch in enumerate(micro_batches):
-            bad = bad | self.micro_step(batch, it, last=i == len(micro_batches) - 1)
-        self.update(it, bad)
+    def train_step(self, micro_batches: List[Batch]) -> None:
+        self.run_step(micro_batches)
         self.step += 1
 
     # ------------------------------------------------------------------ loop
@@ -308,26 +208,27 @@ class Trainer:
 
     def log_metrics(self, extra: Optional[dict] = None) -> dict:
         now = time.perf_counter()
-        counters = self.counters
-        if self.rt.world > 1:  # losses and bad images summed over ranks (the other counters agree already)
-            counters = counters.clone()
-            summed = counters[_RANK_SUMMED]
+        vals = self._metric_values()
+        if self.rt.world > 1:  # per-rank sums (losses, bad images) over ranks; the others agree already
+            names = sorted(self.metrics.per_rank)
+            summed = torch.tensor([vals[k] for k in names], dtype=torch.float64, device=self.rt.device)
             dist.all_reduce(summed)
-            counters[_RANK_SUMMED] = summed
-        vals = counters.tolist()  # sync-ok: read every runtime.log_every steps
+            vals.update(zip(names, summed.tolist()))  # sync-ok: at log steps only
         step0, prev, t0 = self._last
         self._last = (self.step, vals, now)
-        d = [a - b for a, b in zip(vals, prev)]
+        d = {k: v - prev.get(k, 0.0) for k, v in vals.items()}
         steps = max(self.step - step0, 1)
-        finite = max(d[C_FINITE], 1.0)
+        finite = d.get("finite_losses", 0.0)
         images = steps * self.accum * self.cfg.data.batch_size * self.rt.world
         it = self.step - 1
-        row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
-               "loss": d[C_LOSS] / finite, "cls": d[C_CLS] / finite, "patch": d[C_PATCH] / finite,
+        # the loss terms, averaged over the micro-batches whose loss was finite (empty when there were none)
+        losses = {k: (d[k] / finite if finite else float("nan")) for k in ("loss", *self._term_names())}
+        row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **losses,
                "lr": float(self.sched.lr[it]), "wd": float(self.sched.wd[it]),
                "momentum": float(self.sched.momentum[it]), "teacher_temp": float(self.sched.teacher_temp[it]),
-               "grad_norm": d[C_GRAD_NORM] / steps, "img_s": images / max(now - t0, 1e-9),
-               "nonfinite_steps": int(vals[C_NONFINITE]), "bad_images": int(vals[C_BAD_IMAGES])}
+               "grad_norm": d.get("grad_norm", 0.0) / steps, "img_s": images / max(now - t0, 1e-9),
+               "nonfinite_steps": int(vals.get("nonfinite_steps", 0)), "bad_images": int(vals.get("bad_images", 0)),
+               "trimmed_patches": int(vals.get("trimmed_patches", 0))}
         row.update(extra or {})
         if self.rt.device.type == "cuda":
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.rt.device) / 2 ** 30, 3)
@@ -335,15 +236,21 @@ class Trainer:
         self._check_health(vals)
         return row
 
-    def _check_health(self, vals) -> None:
-        if vals[C_MAX_BAD_RUN] >= self.cfg.runtime.max_nonfinite:
+    def _term_names(self) -> List[str]:
+        skip = {"loss", "finite_losses", "bad_images", "trimmed_patches"}
+        return [k for k in self.metrics.names if k in self.metrics.per_rank and k not in skip]
+
+    def _check_health(self, vals: dict) -> None:
+        run = vals.get("max_bad_run", 0.0)
+        if run >= self.cfg.runtime.max_nonfinite:
             raise TrainingError(
-                f"{int(vals[C_MAX_BAD_RUN])} steps in a row had a non-finite loss or gradient (by step {self.step}); "
+                f"{int(run)} steps in a row had a non-finite loss or gradient (by step {self.step}); "
                 "the run has diverged. Lower optim.lr, raise optim.warmup_epochs, or use runtime.precision=bf16/fp32,"
                 " then resume from the last checkpoint (--resume).")
         seen = self.step * self.accum * self.cfg.data.batch_size
-        if vals[C_BAD_IMAGES] > self.cfg.data.max_bad_fraction * max(seen, 1) and vals[C_BAD_IMAGES] >= 10:
-            raise TrainingError(f"{int(vals[C_BAD_IMAGES])} of {seen} images could not be read "
+        bad = vals.get("bad_images", 0.0)
+        if bad > self.cfg.data.max_bad_fraction * max(seen, 1) and bad >= 10:
+            raise TrainingError(f"{int(bad)} of {seen} images could not be read "
                                 f"(more than data.max_bad_fraction={self.cfg.data.max_bad_fraction}); check data.path")
 
     # ------------------------------------------------------------------ checkpoints
@@ -357,14 +264,13 @@ class Trainer:
             rng = gathered
         else:
             rng = [rng]
-        counters = self.counters.cpu()  # sync-ok: checkpoints only
-        return {"step": self.step, "student": self.student_module.state_dict(),
+        return {"step": self.step, "student": self.student.state_dict(),
                 "teacher": self.teacher.state_dict(), "centers": self.centers.state_dict(),
                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
-                "counters": counters, "rng": rng, "config": self.cfg.to_dict()}
+                "metrics": self.metrics.state_dict(), "rng": rng, "config": self.cfg.to_dict()}
 
     def save(self) -> Optional[Path]:
-        state = self.state()  # collective under DDP: every rank gathers
+        state = self.state()  # collective under several processes: every rank gathers
         if not self.rt.is_main:
             return None
         path = ckpt.save_checkpoint(self.out, self.step, state, self.cfg.runtime.keep_last)
@@ -372,16 +278,18 @@ class Trainer:
         return path
 
     def load(self, path: Path) -> None:
+        """Restore in place (every tensor keeps its storage: a captured step reads these buffers)."""
         state = ckpt.load_checkpoint(path)
         _warn_config_changes(state.get("config", {}), self.cfg.to_dict())
-        self.student_module.load_state_dict(state["student"])
+        self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.centers.load_state_dict(state["centers"])
         self.opt.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.counters.copy_(state["counters"].to(self.counters.device))
+        self.metrics.load_state_dict(state["metrics"])
         self.step = int(state["step"])
+        self.stepper.step_t.fill_(self.step)
         rng = state["rng"][self.rt.rank] if len(state["rng"]) > self.rt.rank else state["rng"][0]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])

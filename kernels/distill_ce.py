@@ -14,17 +14,19 @@ normaliser Z (Z = Σ exp((T - c)/τt - max) for teacher logits, 1 for Q̃):
     dS_m   = w_m / τs · ((A/Z)·softmax(s') - a/Z)
 
 One program owns a contiguous run of rows. When K fits one block (K <= 16384)
-each row is read once: S and T in, dS out, and the teacher column sums Σ_m T_m
-(for the center update) accumulate in registers and leave with one atomic add
-per column per program (``PREFETCH``: the next tile's S and T loads are issued
-before this tile's math, so one row's latency hides behind the other's work).
-For larger K a first pass keeps online statistics (running max and rescaled
-sums) and adds column sums; a second pass, last chunk first, writes dS.
+each row is read once: S and T in, dS out (``PREFETCH``: the next tile's S and
+T loads are issued before this tile's math, so one row's latency hides behind
+the other's work). For larger K a first pass keeps online statistics (running
+max and rescaled sums); a second pass, last chunk first, writes dS. The teacher
+temperature is read from a device scalar (a schedule moves it every step
+without a host sync or a new launch). The [CLS] term's teacher softmax kernel
+also sums the teacher rows, which is the [CLS] center's statistic; the patch
+center's comes from the teacher forward (``fastibot.models.ibot``).
 
 Bytes (single block, bf16 inputs): reads S and T once, writes dS once:
-6·M·K bytes, plus 4·K per program for the column sums. The gradient is
-computed in forward and saved; backward scales it in place by grad_output,
-and skips even that pass when grad_output == 1 (checked on the device).
+6·M·K bytes. The gradient is computed in forward and saved; backward scales it
+in place by grad_output, and skips even that pass when grad_output == 1
+(checked on the device).
 """
 from __future__ import annotations
 
@@ -90,12 +92,12 @@ def _load_tile(s_ptr, t_ptr, self_ptr, rows, M, ko, kmask, B, G, s_stride, t_str
 
 @triton.jit
 def _distill_ce_kernel(
-    loss_ptr, partial_ptr, count_ptr, grad_ptr, colsum_ptr,
+    loss_ptr, partial_ptr, count_ptr, grad_ptr,
     s_ptr, t_ptr, self_ptr, c_ptr, w_ptr,
     M, K, B, G,
     s_stride, t_stride, self_stride, g_stride,
-    inv_ts, inv_tt,
-    ROW_IS_LOGITS: tl.constexpr, MIX: tl.constexpr, COLSUM: tl.constexpr,
+    inv_ts, tt_ptr,
+    ROW_IS_LOGITS: tl.constexpr, MIX: tl.constexpr,
     SINGLE: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, TUPLE_REDUCE: tl.constexpr,
     ROWS: tl.constexpr, PREFETCH: tl.constexpr, EVEN_K: tl.constexpr, C_REGS: tl.constexpr,
     REVERSE: tl.constexpr, EVICT: tl.constexpr, NPROG_P2: tl.constexpr,
@@ -104,6 +106,7 @@ def _distill_ce_kernel(
     nprog = tl.num_programs(0)
     offs = tl.arange(0, BLOCK_K)
     ridx = tl.arange(0, ROWS)
+    inv_tt = 1.0 / tl.load(tt_ptr).to(tl.float32)  # the teacher temperature lives on the device (a schedule)
     loss_acc = 0.0  # this program's Σ w_m CE_m
     if SINGLE:
         # whole rows in registers, ROWS at a time: S and T read once, dS written once
@@ -113,7 +116,6 @@ def _distill_ce_kernel(
             kmask = offs < K
         if ROW_IS_LOGITS and C_REGS:
             c = tl.load(c_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
-        col_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         if PREFETCH:  # the next tile's loads are issued before this tile's math
             s_next, t_next = _load_tile(s_ptr, t_ptr, self_ptr, pid * ROWS + ridx, M, offs, kmask, B, G,
                                         s_stride, t_stride, self_stride, MIX, EVICT)
@@ -131,8 +133,6 @@ def _distill_ce_kernel(
                                           s_stride, t_stride, self_stride, MIX, EVICT)
             t = t_raw.to(tl.float32)
             s = s_raw.to(tl.float32) * inv_ts
-            if COLSUM:
-                col_acc += tl.sum(t, 0)
             # padding columns get -inf; rows past M stay finite and are never stored
             s_m = tl.where(kmask[None, :], s, -float("inf"))
             if ROW_IS_LOGITS:
@@ -158,8 +158,6 @@ def _distill_ce_kernel(
             p_scale = mass_z / s_sum  # per-row factors: one multiply per element, no division
             grad = (w * inv_ts)[:, None] * (e * p_scale[:, None] - a * inv_z[:, None])
             tl.store(grad_ptr + r64[:, None] * g_stride + offs[None, :], grad.to(grad_ptr.dtype.element_ty), mask=m2)
-        if COLSUM:
-            tl.atomic_add(colsum_ptr + offs, col_acc, mask=kmask, sem="relaxed")
     else:
         # K too large for registers: ROWS rows at a time, pass 1 keeps online statistics per row (running
         # maxima, rescaled sums) and adds the tile's column sums (one atomic per column per tile); pass 2
@@ -185,8 +183,6 @@ def _distill_ce_kernel(
                                           s_stride, t_stride, self_stride, MIX, EVICT)
                 s = s_raw.to(tl.float32) * inv_ts
                 t = t_raw.to(tl.float32)
-                if COLSUM:
-                    tl.atomic_add(colsum_ptr + ko, tl.sum(t, 0), mask=kmask, sem="relaxed")
                 s_m = tl.where(kmask[None, :], s, -float("inf"))
                 if ROW_IS_LOGITS:
                     c = tl.load(c_ptr + ko, mask=kmask, other=0.0).to(tl.float32)
@@ -252,10 +248,11 @@ def _distill_ce_kernel(
 
 
 @triton.jit
-def _softmax_rows_kernel(out_ptr, colsum_ptr, t_ptr, c_ptr, K, t_stride, o_stride, inv_tt,
+def _softmax_rows_kernel(out_ptr, colsum_ptr, t_ptr, c_ptr, K, t_stride, o_stride, tt_ptr,
                          SINGLE: tl.constexpr, BLOCK_K: tl.constexpr):
     """q = softmax((T - c)/τt) per row (fp32 out) and Σ_m T_m (atomics; few rows)."""
     row = tl.cast(tl.program_id(0), tl.int64)
+    inv_tt = 1.0 / tl.load(tt_ptr).to(tl.float32)
     offs = tl.arange(0, BLOCK_K)
     if SINGLE:
         kmask = offs < K
@@ -339,9 +336,11 @@ def _programs(M: int, device: torch.device, per_sm: int) -> int:
     return max(1, min(M, sms * per_sm))
 
 
-def _launch_ce(student, target, self_probs, center, weight, B, G, inv_ts, inv_tt, row_is_logits, colsum,
+def _launch_ce(student, target, self_probs, center, weight, B, G, inv_ts, teacher_temp, row_is_logits,
                config=None, count=None):
-    """-> (Σ_m w_m CE_m as a 0-d fp32 tensor, dS). ``count``: a zeroed int32 slot (allocated when None)."""
+    """-> (Σ_m w_m CE_m as a 0-d fp32 tensor, dS). ``teacher_temp``: a 1-element device tensor (read by
+    the kernel, so a schedule changes it without a new launch configuration or a host sync); ``count``: a
+    zeroed int32 slot (allocated when None)."""
     M, K = student.shape
     dev = student.device
     grad = torch.empty_like(student, dtype=_grad_dtype(student.dtype))
@@ -353,11 +352,11 @@ def _launch_ce(student, target, self_probs, center, weight, B, G, inv_ts, inv_tt
         count = torch.zeros(1, dtype=torch.int32, device=dev)
     own = self_probs if self_probs is not None else target
     _distill_ce_kernel[(programs,)](
-        loss, partial, count, grad, colsum if colsum is not None else partial,
+        loss, partial, count, grad,
         student, target, own, center if center is not None else partial, weight,
         M, K, B, G,
-        student.stride(0), target.stride(0), own.stride(0), grad.stride(0), inv_ts, inv_tt,
-        ROW_IS_LOGITS=row_is_logits, MIX=not row_is_logits, COLSUM=colsum is not None,
+        student.stride(0), target.stride(0), own.stride(0), grad.stride(0), inv_ts, teacher_temp,
+        ROW_IS_LOGITS=row_is_logits, MIX=not row_is_logits,
         SINGLE=cfg["single"], BLOCK_K=cfg["block"], NUM_STAGES=cfg["stages"], TUPLE_REDUCE=cfg["tuple"],
         ROWS=cfg["rows"], PREFETCH=cfg["prefetch"] and cfg["single"], EVEN_K=cfg["single"] and K == cfg["block"],
         C_REGS=cfg["c_regs"], REVERSE=cfg["reverse"], EVICT="evict_first" if cfg["evict_first"] else "",
@@ -388,31 +387,31 @@ def _rowmajor(x: torch.Tensor) -> torch.Tensor:
 # output shapes (no graph break); the autograd formula is the saved gradient, scaled.
 
 
+def _temp(teacher_temp: torch.Tensor) -> torch.Tensor:
+    return teacher_temp.reshape(1).float()
+
+
 @torch.library.custom_op("fastibot::distill_ce_rows", mutates_args=())
 def _rows_op(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, center: torch.Tensor,
-             teacher_temp: float, student_temp: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (Σ_m w_m CE_m, Σ_m T_m (K,), dLoss/dS (M, K))."""
+             teacher_temp: torch.Tensor, student_temp: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> (Σ_m w_m CE_m, dLoss/dS (M, K)). ``teacher_temp``: a 0-d tensor on the logits' device."""
     M, K = student.shape
-    colsum, count = _zeroed(K, student.device)
     if M == 0:
-        return student.new_zeros((), dtype=torch.float32), colsum, torch.zeros_like(student,
-                                                                                   dtype=_grad_dtype(student.dtype))
-    loss, grad = _launch_ce(_rowmajor(student), _rowmajor(teacher), None, center.reshape(-1).float().contiguous(),
-                            weight.float().contiguous(), 1, 0, 1.0 / student_temp, 1.0 / teacher_temp, True, colsum,
-                            count=count)
-    return loss, colsum, grad
+        return student.new_zeros((), dtype=torch.float32), torch.zeros_like(student, dtype=_grad_dtype(student.dtype))
+    count = torch.zeros(1, dtype=torch.int32, device=student.device)
+    return _launch_ce(_rowmajor(student), _rowmajor(teacher), None, center.reshape(-1).float().contiguous(),
+                      weight.float().contiguous(), 1, 0, 1.0 / student_temp, _temp(teacher_temp), True, count=count)
 
 
 @_rows_op.register_fake
 def _(student, teacher, weight, center, teacher_temp, student_temp):
-    return (student.new_empty((), dtype=torch.float32), student.new_empty(student.shape[1], dtype=torch.float32),
-            torch.empty_like(student, dtype=_grad_dtype(student.dtype)))
+    return student.new_empty((), dtype=torch.float32), torch.empty_like(student, dtype=_grad_dtype(student.dtype))
 
 
 @torch.library.custom_op("fastibot::distill_ce_cls", mutates_args=())
 def _cls_op(student_cls: torch.Tensor, teacher_cls: torch.Tensor, center: torch.Tensor, n_global: int,
-            teacher_temp: float, student_temp: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> ([CLS] loss, Σ over teacher rows (K,), dLoss/dS (V*B, K))."""
+            teacher_temp: torch.Tensor, student_temp: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ([CLS] loss, Σ over teacher rows (K,) for the [CLS] center, dLoss/dS (V*B, K))."""
     GB, K = teacher_cls.shape
     B = GB // n_global
     V = student_cls.shape[0] // B
@@ -420,14 +419,15 @@ def _cls_op(student_cls: torch.Tensor, teacher_cls: torch.Tensor, center: torch.
     probs = torch.empty(GB, K, dtype=torch.float32, device=teacher_cls.device)
     colsum, count = _zeroed(K, teacher_cls.device)
     cfg = launch_config(K)
+    tt = _temp(teacher_temp)
     _softmax_rows_kernel[(GB,)](probs, colsum, teacher_cls, center.reshape(-1).float().contiguous(), K,
-                                teacher_cls.stride(0), probs.stride(0), 1.0 / teacher_temp,
+                                teacher_cls.stride(0), probs.stride(0), tt,
                                 SINGLE=cfg["single"], BLOCK_K=cfg["block"], num_warps=cfg["warps"])
     qsum = probs.view(n_global, B, K).sum(0)  # (B, K): all globals' targets per image
     pairs = n_global * V - n_global
     weight = torch.full((V * B,), 1.0 / (max(pairs, 1) * B), dtype=torch.float32, device=student_cls.device)
     loss, grad = _launch_ce(_rowmajor(student_cls), qsum, probs, None, weight, B, n_global,
-                            1.0 / student_temp, 1.0, False, None, count=count)
+                            1.0 / student_temp, tt, False, count=count)
     return loss, colsum, grad
 
 
@@ -454,13 +454,13 @@ def _(grad, grad_output):
 
 
 def _save_grad(ctx, inputs, output):
-    ctx.save_for_backward(output[2])
+    ctx.save_for_backward(output[-1])
     # the column sums and dS outputs never receive gradients: without this, autograd would fill an (M, K)
     # tensor of zeros for dS's unused gradient on every backward
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_loss, grad_colsum, grad_grad):
+def _backward(ctx, grad_loss, *unused):
     if grad_loss is None:
         return None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
@@ -472,17 +472,25 @@ _rows_op.register_autograd(_backward, setup_context=_save_grad)
 _cls_op.register_autograd(_backward, setup_context=_save_grad)
 
 
-def distill_ce(student, teacher, weight, center, *, teacher_temp: float, student_temp: float = 0.1,
-               return_colsum: bool = False):
-    """Weighted distillation CE over rows; see the module docstring. ``student`` gets the gradient."""
-    loss, colsum, _ = _rows_op(student, teacher.detach(), weight.detach(), center.detach(),
-                               float(teacher_temp), float(student_temp))
-    return (loss, colsum) if return_colsum else loss
+def _as_tensor(temp, like: torch.Tensor) -> torch.Tensor:
+    """A temperature as a 0-d fp32 tensor on the logits' device (a fill, not a host-to-device copy)."""
+    if torch.is_tensor(temp):
+        return temp.detach().reshape(())
+    return torch.full((), float(temp), dtype=torch.float32, device=like.device)
 
 
-def cls_distill_loss(student_cls, teacher_cls, center_cls, *, n_global: int, teacher_temp: float,
+def distill_ce(student, teacher, weight, center, *, teacher_temp, student_temp: float = 0.1):
+    """Weighted distillation CE over rows; see the module docstring. ``student`` gets the gradient;
+    ``teacher_temp`` is a float or a 0-d tensor."""
+    loss, _ = _rows_op(student, teacher.detach(), weight.detach(), center.detach(),
+                       _as_tensor(teacher_temp, student), float(student_temp))
+    return loss
+
+
+def cls_distill_loss(student_cls, teacher_cls, center_cls, *, n_global: int, teacher_temp,
                      student_temp: float = 0.1, return_colsum: bool = False):
-    """The iBOT [CLS] loss (mean over the 2·V - 2 cross-view pairs) in two launches."""
+    """The iBOT [CLS] loss (mean over the 2·V - 2 cross-view pairs) in two launches; ``return_colsum`` also
+    returns Σ over the teacher rows (K,), the [CLS] center's statistic."""
     loss, colsum, _ = _cls_op(student_cls, teacher_cls.detach(), center_cls.detach(), int(n_global),
-                              float(teacher_temp), float(student_temp))
+                              _as_tensor(teacher_temp, student_cls), float(student_temp))
     return (loss, colsum) if return_colsum else loss

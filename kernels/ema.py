@@ -1,17 +1,19 @@
 """Fused teacher EMA over flat parameter buffers: one launch for all parameters.
 
-    θt <- m·θt + (1 - m)·θs        (optionally also writes bf16(θt))
+    θt <- m·θt + (1 - m)·θs
 
 The teacher's and the student's parameters are re-pointed at views into one
 contiguous buffer per side (per dtype), so the update is a single streaming
 pass instead of one or two kernels per tensor. Bytes (fp32): read θt and θs,
-write θt: 12 bytes per parameter (+2 with the bf16 copy). The products are
-rounded separately, exactly as the eager ``θt.mul_(m).add_((1 - m)·θs)`` loop
-rounds them (no fused multiply-add), so both give bit-identical teachers.
+write θt: 12 bytes per parameter. m and 1 - m are read from device scalars (the
+momentum schedule), so a captured step replays with the current values. The
+products are rounded separately, exactly as the eager
+``θt.mul_(m).add_((1 - m)·θs)`` loop rounds them (no fused multiply-add), so
+both give bit-identical teachers.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
@@ -23,41 +25,39 @@ INTERPRETER_BLOCK = 1 << 20  # the CPU interpreter pays per program, not per ele
 
 
 @triton.jit
-def _bf16_bits_rtne(x):
-    """fp32 -> bf16 bit pattern, round to nearest even (the same on the GPU and in the interpreter)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (bits >> 16).to(tl.uint16)
-
-
-@triton.jit
-def _ema_kernel(t_ptr, bf16_ptr, s_ptr, N, m, one_minus_m, WRITE_BF16: tl.constexpr, BLOCK: tl.constexpr):
+def _ema_kernel(t_ptr, s_ptr, m_ptr, omm_ptr, N, BLOCK: tl.constexpr):
     offs = tl.cast(tl.program_id(0), tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
+    m = tl.load(m_ptr).to(tl.float32)
+    one_minus_m = tl.load(omm_ptr).to(tl.float32)
     t = tl.load(t_ptr + offs, mask=mask)
     s = tl.load(s_ptr + offs, mask=mask)
     a = t * m
     b = s * one_minus_m
-    new = a + b
-    tl.store(t_ptr + offs, new, mask=mask)
-    if WRITE_BF16:
-        tl.store(bf16_ptr + offs, _bf16_bits_rtne(new), mask=mask)
+    tl.store(t_ptr + offs, a + b, mask=mask)
 
 
-def ema_update_(teacher_flat: torch.Tensor, student_flat: torch.Tensor, m: float,
-                out_bf16: Optional[torch.Tensor] = None) -> None:
-    """In place on a contiguous 1-D buffer; ``out_bf16`` (same length) receives bf16(θt)."""
+def _scalar(x, device) -> torch.Tensor:
+    if torch.is_tensor(x):
+        return x.reshape(1)
+    return torch.full((1,), float(np.float32(x)), dtype=torch.float32, device=device)  # the fp32 the loop uses
+
+
+def ema_update_(teacher_flat: torch.Tensor, student_flat: torch.Tensor, m, one_minus_m=None,
+                block: int = 0) -> None:
+    """In place on a contiguous 1-D buffer. ``m``, ``one_minus_m``: floats or 0-d tensors on the buffers'
+    device (``one_minus_m`` defaults to 1 - m formed in float64, as the eager loop forms it)."""
     if teacher_flat.shape != student_flat.shape or not teacher_flat.is_contiguous() or not student_flat.is_contiguous():
         raise ValueError("teacher and student buffers must be contiguous and of equal shape")
     n = teacher_flat.numel()
     if n == 0:
         return
-    # the fp32 values the eager loop multiplies by
-    mf, omf = float(np.float32(m)), float(np.float32(1.0 - m))
-    block = BLOCK if teacher_flat.is_cuda else INTERPRETER_BLOCK
-    _ema_kernel[(triton.cdiv(n, block),)](
-        teacher_flat, out_bf16.view(torch.uint16) if out_bf16 is not None else teacher_flat, student_flat, n, mf, omf,
-        WRITE_BF16=out_bf16 is not None, BLOCK=block, num_warps=8, enable_fp_fusion=False)
+    if one_minus_m is None:
+        one_minus_m = 1.0 - float(m)
+    block = block or (BLOCK if teacher_flat.is_cuda else INTERPRETER_BLOCK)
+    _ema_kernel[(triton.cdiv(n, block),)](teacher_flat, student_flat, _scalar(m, teacher_flat.device),
+                                          _scalar(one_minus_m, teacher_flat.device), n, BLOCK=block, num_warps=8,
+                                          enable_fp_fusion=False)
 
 
 def flatten_params_(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
@@ -78,10 +78,9 @@ def flatten_params_(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
 
 
 class FlatEMA:
-    """Owns the flat buffers of matching (teacher, student) parameters; call with the momentum."""
+    """Owns the flat buffers of matching (teacher, student) parameters; call with (m, 1 - m)."""
 
-    def __init__(self, teacher_params: List[torch.nn.Parameter], student_params: List[torch.nn.Parameter],
-                 bf16_copy: bool = False):
+    def __init__(self, teacher_params: List[torch.nn.Parameter], student_params: List[torch.nn.Parameter]):
         groups = {}
         for pt, ps in zip(teacher_params, student_params):
             if pt.shape != ps.shape:
@@ -89,13 +88,9 @@ class FlatEMA:
             groups.setdefault((pt.dtype, pt.device), ([], []))
             groups[(pt.dtype, pt.device)][0].append(pt)
             groups[(pt.dtype, pt.device)][1].append(ps)
-        self.buffers = []
-        for tp, sp in groups.values():
-            t_flat, s_flat = flatten_params_(tp), flatten_params_(sp)
-            bf16 = torch.empty_like(t_flat, dtype=torch.bfloat16) if bf16_copy else None
-            self.buffers.append((t_flat, s_flat, bf16))
+        self.buffers = [(flatten_params_(tp), flatten_params_(sp)) for tp, sp in groups.values()]
 
     @torch.no_grad()
-    def __call__(self, m: float) -> None:
-        for t_flat, s_flat, bf16 in self.buffers:
-            ema_update_(t_flat, s_flat, m, bf16)
+    def __call__(self, m, one_minus_m=None) -> None:
+        for t_flat, s_flat in self.buffers:
+            ema_update_(t_flat, s_flat, m, one_minus_m)

@@ -4,7 +4,7 @@ import random
 import numpy as np
 import torch
 
-from fastibot.data.masking import MaskGenerator, mask_rows, mask_rows_static, max_masked_rows
+from fastibot.data.masking import MaskGenerator
 from fastibot.kernels.block_mask import block_masks, sample_ratios
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,17 +49,3 @@ def test_zero_ratio_odd_grid_and_determinism():
     c = block_masks(ratios, 6, 10, seed=8)
     assert a.shape == (3, 6, 10) and not a[0].any() and a[1].any()
     assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-def test_static_rows_match_dynamic_rows():
-    g = torch.Generator().manual_seed(0)
-    masks = torch.rand(6, 16, generator=g) < 0.3
-    masks[1] = False
-    idx, w = mask_rows(masks, 2)
-    m = max_masked_rows([0.0, 0.5], [0.0, 0.0], 6, 16)
-    assert m == 48
-    sidx, sw, valid = mask_rows_static(masks.to(DEVICE), 2, m)
-    k = idx.numel()
-    assert valid.sum().item() == k and valid[:k].all()
-    assert torch.equal(sidx[:k].cpu(), idx) and torch.allclose(sw[:k].cpu(), w)
-    assert (sw[k:] == 0).all() and (sidx[k:] == 0).all()

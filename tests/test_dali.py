@@ -28,21 +28,21 @@ def test_batches_shapes_ranges_and_masks(tmp_path, shared_images):
     ratios = []
     for _ in range(3):
         b = next(batches)
-        assert b["globals"].shape == (16, 3, 32, 32) and b["globals"].dtype == torch.float32
-        assert b["locals"].shape == (16, 3, 16, 16)
-        for x in (b["globals"], b["locals"]):
+        assert b.globals.shape == (16, 3, 32, 32) and b.globals.dtype == torch.float32
+        assert b.locals.shape == (16, 3, 16, 16)
+        for x in (b.globals, b.locals):
             assert torch.isfinite(x).all()
             lo = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
             hi = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
             assert x.min() >= lo - 0.05 and x.max() <= hi + 0.05
             assert x.std() > 0.3  # real pictures, not constants
-        assert b["masks"].shape == (16, 16)
-        valid = int(b["mask_valid"].sum())
-        assert valid == int(b["masks"].sum())
-        assert torch.equal(b["masks"].reshape(-1)[b["mask_index"][:valid]], torch.ones(valid, dtype=torch.bool))
-        assert b["mask_weight"][valid:].abs().sum() == 0
-        ratios += b["masks"].float().mean(1).tolist()
-        assert b["labels"].shape == (8,) and b["labels"].max() < 10
+        assert b.masks.shape == (16, 16) and b.rows.shape == (data.capacity,)
+        valid = int((b.row_weight > 0).sum())
+        assert valid == int(b.masks.sum())
+        assert torch.equal(b.masks.reshape(-1)[b.rows[:valid]], torch.ones(valid, dtype=torch.bool))
+        assert b.row_weight[valid:].abs().sum() == 0
+        ratios += b.masks.float().mean(1).tolist()
+        assert b.labels.shape == (8,) and b.labels.max() < 10
     r = np.array(ratios)
     assert 0.2 < (r == 0).mean() < 0.8 and r.max() <= 0.5
 
@@ -146,8 +146,8 @@ def test_dali_reads_gray_cmyk_png_and_counts_unreadable_files(tmp_path):
     data.set_position(0, 0)
     it = iter(data)
     first, second = next(it), next(it)
-    assert first["globals"].shape[1] == 3 and torch.isfinite(first["globals"]).all()
-    assert first["n_bad"].item() == len(bad) and second["n_bad"].item() == 0
+    assert first.globals.shape[1] == 3 and torch.isfinite(first.globals).all()
+    assert first.n_bad.item() == len(bad) and second.n_bad.item() == 0
 
 
 def test_dali_stops_when_most_files_are_unreadable(tmp_path):

@@ -47,13 +47,13 @@ def test_multicrop_sample_shapes_and_determinism():
 
 def test_collate_layout():
     ds = _dataset(SyntheticSource(10, 2, 64), n_local=2)
-    batch = collate_multicrop([ds[(0, i)] for i in range(3)], n_global=2)
-    assert batch["globals"].shape == (6, 3, 64, 64) and batch["locals"].shape == (6, 3, 32, 32)
-    assert batch["masks"].shape == (6, 16)
+    batch = collate_multicrop([ds[(0, i)] for i in range(3)], n_global=2, capacity=96)
+    assert batch.globals.shape == (6, 3, 64, 64) and batch.locals.shape == (6, 3, 32, 32)
+    assert batch.masks.shape == (6, 16) and batch.rows.shape == (96,) and batch.row_weight.shape == (96,)
     # crop-major: rows 0..2 are crop 0 of images 0..2, rows 3..5 crop 1
-    assert torch.equal(batch["globals"][4], ds[(0, 1)]["crops"][1])
-    assert batch["mask_index"].numel() == int(batch["masks"].sum())
-    assert batch["labels"].tolist() == [0, 1, 0]
+    assert torch.equal(batch.globals[4], ds[(0, 1)]["crops"][1])
+    assert int((batch.row_weight > 0).sum()) == int(batch.masks.sum())
+    assert batch.labels.tolist() == [0, 1, 0]
 
 
 def test_sampler_shards_and_resumes():
@@ -113,4 +113,4 @@ def test_loader_with_workers_matches_main_process(tmp_path):
     cfg0 = tiny_config(tmp_path, **{"data.num_workers": 0})
     _, _, loader0 = build_loader(cfg0)
     b = next(iter(loader0))
-    assert torch.equal(a["globals"], b["globals"]) and torch.equal(a["masks"], b["masks"])
+    assert torch.equal(a.globals, b.globals) and torch.equal(a.masks, b.masks)

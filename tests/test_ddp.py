@@ -1,4 +1,5 @@
-"""Two processes over torchrun with the gloo backend on the CPU: the DDP code path end to end."""
+"""Two processes over torchrun with the gloo backend on the CPU: the data-parallel code path end to end
+(gradients averaged by one all-reduce of the flat gradient buffer)."""
 import json
 import os
 import socket
@@ -41,6 +42,14 @@ def test_ddp_keeps_ranks_in_step(tmp_path):
     # the logged loss is the mean over both ranks' batches, not each rank's own
     assert r0["loss"] == r1["loss"]
     assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_00000003.pt"]  # rank 0 only
+
+
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """The skip decision travels with the gradient all-reduce: rank 1's NaN loss at step 0 makes both ranks
+    skip that optimizer step, so they stay identical (one rank stepping alone would split them)."""
+    r0, r1 = _torchrun(tmp_path, "optim.epochs=4", "runtime.max_steps=2", "nan_on_rank=1")
+    assert r0["nonfinite_steps"] == r1["nonfinite_steps"] == 1
+    assert r0["student"] == r1["student"] and r0["teacher"] == r1["teacher"]
 
 
 def test_ddp_time_budget_stops_every_rank_together(tmp_path):

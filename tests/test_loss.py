@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastibot.data.masking import mask_rows
-from fastibot.loss import ibot_loss, ibot_loss_rows
+from fastibot.data.batch import masked_rows
+from fastibot.loss import LossSpec, ibot_terms
+from fastibot.models.ibot import StudentOut, TeacherOut
 
 
 def _softmax(x):
@@ -59,54 +60,70 @@ def _inputs(G=2, L=3, B=3, N=7, K=13, seed=0, scale=3.0):
                 masks=masks, c1=r(1, K) * 0.1, c2=r(1, K) * 0.1)
 
 
+def _terms(x, G=2, impl="reference", rows_form=False, lambda1=1.0, lambda2=1.0, tt=0.04, tpt=0.07, st=0.1):
+    """ibot_terms on dense logits, or on the masked rows gathered as the packed model produces them."""
+    spec = LossSpec(G, st, lambda1, lambda2, impl)
+    masks, rows, weight, _ = masked_rows(x["masks"], G, capacity=x["masks"].numel())
+    s, t = StudentOut(x["s_cls"], x["s_patch"]), TeacherOut(x["t_cls"], x["t_patch"], None)
+    if rows_form:
+        K = x["s_patch"].shape[-1]
+        s = StudentOut(x["s_cls"], x["s_patch"].reshape(-1, K)[rows])
+        t = TeacherOut(x["t_cls"], x["t_patch"].reshape(-1, K)[rows], None)
+    terms, cls_mean = ibot_terms(spec, s, t, masks, rows, weight, x["c1"], x["c2"], tt, tpt)
+    return terms, cls_mean
+
+
 @pytest.mark.parametrize("G,L", [(2, 3), (2, 10), (2, 0), (3, 2), (1, 2)])
 def test_reference_matches_independent(G, L):
     x = _inputs(G=G, L=L)
-    out = ibot_loss(x["s_cls"], x["s_patch"], x["t_cls"], x["t_patch"], x["masks"], x["c1"], x["c2"],
-                    n_global=G, teacher_temp=0.04, teacher_patch_temp=0.07, student_temp=0.1)
+    terms, cls_mean = _terms(x, G)
     cls, patch = independent_ibot(x["s_cls"], x["s_patch"], x["t_cls"], x["t_patch"], x["masks"], x["c1"],
                                   x["c2"], G, 0.04, 0.07, 0.1)
-    assert out["cls"].item() == pytest.approx(cls, rel=1e-5)
-    assert out["patch"].item() == pytest.approx(patch, rel=1e-5)
-    assert out["loss"].item() == pytest.approx(cls + patch, rel=1e-5)
+    assert terms["cls"].item() == pytest.approx(cls, rel=1e-5)
+    assert terms["patch"].item() == pytest.approx(patch, rel=1e-5)
+    torch.testing.assert_close(cls_mean, x["t_cls"].mean(0))
+
+
+def test_float64_inputs_give_float64_math():
+    """The parity tests' oracle: float64 logits are not rounded to fp32 on the way."""
+    x = {k: (v.double() if v.is_floating_point() else v) for k, v in _inputs(scale=5.0).items()}
+    terms, _ = _terms(x)
+    assert terms["cls"].dtype == terms["patch"].dtype == torch.float64
+    cls, patch = independent_ibot(x["s_cls"], x["s_patch"], x["t_cls"], x["t_patch"], x["masks"], x["c1"],
+                                  x["c2"], 2, 0.04, 0.07, 0.1)
+    assert terms["cls"].item() == pytest.approx(cls, rel=1e-12)
+    assert terms["patch"].item() == pytest.approx(patch, rel=1e-12)
 
 
 def test_lambdas_and_rows_version_agree():
     x = _inputs()
-    kw = dict(n_global=2, teacher_temp=0.05, teacher_patch_temp=0.06, student_temp=0.1, lambda1=0.7, lambda2=1.3)
-    dense = ibot_loss(x["s_cls"], x["s_patch"], x["t_cls"], x["t_patch"], x["masks"], x["c1"], x["c2"], **kw)
-    index, weight = mask_rows(x["masks"], 2)
-    K = x["s_patch"].shape[-1]
-    rows = ibot_loss_rows(x["s_cls"], x["s_patch"].reshape(-1, K)[index], x["t_cls"],
-                          x["t_patch"].reshape(-1, K)[index], weight, x["c1"], x["c2"], **kw)
-    for k in ("loss", "cls", "patch"):
+    kw = dict(lambda1=0.7, lambda2=1.3, tt=0.05, tpt=0.06)
+    dense, _ = _terms(x, **kw)
+    rows, _ = _terms(x, rows_form=True, **kw)
+    for k in ("cls", "patch"):
         assert rows[k].item() == pytest.approx(dense[k].item(), rel=1e-6)
     cls, patch = independent_ibot(x["s_cls"], x["s_patch"], x["t_cls"], x["t_patch"], x["masks"], x["c1"], x["c2"],
                                   2, 0.05, 0.06, 0.1)
-    assert dense["loss"].item() == pytest.approx(0.7 * cls + 1.3 * patch, rel=1e-5)
+    assert (dense["cls"] + dense["patch"]).item() == pytest.approx(0.7 * cls + 1.3 * patch, rel=1e-5)
+
+
+def test_temperatures_as_device_tensors_equal_floats():
+    x = _inputs(seed=5)
+    a, _ = _terms(x, tt=0.05, tpt=0.06)
+    b, _ = _terms(x, tt=torch.tensor(0.05), tpt=torch.tensor(0.06))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
 
 
 def test_gradients_of_dense_and_rows_agree():
     x = _inputs(seed=3)
-    kw = dict(n_global=2, teacher_temp=0.05, teacher_patch_temp=0.06)
-    s1 = x["s_patch"].clone().requires_grad_(True)
-    c1 = x["s_cls"].clone().requires_grad_(True)
-    ibot_loss(c1, s1, x["t_cls"], x["t_patch"], x["masks"], x["c1"], x["c2"], **kw)["loss"].backward()
-    index, weight = mask_rows(x["masks"], 2)
-    K = s1.shape[-1]
-    s2 = x["s_patch"].clone().requires_grad_(True)
-    c2 = x["s_cls"].clone().requires_grad_(True)
-    ibot_loss_rows(c2, s2.reshape(-1, K)[index], x["t_cls"], x["t_patch"].reshape(-1, K)[index], weight,
-                   x["c1"], x["c2"], **kw)["loss"].backward()
-    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(c1.grad, c2.grad, rtol=1e-5, atol=1e-7)
+    grads = []
+    for rows_form in (False, True):
+        y = dict(x, s_patch=x["s_patch"].clone().requires_grad_(True), s_cls=x["s_cls"].clone().requires_grad_(True))
+        terms, _ = _terms(y, rows_form=rows_form, tt=0.05, tpt=0.06)
+        sum(terms.values()).backward()
+        grads.append((y["s_patch"].grad, y["s_cls"].grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-7)
     # unmasked patches get no gradient
-    assert s1.grad[~x["masks"]].abs().max().item() == 0.0
-
-
-def test_mask_rows_weights():
-    masks = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    index, weight = mask_rows(masks, n_global=2)  # B = 2
-    assert index.tolist() == [0, 1, 8, 12, 13, 14, 15]
-    expected = [1 / (2 * 2 * 2)] * 2 + [1 / (2 * 2 * 1)] + [1 / (2 * 2 * 4)] * 4
-    assert weight.tolist() == pytest.approx(expected)
+    assert grads[0][0][~x["masks"]].abs().max().item() == 0.0

@@ -62,31 +62,40 @@ def test_resume_is_bit_exact(tmp_path, packed):
     assert torch.equal(sa["centers"]["center2"], sb["centers"]["center2"])
 
 
+def _nan_at(monkeypatch, steps):
+    """Make the loss terms NaN at the given (0-based) steps, as a diverging run would."""
+    import fastibot.step as step_mod
+    real, calls = step_mod.ibot_terms, [0]
+
+    def terms(*args, **kw):
+        out, stat = real(*args, **kw)
+        if calls[0] in steps:
+            out = {k: v * float("nan") for k, v in out.items()}
+        calls[0] += 1
+        return out, stat
+
+    monkeypatch.setattr(step_mod, "ibot_terms", terms)
+
+
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, **{"runtime.max_steps": 6, "runtime.max_nonfinite": 3})
-    rt = Runtime(torch.device("cpu"))
-    trainer = Trainer(cfg, rt)
-    real = Trainer.losses
-    nan_steps = {1, 3, 4, 5}
-
-    def losses(self, s, t, batch, it):
-        out = real(self, s, t, batch, it)
-        if it in nan_steps:
-            out = {k: v * float("nan") for k, v in out.items()}
-        return out
-
-    monkeypatch.setattr(Trainer, "losses", losses)
-    trainer.train_step([next(iter(trainer.data))])  # step 0: fine
-    before = {k: v.clone() for k, v in trainer.student_module.state_dict().items()}
-    trainer.train_step([next(iter(trainer.data))])  # step 1: NaN -> no update of the student
-    after = trainer.student_module.state_dict()
+    _nan_at(monkeypatch, {1, 3, 4, 5})
+    trainer = Trainer(cfg, Runtime(torch.device("cpu")))
+    batch = next(iter(trainer.data))
+    trainer.train_step([batch])  # step 0: fine
+    state = lambda: {k: v.clone() for k, v in trainer.student.state_dict().items()}  # noqa: E731
+    opt_steps = lambda: [s["step"].item() for s in trainer.opt.main.state.values()]  # noqa: E731
+    before, steps_before = state(), opt_steps()
+    trainer.train_step([batch])  # step 1: NaN -> no update of the student, no AdamW step counted
+    after = state()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert opt_steps() == steps_before
     row = trainer.log_metrics()
     assert row["nonfinite_steps"] == 1
-    trainer.train_step([next(iter(trainer.data))])  # step 2: fine again
-    assert any(not torch.equal(before[k], trainer.student_module.state_dict()[k]) for k in before)
+    trainer.train_step([batch])  # step 2: fine again
+    assert any(not torch.equal(before[k], trainer.student.state_dict()[k]) for k in before)
     for _ in range(3):  # steps 3, 4, 5: three in a row
-        trainer.train_step([next(iter(trainer.data))])
+        trainer.train_step([batch])
     with pytest.raises(TrainingError, match="3 steps in a row"):
         trainer.log_metrics()
 

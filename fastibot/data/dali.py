@@ -41,7 +41,8 @@ from typing import List, Tuple
 import torch
 
 from .datasets import DataError, list_images
-from .masking import MaskGenerator, mask_rows_static, max_masked_rows
+from .batch import make_batch, row_capacity
+from .masking import MaskGenerator, mask_grid
 
 log = logging.getLogger("fastibot")
 
@@ -166,14 +167,14 @@ class DaliData:
         self.steps_per_epoch = len(samples) // (self.batch * world)
         if self.steps_per_epoch == 0:
             raise DataError(f"{len(samples)} images cannot fill one global batch of {self.batch * world}")
-        threads = max(1, min(4, cfg.data.num_workers or 4))
+        threads = max(1, cfg.data.num_workers)  # CPU threads of the pipeline (4 suffice with GPU decode)
         self.pipe = build_pipeline([p for p, _ in samples], [lab for _, lab in samples], cfg.crops, self.batch,
                                    rank, world, cfg.runtime.seed + rank,
                                    device.index if device.type == "cuda" else None, threads)
         c, m = cfg.crops, cfg.masking
-        self.grid = c.global_size // cfg.model.patch_size
+        self.grid = mask_grid(cfg)
         self.n_outputs = c.n_global + c.n_local
-        self.max_rows = max_masked_rows(m.pred_ratio, m.pred_ratio_var, c.n_global * self.batch, self.grid ** 2)
+        self.capacity = row_capacity(cfg)
         self.mask_gen = MaskGenerator(m.pred_ratio, m.pred_ratio_var, m.aspect_ratio, m.shape)
         # the ratio table lives on the device: no host-to-device copy per batch
         self.ratio_table = (torch.tensor(m.pred_ratio, dtype=torch.float32, device=device),
@@ -193,8 +194,8 @@ class DaliData:
             from ..kernels.block_mask import block_masks, sample_ratios
             g = torch.Generator(device=self.device).manual_seed(seed)
             ratios = sample_ratios(n, *self.ratio_table, generator=g, device=self.device)
-            return block_masks(ratios, self.grid, self.grid, seed, m.aspect_ratio).reshape(n, -1)
-        return self.mask_gen.batch(n, self.grid, self.grid, random.Random(seed)).reshape(n, -1).to(self.device)
+            return block_masks(ratios, *self.grid, seed, m.aspect_ratio).reshape(n, -1)
+        return self.mask_gen.batch(n, *self.grid, random.Random(seed)).reshape(n, -1).to(self.device)
 
     def _stack(self, outs) -> torch.Tensor:
         """DALI outputs (one per crop, B each) copied straight into one (n*B, ...) tensor: no extra cat."""
@@ -224,11 +225,12 @@ class DaliData:
             except RuntimeError as e:
                 raise DataError(f"DALI could not decode an image under data.path ({str(e).splitlines()[0][:200]}); "
                                 "data.loader=torchvision skips such files") from e
-            labels = torch.from_numpy(outs[-1].as_array().reshape(-1)).long()
             masks = self._masks()  # (G*B, N)
-            index, weight, valid = mask_rows_static(masks, c.n_global, self.max_rows)
+            if self.step // self.steps_per_epoch < self.cfg.masking.start_epoch:
+                masks = torch.zeros_like(masks)
             self.step += 1
-            yield {"globals": self._stack(outs[: c.n_global]),
-                   "locals": self._stack(outs[c.n_global:self.n_outputs]) if c.n_local else None,
-                   "masks": masks, "mask_index": index, "mask_weight": weight, "mask_valid": valid,
-                   "labels": labels.to(self.device), "n_bad": self._take_bad()}
+            # labels stay on the host: training never reads them (no copy per batch)
+            yield make_batch(self._stack(outs[: c.n_global]),
+                             self._stack(outs[c.n_global:self.n_outputs]) if c.n_local else None,
+                             masks, c.n_global, self.capacity, n_bad=self._take_bad(),
+                             labels=torch.from_numpy(outs[-1].as_array().reshape(-1)).long())

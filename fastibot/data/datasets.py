@@ -21,7 +21,8 @@ from typing import List, Sequence, Tuple
 import torch
 from PIL import Image
 
-from .masking import MaskGenerator, mask_rows
+from .batch import Batch, make_batch, row_capacity
+from .masking import MaskGenerator
 from .synthetic import synthetic_image
 
 log = logging.getLogger("fastibot")
@@ -162,20 +163,17 @@ class MultiCropDataset(torch.utils.data.Dataset):
         return {"crops": crops, "masks": masks, "label": label, "n_bad": n_bad}
 
 
-def collate_multicrop(samples: Sequence[dict], n_global: int) -> dict:
-    """Crop-major batches: globals (G*B, 3, H, W), locals (L*B, 3, h, w), masks (G*B, N),
-    the flat masked-patch index (M,) and per-row loss weights (M,), labels (B,), n_bad."""
+def collate_multicrop(samples: Sequence[dict], n_global: int, capacity: int) -> Batch:
+    """Crop-major tensors (globals (G*B, 3, H, W), locals (L*B, 3, h, w), masks (G*B, N)) and the
+    fixed-size masked rows of :mod:`fastibot.data.batch`."""
     n_crops = len(samples[0]["crops"])
     per_crop = [torch.stack([s["crops"][c] for s in samples]) for c in range(n_crops)]
     globals_ = torch.cat(per_crop[:n_global])
     locals_ = torch.cat(per_crop[n_global:]) if n_crops > n_global else None
     masks = torch.cat([torch.stack([s["masks"][g] for s in samples]) for g in range(n_global)]).flatten(1)
-    index, weight = mask_rows(masks, n_global)
-    return {
-        "globals": globals_, "locals": locals_, "masks": masks, "mask_index": index, "mask_weight": weight,
-        "labels": torch.tensor([s["label"] for s in samples]),
-        "n_bad": torch.tensor(sum(s["n_bad"] for s in samples)),
-    }
+    return make_batch(globals_, locals_, masks, n_global, capacity,
+                      n_bad=torch.tensor(float(sum(s["n_bad"] for s in samples))),
+                      labels=torch.tensor([s["label"] for s in samples]))
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
@@ -239,7 +237,8 @@ def build_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False):
     workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers,
-        collate_fn=partial(collate_multicrop, n_global=cfg.crops.n_global), pin_memory=pin_memory,
+        collate_fn=partial(collate_multicrop, n_global=cfg.crops.n_global, capacity=row_capacity(cfg)),
+        pin_memory=pin_memory,
         persistent_workers=workers > 0, worker_init_fn=_worker_init if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
         # its own generator: starting an epoch's iterator must not consume the training RNG stream,

@@ -80,39 +80,8 @@ class MaskGenerator:
         return torch.from_numpy(np.stack([self(h, w, rng) for _ in range(n)]))
 
 
-def mask_rows(masks: torch.Tensor, n_global: int) -> tuple:
-    """Flat indices of masked patches and their loss weights, from (G*B, N) bool masks.
-
-    The patch loss is mean over globals of mean over images of
-    (sum over masked patches of CE) / max(#masked, 1); so each masked row of
-    image i weighs 1 / (G · B · #masked_i). Returns (index (M,) int64, weight (M,) fp32).
-    """
-    gb, n = masks.shape
-    b = gb // n_global
-    counts = masks.sum(1)  # (G*B,)
-    index = masks.reshape(-1).nonzero().squeeze(1)
-    per_image = 1.0 / (n_global * b * counts.clamp(min=1).float())
-    weight = per_image[index.div(n, rounding_mode="floor")]
-    return index, weight
-
-
-def mask_rows_static(masks: torch.Tensor, n_global: int, max_rows: int) -> tuple:
-    """:func:`mask_rows` with a fixed row count, on the masks' device and without a host sync.
-
-    Rows past the real masked count point at patch 0 with weight 0 (they add nothing to the loss or
-    its gradient). Returns (index (max_rows,), weight (max_rows,), valid (max_rows,) bool).
-    """
-    gb, n = masks.shape
-    b = gb // n_global
-    flat = masks.reshape(-1)
-    index = torch.nonzero_static(flat, size=max_rows, fill_value=0).squeeze(1)
-    valid = torch.arange(max_rows, device=masks.device) < flat.sum()
-    per_image = 1.0 / (n_global * b * masks.sum(1).clamp(min=1).float())
-    weight = torch.where(valid, per_image[index.div(n, rounding_mode="floor")], 0.0)
-    return index, weight, valid
-
-
-def max_masked_rows(pred_ratio, pred_ratio_var, n_crops: int, n_patches: int) -> int:
-    """Upper bound on masked patches in a batch: blocks never exceed a crop's target ratio."""
-    top = max(r + v for r, v in zip(pred_ratio, pred_ratio_var))
-    return max(1, n_crops * int(top * n_patches))
+def mask_grid(cfg, size: int = 0) -> tuple:
+    """(h, w) of the grid block masks are drawn on, for a crop of ``size`` px (default: the global crop)."""
+    size = size or cfg.crops.global_size
+    g = size // cfg.model.patch_size
+    return g, g

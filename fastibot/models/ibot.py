@@ -5,18 +5,18 @@ Two paths that share weights and give the same loss:
 - dense (``model.packed: false``, the official computation): the student runs
   the masked globals and the locals as two batches; the head runs on every
   token of every crop; the loss reads dense ``(G*B, N, K)`` patch logits.
-- packed (``model.packed: true``): one student pass over all crops
-  (block-diagonal attention); the head runs only on the [CLS] tokens and the
-  masked global patch tokens, gathered into one ``(V*B + M, D)`` tensor. The
-  teacher's patch head runs on the same ``M`` positions; when the patch center
+- packed (``model.packed: true``, the default): one student pass over all
+  crops (block-diagonal attention); the head runs only on the [CLS] tokens and
+  the masked global patch tokens (the R fixed-size rows of
+  ``fastibot.data.batch``), gathered into one ``(V*B + R, D)`` tensor. The
+  teacher's patch head runs on the same R positions; when the patch center
   must average all patches (``ibot.patch_center: all``) the teacher's MLP runs
   on all its patch tokens. Because the last layer is linear, the center
   statistic is ``W · mean(z)`` over all patches or over the masked ones: no
-  ``(G*B*N, K)`` tensor is ever made, and no extra pass over the ``(M, K)`` rows.
+  ``(G*B*N, K)`` tensor is ever made, and no extra pass over the ``(R, K)`` rows.
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -29,17 +29,17 @@ from .vit import VisionTransformer
 
 class StudentOut(NamedTuple):
     cls: torch.Tensor  # (V*B, K) crop-major
-    patch: torch.Tensor  # dense (G*B, N, K), or packed rows (M, K)
+    patch: torch.Tensor  # dense (G*B, N, K), or packed rows (R, K)
 
 
 class TeacherOut(NamedTuple):
     cls: torch.Tensor  # (G*B, K)
-    patch: torch.Tensor  # dense (G*B, N, K), or packed rows (M, K)
+    patch: torch.Tensor  # dense (G*B, N, K), or packed rows (R, K)
     patch_mean: torch.Tensor  # (K,) batch mean of the patch logits the center averages (fp32)
 
 
 class IBOTModel(nn.Module):
-    """A ViT backbone and an iBOT head. ``forward`` is the student step (one call, for DDP)."""
+    """A ViT backbone and an iBOT head. ``forward`` is the student step, ``teacher`` the teacher's."""
 
     def __init__(self, backbone: VisionTransformer, head: IBOTHead, packed: bool):
         super().__init__()
@@ -51,11 +51,11 @@ class IBOTModel(nn.Module):
     # --------------------------------------------------------------- student
 
     def forward(self, globals_: torch.Tensor, masks: torch.Tensor, locals_: Optional[torch.Tensor],
-                mask_index: Optional[torch.Tensor] = None) -> StudentOut:
+                rows: torch.Tensor) -> StudentOut:
         """globals_ (G*B, 3, H, W), masks (G*B, N) bool, locals_ (L*B, 3, h, w) or None,
-        mask_index (M,) flat indices of masked patches into G*B*N (packed path only)."""
+        rows (R,) flat indices of masked patches into G*B*N (``fastibot.data.batch``; packed path only)."""
         if self.packed:
-            return self._student_packed(globals_, masks, locals_, mask_index)
+            return self._student_packed(globals_, masks, locals_, rows)
         return self._student_dense(globals_, masks, locals_)
 
     def _student_dense(self, globals_, masks, locals_) -> StudentOut:
@@ -70,27 +70,32 @@ class IBOTModel(nn.Module):
             cls = torch.cat([cls, local_cls], 0)
         return StudentOut(cls, patch)
 
-    def _student_packed(self, globals_, masks, locals_, mask_index) -> StudentOut:
+    def _student_packed(self, globals_, masks, locals_, rows) -> StudentOut:
         crops, crop_masks = [globals_], [masks]
         if locals_ is not None and locals_.shape[0] > 0:
             crops.append(locals_)
             crop_masks.append(None)
         tokens, layout = self.backbone.forward_packed(crops, crop_masks)  # (T, D)
         self.mark("student forward")
-        cls_pos = _cls_positions(layout, tokens.device)  # (V*B,)
-        n_patch = masks.shape[1]
-        patch_pos = mask_index + mask_index.div(n_patch, rounding_mode="floor") + 1  # (M,)
-        z = self.head.embed(tokens[torch.cat([cls_pos, patch_pos])])  # (V*B + M, bottleneck)
+        # token index of every crop's [CLS]: group by group, one sequence after another (static shapes)
+        cls_pos, start = [], 0
+        for n, length in layout.groups:
+            cls_pos.append(torch.arange(n, device=tokens.device) * length + start)
+            start += n * length
+        cls_pos = torch.cat(cls_pos)  # (V*B,)
+        patch_pos = rows + rows.div(masks.shape[1], rounding_mode="floor") + 1  # (R,) skip each global's [CLS]
+        z = self.head.embed(tokens[torch.cat([cls_pos, patch_pos])])  # (V*B + R, bottleneck)
         n_cls = cls_pos.shape[0]
         return StudentOut(self.head.cls_logits(z[:n_cls]), self.head.patch_logits(z[n_cls:]))
 
     # --------------------------------------------------------------- teacher
 
     @torch.no_grad()
-    def teacher(self, globals_: torch.Tensor, masks: torch.Tensor, mask_index: Optional[torch.Tensor] = None,
+    def teacher(self, globals_: torch.Tensor, masks: torch.Tensor, rows: torch.Tensor, row_weight: torch.Tensor,
                 patch_center: str = "all") -> TeacherOut:
-        """Teacher outputs on the unmasked globals (G*B, 3, H, W); masks (G*B, N) select the
-        patch rows (packed) and, with ``patch_center: masked``, the patches the center averages."""
+        """Teacher outputs on the unmasked globals (G*B, 3, H, W). Packed: patch logits at the masked
+        rows (R,); the patch center averages all patches or (``patch_center: masked``) the real masked
+        rows (row_weight > 0). Dense: patch logits of every token, and ``masks`` for the masked center."""
         tokens = self.backbone.forward_features(globals_)  # (G*B, 1+N, D)
         if not self.packed:
             cls, patch = self.head(tokens)  # (G*B, K), (G*B, N, K)
@@ -104,14 +109,13 @@ class IBOTModel(nn.Module):
         if patch_center == "all":
             z = self.head.embed(tokens.reshape(-1, d)).view(gb, tokens.shape[1], -1)  # every token, one MLP pass
             z_cls, z_all = z[:, 0], z[:, 1:].reshape(-1, z.shape[-1])  # (G*B, b), (G*B*N, b)
-            z_rows = z_all[mask_index]
+            z_rows = z_all[rows]
             pooled = z_all.float().mean(0)
         else:
             flat = tokens[:, 1:].reshape(-1, d)  # (G*B*N, D)
-            z = self.head.embed(torch.cat([tokens[:, 0], flat[mask_index]]))  # [CLS] and masked rows together
+            z = self.head.embed(torch.cat([tokens[:, 0], flat[rows]]))  # [CLS] and masked rows together
             z_cls, z_rows = z[:gb], z[gb:]
-            # a fixed-size row index pads past the real masked count: those rows do not count
-            valid = (torch.arange(z_rows.shape[0], device=z_rows.device) < masks.sum())[:, None]
+            valid = (row_weight > 0).float()[:, None]  # padding rows (weight 0) do not count
             pooled = (z_rows.float() * valid).sum(0) / valid.sum().clamp(min=1)
         # the last layer is linear: mean of logits = W · mean(z), no (rows, K) pass for the center
         patch_mean = self.head.patch_logits(pooled[None].to(z_rows.dtype))[0].float()
@@ -122,21 +126,11 @@ def _no_mark(name: str) -> None:
     return None
 
 
-@functools.lru_cache(maxsize=32)
-def _cls_positions(layout, device) -> torch.Tensor:
-    """Token index of every sequence's [CLS] in a packed batch, (V*B,); cached per layout."""
-    pos, start = [], 0
-    for n, length in layout.groups:
-        pos.append(torch.arange(n, device=device) * length + start)
-        start += n * length
-    return torch.cat(pos)
-
-
 def build_model(cfg: Config, student: bool) -> IBOTModel:
     """Student (drop path, its own head sharing) or teacher (no drop path)."""
     m = cfg.model
     backbone = VisionTransformer(m.arch, m.patch_size, cfg.crops.global_size,
-                                 drop_path_rate=m.drop_path if student else 0.0)
+                                 drop_path_rate=m.drop_path if student else 0.0, depth=m.depth)
     head = IBOTHead(backbone.embed_dim, m.out_dim, m.patch_out_dim, m.head_hidden_dim, m.head_bottleneck_dim,
                     m.head_layers, m.norm_last_layer, m.shared_head if student else m.shared_head_teacher)
     return IBOTModel(backbone, head, packed=m.packed)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
+from torch.utils.checkpoint import checkpoint
 
 from .attention import PackedLayout, attention
 
@@ -87,25 +88,36 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches to D features. The weight is timm's ``Conv2d`` (D, 3, p, p); the
+    forward is one matmul over unfolded patches (``IMPL = "matmul"``) or the strided convolution."""
+
+    IMPL = "matmul"
+
     def __init__(self, patch_size: int, embed_dim: int):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        if self.IMPL == "conv":
+            return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        b, c, h, w = x.shape
+        p = self.patch_size
+        # (B, C, gh, p, gw, p) -> (B, gh, gw, C, p, p): each patch's pixels in the conv weight's order
+        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
 class VisionTransformer(nn.Module):
     def __init__(self, arch: str = "vit_small", patch_size: int = 16, img_size: int = 224,
-                 drop_path_rate: float = 0.0, mlp_ratio: float = 4.0):
+                 drop_path_rate: float = 0.0, mlp_ratio: float = 4.0, depth: int = 0):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r} (one of {', '.join(ARCHS)})")
         spec = ARCHS[arch]
         self.arch, self.patch_size = arch, patch_size
         self.embed_dim, self.num_heads = spec["embed_dim"], spec["num_heads"]
-        dim, depth = spec["embed_dim"], spec["depth"]
+        dim, depth = spec["embed_dim"], depth or spec["depth"]
         self.grid = img_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -114,6 +126,7 @@ class VisionTransformer(nn.Module):
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
         self.blocks = nn.ModuleList([Block(dim, spec["num_heads"], mlp_ratio, dpr[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.recompute = 0  # the first `recompute` blocks recompute their activations in backward
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
@@ -131,6 +144,19 @@ class VisionTransformer(nn.Module):
     def set_attention_backend(self, backend: str) -> None:
         for blk in self.blocks:
             blk.attn.backend = backend
+
+    def set_recompute(self, share_kept: float) -> None:
+        """Keep the activations of ``share_kept`` of the blocks for backward; the others are recomputed
+        (activation checkpointing, drop-path draws replayed)."""
+        self.recompute = len(self.blocks) - int(round(share_kept * len(self.blocks)))
+
+    def _run_blocks(self, t: torch.Tensor, layout: Optional[PackedLayout] = None) -> torch.Tensor:
+        for i, blk in enumerate(self.blocks):
+            if i < self.recompute and torch.is_grad_enabled():
+                t = checkpoint(blk, t, layout, use_reentrant=False)
+            else:
+                t = blk(t, layout)
+        return t
 
     # ----------------------------------------------------------------- tokens
 
@@ -159,10 +185,7 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Dense forward: (B, 3, H, W) -> normalised tokens (B, 1+N, D)."""
-        t = self.prepare_tokens(x, mask)
-        for blk in self.blocks:
-            t = blk(t)
-        return self.norm(t)
+        return self.norm(self._run_blocks(self.prepare_tokens(x, mask)))
 
     def forward_packed(self, crops: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]
                        ) -> Tuple[torch.Tensor, PackedLayout]:
@@ -178,9 +201,7 @@ class VisionTransformer(nn.Module):
             parts.append(t.reshape(-1, t.shape[-1]))
         layout = PackedLayout(tuple(groups))
         t = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
-        for blk in self.blocks:
-            t = blk(t, layout)
-        return self.norm(t), layout
+        return self.norm(self._run_blocks(t, layout)), layout
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[CLS] features, (B, D)."""
@@ -208,7 +229,7 @@ def timm_model_name(arch: str, patch_size: int) -> str:
     return TIMM_NAMES[arch].format(p=patch_size)
 
 
-def timm_create_kwargs(arch: str, patch_size: int, img_size: int) -> tuple:
+def timm_create_kwargs(arch: str, patch_size: int, img_size: int, depth: int = 0) -> tuple:
     """(timm model name, extra create_model kwargs) that rebuild this backbone's shapes."""
     import timm
 
@@ -217,6 +238,8 @@ def timm_create_kwargs(arch: str, patch_size: int, img_size: int) -> tuple:
         name, kwargs = timm_model_name(arch, 16), {"patch_size": patch_size}
     if img_size != 224:
         kwargs["img_size"] = img_size
+    if depth and depth != ARCHS[arch]["depth"]:
+        kwargs["depth"] = depth
     return name, kwargs
 
 

@@ -1,0 +1,164 @@
+"""The update half of a step, on device tensors only (so a CUDA graph can capture it).
+
+- :class:`GradBuffer`: every gradient is a view into one flat fp32 buffer; one fill zeroes them, one
+  all-reduce averages them over processes (with a slot that carries "this rank's loss was not finite",
+  so every rank takes the same skip decision).
+- :func:`clip_`: per-parameter (official) or global norm clipping; returns the total norm.
+- :class:`LossScaler`: fp16 loss scaling with the scale, its growth tracker and the overflow check on
+  the device.
+- :class:`IBOTAdamW`: PyTorch's fused AdamW (``capturable``, tensor learning rate). Decoupled weight
+  decay θ ← θ·(1 - lr·wd) is applied here from device tensors (the schedule changes wd every step,
+  which the fused kernel only takes as a Python float). The last head layer has its own fused
+  instance, so that while it is frozen it is skipped exactly as the official code skips it (no
+  update, no decay, no step count) by a device flag instead of ``p.grad = None``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+class GradBuffer:
+    """Flat fp32 gradient storage for ``params`` (+1 slot for a flag reduced with them)."""
+
+    def __init__(self, params: List[nn.Parameter]):
+        self.params = params
+        n = sum(p.numel() for p in params)
+        self.flat = torch.zeros(n + 1, dtype=torch.float32, device=params[0].device)
+        offset = 0
+        for p in params:
+            if p.dtype != torch.float32:
+                raise ValueError("the flat gradient buffer holds fp32 parameters only")
+            p.grad = self.flat[offset: offset + p.numel()].view_as(p)  # autograd accumulates into it in place
+            offset += p.numel()
+        self.flag = self.flat[n:]  # (1,)
+
+    @property
+    def grads(self) -> List[torch.Tensor]:
+        return [p.grad for p in self.params]
+
+    def zero_(self) -> None:
+        self.flat.zero_()
+
+    def reattach(self) -> None:
+        """Point every .grad back at its view (after something set them to None)."""
+        offset = 0
+        for p in self.params:
+            p.grad = self.flat[offset: offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def all_reduce_(self, local_flag: torch.Tensor) -> torch.Tensor:
+        """Average gradients over processes; returns the flag summed over processes (0 when no rank set it)."""
+        self.flag.copy_(local_flag.reshape(1).float())
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            dist.all_reduce(self.flat)
+            flag = self.flag.clone()
+            self.flat.div_(world)
+            return flag[0]
+        return self.flag[0].clone()
+
+
+def clip_(grads: List[torch.Tensor], max_norm: float, mode: str) -> torch.Tensor:
+    """Clip in place (``per_param``: each tensor to ``max_norm``, the official rule; ``global``: the whole
+    set); returns the total norm before clipping (0-d, fp32)."""
+    norms = torch._foreach_norm(grads)  # per-parameter norms, on the device
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm > 0 and mode == "per_param":
+        coef = torch._foreach_add(norms, 1e-6)
+        torch._foreach_reciprocal_(coef)
+        torch._foreach_mul_(coef, max_norm)
+        torch._foreach_clamp_max_(coef, 1.0)
+        torch._foreach_mul_(grads, coef)
+    elif max_norm > 0:
+        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
+
+
+class LossScaler:
+    """Dynamic fp16 loss scaling on the device (the rule of ``torch.amp.GradScaler``: x2 after 2000 clean
+    steps, x0.5 on an overflow, the step skipped)."""
+
+    def __init__(self, device, init_scale: float = 2.0 ** 16, growth_interval: int = 2000):
+        self.scale = torch.full((), init_scale, dtype=torch.float32, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self.growth_interval = growth_interval
+
+    def unscale_(self, grads: List[torch.Tensor]) -> torch.Tensor:
+        """Divide gradients by the scale; returns 1.0 if any is inf/NaN (0-d fp32)."""
+        found_inf = torch.zeros((), dtype=torch.float32, device=self.scale.device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, self.scale.reciprocal())
+        return found_inf
+
+    def update(self, found_inf: torch.Tensor) -> None:
+        torch._amp_update_scale_(self.scale, self.growth_tracker, found_inf, 2.0, 0.5, self.growth_interval)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {"scale": self.scale.clone(), "growth_tracker": self.growth_tracker.clone()}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.scale.copy_(state["scale"])
+        self.growth_tracker.copy_(state["growth_tracker"])
+
+
+def param_groups(model: nn.Module) -> Tuple[List[nn.Parameter], ...]:
+    """(decay, no_decay, last_decay, last_no_decay): no weight decay on biases and 1-D parameters (the
+    official grouping); the head's last layer apart, for the freeze."""
+    out = ([], [], [], [])
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = name.endswith(".bias") or p.ndim == 1
+        out[2 * ("last_layer" in name) + no_decay].append(p)
+    return out
+
+
+class IBOTAdamW:
+    """AdamW for the student; ``step`` reads every hyperparameter from device tensors."""
+
+    def __init__(self, model: nn.Module, betas=(0.9, 0.999), eps: float = 1e-8):
+        decay, no_decay, last_decay, last_no_decay = param_groups(model)
+        device = (decay or no_decay)[0].device
+        self.lr = torch.zeros((), dtype=torch.float32, device=device)
+        self.decay = decay
+        self.last_decay = last_decay
+
+        def adamw(groups):
+            groups = [g for g in groups if g]
+            if not groups:
+                return None
+            return torch.optim.AdamW([{"params": g} for g in groups], lr=self.lr, betas=tuple(betas), eps=eps,
+                                     weight_decay=0.0, fused=True, capturable=True)
+
+        self.main = adamw([decay, no_decay])
+        self.last = adamw([last_decay, last_no_decay])
+
+    @property
+    def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
+        return {k: v for k, v in (("main", self.main), ("last", self.last)) if v is not None}
+
+    @torch.no_grad()
+    def step(self, lr: torch.Tensor, wd: torch.Tensor, skip: torch.Tensor, frozen: torch.Tensor) -> None:
+        """lr, wd: 0-d; skip: 0-d fp32, 1.0 = leave every parameter alone (non-finite step);
+        frozen: 0-d fp32, 1.0 = leave the last head layer alone."""
+        self.lr.copy_(lr)
+        skip_last = torch.maximum(skip, frozen)
+        for params, s in ((self.decay, skip), (self.last_decay, skip_last)):
+            if params:
+                torch._foreach_mul_(params, 1.0 - lr * wd * (1.0 - s))  # decoupled decay, as AdamW applies it
+        for opt, s in ((self.main, skip), (self.last, skip_last)):
+            if opt is not None:
+                opt.found_inf = s  # the fused kernel skips the update and the step count on the device
+                opt.step()
+
+    def state_dict(self) -> dict:
+        return {k: opt.state_dict() for k, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state[k])
+            for g in opt.param_groups:  # keep reading the one device lr the step writes
+                g["lr"] = self.lr
