@@ -1,21 +1,30 @@
 """Where each millisecond of an iBOT training step goes.
 
-    python benchmarks/step_time.py --arch vit_small --batch 64 --steps 30 --data synthetic --compare reference
+    python benchmarks/step_time.py --arch vit_small --batch 64 --variants reference,eager,compiled,default
 
-Runs real training steps (fastibot.train.Trainer) after a warm-up and times
-them with CUDA events placed between the named parts of a step: data wait,
-teacher forward, student forward, heads, loss, backward, optimizer, EMA,
-other. Prints a table of phases, then img/s, achieved TFLOP/s (FLOPs counted
-analytically, fastibot.flops), MFU against the datasheet bf16 peak of the GPU
-(table printed) and the matmul rate measured in the same run, and peak memory.
-``--compare reference`` also runs the eager faithful path (unpacked, heads on
-every token, reference loss, per-tensor EMA loop) in the same process, so the
-ratio is measured side by side; ``--ablate`` adds the steps in between.
+Runs real training steps (``fastibot.train.Trainer``) after a warm-up (where compiling and the CUDA-graph
+capture happen) and times ``--windows`` windows of ``--steps`` steps each with CUDA events, reporting the
+median img/s and the spread of the windows. The timed steps run under
+``torch.cuda.set_sync_debug_mode("error")``: a host-device sync inside the step stops the benchmark.
+Variants, each in the same process so ratios are measured side by side:
+
+- ``reference``: the official computation, eager (dense student, heads on every token, eager loss,
+  per-tensor EMA loop, no compile, no graph);
+- ``eager``: the fast path, eager (packed student, masked-only heads, fused loss and EMA kernels);
+- ``compiled``: ``eager`` with the teacher and the student + loss each compiled as one graph;
+- ``default``: what ``fastibot train`` runs on a GPU: ``compiled`` replayed as one CUDA graph.
+
+``--phases`` adds CUDA-event phase times for the uncaptured variants; ``--profile`` adds, per variant,
+kernels per step, GPU busy share and GPU time by kind (GEMM, attention, fastibot's Triton kernels,
+compiler-generated Triton, other), and recompiles after warm-up; ``--memory-sweep`` runs the default
+at several ``runtime.activation_memory`` budgets and prints img/s against peak memory. Peak memory is
+the allocator's peak over the whole variant (warm-up and capture included), and what it reserved.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -30,18 +39,17 @@ from fastibot.config import load_config  # noqa: E402
 from fastibot.flops import step_flops_per_image  # noqa: E402
 from fastibot.train import Trainer, init_runtime  # noqa: E402
 
-PHASES = ["data wait", "teacher forward", "student forward", "heads", "loss", "backward", "optimizer", "EMA", "other"]
 REPO = Path(__file__).resolve().parents[1]
-
-FAST = {"model.packed": True, "kernels.loss": "triton", "kernels.ema": "triton"}
-REFERENCE = {"model.packed": False, "kernels.loss": "reference", "kernels.ema": "reference",
-             "model.attention": "sdpa"}
-ABLATIONS = [  # cumulative steps from the reference to the fast path
-    ("reference", REFERENCE),
-    ("+ packed, masked-only heads", {**REFERENCE, "model.packed": True, "model.attention": "auto"}),
-    ("+ fused loss", {**REFERENCE, "model.packed": True, "model.attention": "auto", "kernels.loss": "triton"}),
-    ("fast (+ fused EMA)", FAST),
-]
+PHASES = ["data wait", "teacher forward", "student forward + loss", "backward", "optimizer", "EMA", "other"]
+OFF = {"runtime.compile": "false", "runtime.cuda_graph": "false"}
+VARIANTS = {
+    "reference": {"model.packed": False, "kernels.loss": "reference", "kernels.ema": "reference",
+                  "model.attention": "sdpa", **OFF},
+    "eager": {"kernels.loss": "triton", "kernels.ema": "triton", **OFF},
+    "compiled": {"kernels.loss": "triton", "kernels.ema": "triton", "runtime.compile": "true",
+                 "runtime.cuda_graph": "false"},
+    "default": {},
+}
 
 
 class PhaseMarker:
@@ -70,51 +78,139 @@ class PhaseMarker:
         for marks in self.steps:
             for (_, a), (name, b) in zip(marks, marks[1:]):
                 totals[name if name in totals else "other"] += a.elapsed_time(b)
-        n = max(len(self.steps), 1)
-        wall = self.steps[0][0][1].elapsed_time(self.steps[-1][-1][1])
-        return {k: v / n for k, v in totals.items()}, wall / n
+        return {k: v / max(len(self.steps), 1) for k, v in totals.items()}
+
+
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "efficient_attention")):
+        return "attention"
+    if any(k in n for k in ("gemm", "xmma", "cutlass", "nvjet", "matmul", "cublas", "sm90_", "wgmma")):
+        return "GEMM"
+    if any(k in n for k in ("_distill_ce", "_softmax_rows", "_scale_inplace", "_ema_kernel", "_block_mask")):
+        return "fastibot Triton"
+    if n.startswith("triton"):
+        return "compiled Triton"
+    return "other"
+
+
+def profile_steps(tr, batches, steps: int) -> dict:
+    """Kernels per step, GPU busy share and GPU time by kind over ``steps`` steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(steps):
+            tr.train_step([next(batches)])
+        end.record()
+        torch.cuda.synchronize()
+    wall_ms = start.elapsed_time(end)
+    kinds, count, busy = {}, 0, 0.0
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = e.time_range.elapsed_us() / 1e3
+        kinds[kernel_kind(e.name)] = kinds.get(kernel_kind(e.name), 0.0) + ms
+        count += 1
+        busy += ms
+    out = {"kernels/step": count / steps, "GPU busy %": 100 * busy / max(wall_ms, 1e-9),
+           "GPU ms/step": busy / steps}
+    out.update({f"{k} ms": v / steps for k, v in sorted(kinds.items())})
+    return out
+
+
+def _recompiles() -> int:
+    """Graphs dynamo has compiled so far in this process (after a variant's warm-up, any new one is a
+    recompile)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
 
 
 def run_variant(name, overrides, args, matmul):
     out = tempfile.mkdtemp(prefix="fastibot-bench-")
+    n_steps = args.warmup + args.windows * args.steps + (5 if args.profile else 0) + 2
     o = {"model.arch": args.arch, "data.batch_size": args.batch, "data.loader": args.data,
          "runtime.output_dir": out, "runtime.tensorboard": False, "runtime.progress": False,
-         "runtime.precision": "bf16", "data.synthetic_size": args.batch * (args.steps + args.warmup + 2),
+         "runtime.precision": "bf16", "data.synthetic_size": args.batch * n_steps,
          "data.num_workers": args.workers, **overrides}
-    if args.data != "synthetic" and args.data_path:
+    if args.data != "synthetic":
         o.update({"data.source": "imagefolder", "data.path": args.data_path})
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     cfg = load_config(args.config, [f"{k}={v}" for k, v in o.items()] + args.set)
-    rt = init_runtime(cfg)
-    tr = Trainer(cfg, rt)
-    marker = PhaseMarker()
-    tr.data.set_position(0, 0)
-    batches = iter(tr.data)
-    masked = []
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            tr.mark = tr.student_module.mark = marker
-        marker.begin() if i >= args.warmup else None
-        batch = next(batches)
-        tr.mark("data wait")
-        masked.append(batch["masks"].sum())  # read after the timed steps
-        tr.train_step([batch])
-        tr.mark("other")
-    phases, ms = marker.summary()
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30
-    imgs = args.batch / (ms * 1e-3)
-    masked_per_crop = float(sum(m.item() for m in masked)) / (len(masked) * args.batch * cfg.crops.n_global)
+    tr = Trainer(cfg, init_runtime(cfg))
+    batches = _cycle(tr.data)
+    for _ in range(args.warmup):
+        tr.train_step([next(batches)])
+    torch.cuda.synchronize()
+    compiles_after_warmup = _recompiles()
+    rates, masked = [], []
+    for _ in range(args.windows):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with _SyncDebug("error"):
+            start.record()
+            for _ in range(args.steps):
+                b = next(batches)
+                masked.append(b.masks.sum())  # read after the timed windows
+                tr.train_step([b])
+            end.record()
+        end.synchronize()
+        rates.append(args.batch * args.steps / (start.elapsed_time(end) * 1e-3))
+    res = {"variant": name, "attention": tr.attention, "compile": tr.compile, "cuda_graph": tr.cuda_graph}
+    res["img/s"] = statistics.median(rates)
+    res["spread %"] = 100 * (max(rates) - min(rates)) / res["img/s"]
+    res["windows"] = [round(r, 1) for r in rates]
+    res["ms/step"] = 1e3 * args.batch / res["img/s"]
+    res["peak GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    res["reserved GiB"] = torch.cuda.max_memory_reserved() / 2 ** 30
+    res["recompiles"] = _recompiles() - compiles_after_warmup
+    if args.phases and not tr.cuda_graph:
+        marker = PhaseMarker()
+        tr.stepper.mark = marker
+        for _ in range(args.steps):
+            marker.begin()
+            b = next(batches)
+            marker("data wait")
+            tr.train_step([b])
+            marker("other")
+        res["phases"] = marker.summary()
+        tr.stepper.mark = lambda _: None
+    if args.profile:
+        res.update(profile_steps(tr, batches, 5))
+    masked_per_crop = float(torch.stack(masked).double().mean()) / (args.batch * cfg.crops.n_global)
     gflop = step_flops_per_image(cfg, masked_per_crop) / 1e9
-    tflops = gflop * imgs / 1e3
-    peak_tf = peak_tflops(torch.cuda.get_device_name()) or float("nan")
-    res = {"variant": name, "attention": tr.attention, "ms/step": ms, "img/s": imgs, "GFLOP/img": gflop,
-           "TFLOP/s": tflops, "MFU %": 100 * tflops / peak_tf, "% matmul": 100 * tflops / matmul,
-           "peak GiB": peak, "phases": phases}
+    res["GFLOP/img"], res["TFLOP/s"] = gflop, gflop * res["img/s"] / 1e3
+    res["MFU %"] = 100 * res["TFLOP/s"] / (peak_tflops(torch.cuda.get_device_name()) or float("nan"))
+    res["% matmul"] = 100 * res["TFLOP/s"] / matmul
     del tr, batches
     gc.collect()
     torch.cuda.empty_cache()
     return res
+
+
+class _SyncDebug:
+    """``torch.cuda.set_sync_debug_mode`` for a block (older torch has no context manager for it)."""
+
+    def __init__(self, mode):
+        self.mode = mode
+
+    def __enter__(self):
+        self.old = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(self.mode)
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(self.old)
+
+
+def _cycle(data):
+    """Batches across epoch boundaries."""
+    epoch = 0
+    while True:
+        data.set_position(epoch, 0)
+        yield from data
+        epoch += 1
 
 
 def main(argv=None):
@@ -122,39 +218,67 @@ def main(argv=None):
     ap.add_argument("--config", default=str(REPO / "configs" / "vit_small_16.yaml"))
     ap.add_argument("--arch", default="vit_small", choices=("vit_tiny", "vit_small", "vit_base", "vit_large"))
     ap.add_argument("--batch", type=int, default=64, help="images per step")
-    ap.add_argument("--steps", type=int, default=30, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--variants", default="reference,eager,compiled,default",
+                    help=f"comma-separated, from {', '.join(VARIANTS)}")
+    ap.add_argument("--steps", type=int, default=20, help="steps per timed window")
+    ap.add_argument("--windows", type=int, default=3, help="timed windows (the median is reported)")
+    ap.add_argument("--warmup", type=int, default=8, help="untimed steps first (compile and capture happen here)")
     ap.add_argument("--data", default="synthetic", choices=("synthetic", "torchvision", "dali"))
     ap.add_argument("--data-path", default="", help="image folder for --data torchvision|dali")
     ap.add_argument("--workers", type=int, default=15)
-    ap.add_argument("--compare", choices=("reference",), help="also run the eager faithful path")
-    ap.add_argument("--ablate", action="store_true", help="run reference -> fast one change at a time")
-    ap.add_argument("--compile", action="store_true", help="also run the fast path with torch.compile'd blocks")
+    ap.add_argument("--phases", action="store_true", help="CUDA-event phase times of the uncaptured variants")
+    ap.add_argument("--profile", action="store_true", help="kernels per step and GPU time by kind")
+    ap.add_argument("--memory-sweep", default="", help="comma-separated runtime.activation_memory values for the "
+                                                       "default variant, e.g. 1,0.5,0.2")
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/step_time.py needs a CUDA GPU")
+    if args.data != "synthetic" and not args.data_path:
+        sys.exit(f"--data {args.data} needs --data-path")
     info = device_info()
     matmul = matmul_tflops()
-    name = torch.cuda.get_device_name()
     print(" | ".join(f"{k}: {v}" for k, v in info.items()) + f" | bf16 matmul measured: {matmul:.0f} TFLOP/s")
-    print("datasheet dense bf16 peaks used for MFU: " + ", ".join(f"{k} {v:.0f}" for k, v in PEAK_BF16_TFLOPS.items())
-          + f" (this GPU: {peak_tflops(name)})")
-    variants = ABLATIONS if args.ablate else [("fast", FAST)] + ([("reference", REFERENCE)] if args.compare else [])
-    if args.compile:
-        variants = variants + [("fast + compiled blocks", {**FAST, "runtime.compile": True})]
-    results = [run_variant(n, o, args, matmul) for n, o in variants]
+    print("datasheet dense bf16 peaks used for MFU: " + ", ".join(f"{k} {v:.0f}" for k, v in PEAK_BF16_TFLOPS.items()))
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    runs = [(n, VARIANTS[n]) for n in names]
+    runs += [(f"default, activation_memory={a}", {"runtime.activation_memory": float(a)})
+             for a in args.memory_sweep.split(",") if a]
+    results = []
+    for n, o in runs:
+        try:
+            results.append(run_variant(n, o, args, matmul))
+        except Exception:  # report and go on: one broken variant must not cost the others' numbers
+            import traceback
+            traceback.print_exc()
+            print(f"variant {n} failed", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        r = results[-1]
+        print(f"{n}: {r['img/s']:.0f} img/s (windows {r['windows']}), peak {r['peak GiB']:.2f} GiB, "
+              f"reserved {r['reserved GiB']:.2f} GiB, recompiles {r['recompiles']}", flush=True)
     ref = next((r for r in results if r["variant"] == "reference"), None)
-    cols = ["phase"] + [r["variant"] for r in results]
-    rows = [{"phase": p, **{r["variant"]: f"{r['phases'][p]:.2f} ms ({100 * r['phases'][p] / r['ms/step']:.0f}%)"
-                            for r in results}} for p in PHASES]
-    print_table(f"{args.arch}, {args.batch} images/step, data={args.data}: time per phase", rows, cols)
     for r in results:
-        r["x vs reference"] = ref["ms/step"] / r["ms/step"] if ref else float("nan")
-        r["memory vs reference"] = r["peak GiB"] / ref["peak GiB"] if ref and ref["peak GiB"] else float("nan")
-    print_table("summary", results, ["variant", "attention", "ms/step", "img/s", "GFLOP/img", "TFLOP/s", "MFU %",
-                                     "% matmul", "peak GiB", "x vs reference", "memory vs reference"])
+        r["x reference"] = r["img/s"] / ref["img/s"] if ref else float("nan")
+        r["memory x reference"] = r["peak GiB"] / ref["peak GiB"] if ref else float("nan")
+    with_phases = [r for r in results if "phases" in r]
+    if with_phases:
+        rows = [{"phase": p, **{r["variant"]: f"{r['phases'][p]:.2f} ms" for r in with_phases}} for p in PHASES]
+        print_table(f"{args.arch}, {args.batch} images/step: time per phase (eager variants)", rows,
+                    ["phase"] + [r["variant"] for r in with_phases])
+    if args.profile:
+        keys = sorted({k for r in results for k in r if k.endswith(" ms") or k in ("kernels/step", "GPU busy %",
+                                                                                  "GPU ms/step")})
+        print_table("profile (5 steps per variant)", results, ["variant"] + keys)
+    print_table(f"{args.arch}, {args.batch} images/step, data={args.data}: median of {args.windows} windows of "
+                f"{args.steps} steps", results,
+                ["variant", "attention", "img/s", "spread %", "ms/step", "GFLOP/img", "TFLOP/s", "MFU %",
+                 "% matmul", "peak GiB", "reserved GiB", "recompiles", "x reference", "memory x reference"])
     write_json(args.json, {"device": info, "matmul_tflops": matmul, "args": vars(args), "results": results})
 
 

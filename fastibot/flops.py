@@ -13,9 +13,9 @@ from __future__ import annotations
 from .models.vit import ARCHS
 
 
-def backbone_flops(arch: str, patch: int, size: int) -> float:
+def backbone_flops(arch: str, patch: int, size: int, depth: int = 0) -> float:
     spec = ARCHS[arch]
-    d, depth = spec["embed_dim"], spec["depth"]
+    d, depth = spec["embed_dim"], depth or spec["depth"]
     n_patch = (size // patch) ** 2
     n = n_patch + 1
     return depth * (24.0 * n * d * d + 4.0 * n * n * d) + 2.0 * n_patch * 3 * patch * patch * d
@@ -34,8 +34,8 @@ def step_flops_per_image(cfg, masked_per_global: float) -> float:
     m, c = cfg.model, cfg.crops
     g_tokens = (c.global_size // m.patch_size) ** 2 + 1
     l_tokens = (c.local_size // m.patch_size) ** 2 + 1
-    g_bb = backbone_flops(m.arch, m.patch_size, c.global_size)
-    l_bb = backbone_flops(m.arch, m.patch_size, c.local_size)
+    g_bb = backbone_flops(m.arch, m.patch_size, c.global_size, m.depth)
+    l_bb = backbone_flops(m.arch, m.patch_size, c.local_size, m.depth)
     if m.packed:
         t_heads = head_flops(cfg, c.n_global * (1 + masked_per_global))
         if cfg.ibot.patch_center == "all":  # the teacher MLP also runs on every patch for the center

@@ -1,0 +1,66 @@
+"""The default GPU step (compiled whole, replayed as a CUDA graph) against the eager step, resume with
+graphs on, and no host syncs in the step. CUDA only: the CPU counterparts (compiled == eager, no
+recompiles, exact resume) are in tests/test_step.py and tests/test_train.py."""
+import csv
+
+import pytest
+import torch
+
+from fastibot.train import Trainer, init_runtime, train
+from conftest import tiny_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the GPU step need a GPU")
+
+GPU = {"runtime.device": "cuda", "runtime.precision": "bf16", "data.loader": "synthetic", "model.depth": 2,
+       "data.synthetic_size": 128, "data.batch_size": 8, "optim.epochs": 4}
+
+
+def _rows(folder):
+    with open(folder / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_graph_replayed_step_equals_the_eager_step_over_20_steps(tmp_path):
+    extra = {**GPU, "runtime.max_steps": 20, "model.drop_path": 0.0}  # compiled and eager draw different numbers
+    eager = tiny_config(tmp_path / "eager", **extra, **{"runtime.compile": "false", "runtime.cuda_graph": "false"})
+    graph = tiny_config(tmp_path / "graph", **extra)  # the defaults: compiled, captured
+    train(eager)
+    train(graph)
+    a, b = _rows(tmp_path / "eager"), _rows(tmp_path / "graph")
+    assert len(a) == len(b) == 20
+    for ra, rb in zip(a, b):
+        for k in ("loss", "cls", "patch"):
+            assert float(rb[k]) == pytest.approx(float(ra[k]), rel=2e-2), (ra["step"], k)
+    assert float(b[-1]["loss"]) != float(b[0]["loss"])  # it trained
+
+
+def test_resume_with_graphs_on(tmp_path):
+    extra = {**GPU, "model.drop_path": 0.0}
+    train(tiny_config(tmp_path / "whole", **extra, **{"runtime.max_steps": 12}))
+    train(tiny_config(tmp_path / "split", **extra, **{"runtime.max_steps": 6}))
+    summary = train(tiny_config(tmp_path / "split", **extra, **{"runtime.max_steps": 12}), resume="auto")
+    assert summary["step"] == 12
+    a, b = _rows(tmp_path / "whole"), _rows(tmp_path / "split")
+    assert [r["step"] for r in b] == [str(i) for i in range(1, 13)]
+    for ra, rb in zip(a[6:], b[6:]):
+        assert float(rb["loss"]) == pytest.approx(float(ra["loss"]), rel=1e-2), ra["step"]
+
+
+@pytest.mark.parametrize("loader,packed,graph", [("synthetic", True, "true"), ("synthetic", True, "false"),
+                                                 ("synthetic", False, "false"), ("torchvision", True, "true")])
+def test_no_host_sync_inside_the_step(tmp_path, loader, packed, graph):
+    cfg = tiny_config(tmp_path, **{**GPU, "data.loader": loader, "model.packed": packed, "runtime.cuda_graph": graph,
+                                   "runtime.compile": graph, "data.num_workers": 2 if loader == "torchvision" else 0})
+    tr = Trainer(cfg, init_runtime(cfg))
+    it = iter(tr.data)
+    for _ in range(4):  # warm-up (compile, capture)
+        tr.train_step([next(it)])
+    torch.cuda.synchronize()
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            tr.train_step([next(it)])
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+    assert tr.log_metrics()["nonfinite_steps"] == 0

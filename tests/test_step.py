@@ -1,0 +1,158 @@
+"""The static step on the CPU: compiled equals eager, no recompiles as masks change, device schedules,
+center wiring, accumulation, clipping and the last-layer freeze."""
+import numpy as np
+import pytest
+import torch
+
+from fastibot.optim import clip_
+from fastibot.runtime import Runtime
+from fastibot.teacher import Schedules
+from fastibot.train import Trainer
+from conftest import tiny_config
+
+CPU = Runtime(torch.device("cpu"))
+
+
+def _trainer(tmp_path, **extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)  # fit() makes the run folder; these tests call the step directly
+    return Trainer(tiny_config(tmp_path, **extra), CPU)
+
+
+def _batches(trainer, n):
+    it, out = iter(trainer.data), []
+    while len(out) < n:
+        try:
+            out.append(next(it))
+        except StopIteration:
+            it = iter(trainer.data)
+    return out
+
+
+def _snapshot(tr):
+    return {"student": {k: v.clone() for k, v in tr.student.state_dict().items()},
+            "teacher": {k: v.clone() for k, v in tr.teacher.state_dict().items()},
+            "centers": {k: v.clone() for k, v in tr.centers.state_dict().items()},
+            "metrics": tr.metrics.buf.clone()}
+
+
+def test_compiled_step_equals_eager_step(tmp_path):
+    """runtime.compile=true (the teacher, and the student forward + loss, each one inductor graph; backward
+    through AOTAutograd) trains the same numbers as the eager step over several steps: losses, student,
+    teacher, centers. Inductor's random numbers follow eager's here (fallback_random) so drop path matches."""
+    import torch._inductor.config as inductor_config
+    extra = {"model.depth": 2, "model.drop_path": 0.2, "runtime.max_steps": 4}
+    runs = {}
+    for mode in ("false", "true"):
+        torch.manual_seed(0)
+        tr = _trainer(tmp_path / mode, **extra, **{"runtime.compile": mode})
+        assert tr.compile == (mode == "true")
+        batches = _batches(tr, 4)
+        with inductor_config.patch(fallback_random=True):
+            torch.manual_seed(1)
+            for b in batches:
+                tr.train_step([b])
+        runs[mode] = _snapshot(tr)
+    eager, compiled = runs["false"], runs["true"]
+    torch.testing.assert_close(compiled["metrics"], eager["metrics"], rtol=1e-4, atol=1e-5)  # loss sums, norms
+    for part in ("student", "teacher", "centers"):
+        for k, v in eager[part].items():
+            torch.testing.assert_close(compiled[part][k], v, rtol=1e-4, atol=1e-5, msg=f"{part}.{k}")
+    assert not torch.equal(eager["student"]["backbone.pos_embed"], runs["false"]["teacher"]["backbone.pos_embed"])
+
+
+def test_no_recompiles_as_the_masks_change(tmp_path):
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+    dynamo.reset()
+    counters.clear()
+    tr = _trainer(tmp_path, **{"model.depth": 1, "runtime.compile": "true"})
+    batches = _batches(tr, 5)
+    tr.train_step([batches[0]])
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 2  # the teacher, and the student + loss: each compiled whole (fullgraph)
+    masked = {int(b.masks.sum()) for b in batches}
+    assert len(masked) > 2  # the batches really mask different numbers of patches
+    for b in batches[1:]:
+        tr.train_step([b])
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled again
+
+
+def test_device_schedules_equal_the_host_schedules_at_every_step(tmp_path):
+    tr = _trainer(tmp_path, **{"optim.freeze_last_layer": 0.5})
+    s: Schedules = tr.sched
+    assert s.freeze_last_layer_steps > 0
+    for i in range(len(s)):
+        tr.stepper.step_t.fill_(i)
+        h = tr.stepper.hyper()
+        host = {"lr": s.lr[i], "wd": s.wd[i], "momentum": s.momentum[i], "one_minus_momentum": 1.0 - s.momentum[i],
+                "teacher_temp": s.teacher_temp[i], "teacher_patch_temp": s.teacher_patch_temp[i],
+                "frozen": float(i < s.freeze_last_layer_steps)}
+        for k, v in host.items():
+            assert h[k].item() == v, (i, k)
+
+
+def test_each_center_follows_its_own_teacher_statistic(tmp_path):
+    """Unequal [CLS] and patch prototype counts (separate last layers): after one step each center equals
+    (1 - m)·mean of its own teacher logits; the patch mean is formed here from every patch's logits, not
+    through the model's W·mean(z) shortcut."""
+    tr = _trainer(tmp_path, **{"model.out_dim": 48, "model.patch_out_dim": 40, "model.shared_head": False,
+                               "model.shared_head_teacher": False, "ibot.center_momentum": 0.75,
+                               "ibot.center_momentum2": 0.6})
+    b = _batches(tr, 1)[0]
+    with torch.no_grad():
+        tokens = tr.teacher.backbone.forward_features(b.globals)
+        z = tr.teacher.head.embed(tokens)
+        cls_mean = tr.teacher.head.cls_logits(z[:, 0]).double().mean(0)
+        patch_mean = tr.teacher.head.patch_logits(z[:, 1:]).double().mean((0, 1))
+    tr.train_step([b])
+    c = tr.centers
+    assert c.center.shape == (1, 48) and c.center2.shape == (1, 40)
+    torch.testing.assert_close(c.center.double()[0], 0.25 * cls_mean, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(c.center2.double()[0], 0.4 * patch_mean, rtol=1e-4, atol=1e-6)
+
+
+def test_accumulated_micro_batches_average_their_gradients(tmp_path):
+    """Two identical micro-batches give the gradient of one (each is divided by accum_steps); without the
+    division the logged gradient norm would double."""
+    norms = {}
+    for accum in (1, 2):
+        tr = _trainer(tmp_path / str(accum), **{"optim.accum_steps": accum, "model.drop_path": 0.0,
+                                                 "ibot.center_momentum": 1.0, "ibot.center_momentum2": 1.0})
+        b = _batches(tr, 1)[0]
+        tr.train_step([b] * accum)
+        norms[accum] = tr.log_metrics()["grad_norm"]
+    assert norms[2] == pytest.approx(norms[1], rel=1e-5)
+
+
+def test_clipping_per_parameter_and_global():
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(7, 3, generator=g) * 5, torch.randn(11, generator=g) * 0.01, torch.randn(4, 4, generator=g)]
+    before = [x.clone() for x in grads]
+    total = clip_(grads, 1.0, "per_param")
+    assert total.item() == pytest.approx(float(torch.cat([x.reshape(-1) for x in before]).norm()), rel=1e-6)
+    for a, b in zip(grads, before):
+        expected = b * min(1.0, 1.0 / (float(b.norm()) + 1e-6))  # each tensor on its own (the official rule)
+        torch.testing.assert_close(a, expected)
+    assert grads[1].norm() < 0.5  # a small gradient is left alone
+    grads = [x.clone() for x in before]
+    clip_(grads, 1.0, "global")
+    assert float(torch.cat([x.reshape(-1) for x in grads]).norm()) == pytest.approx(1.0, rel=1e-5)
+    ratios = [float(a.norm() / b.norm()) for a, b in zip(grads, before)]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-6)  # one factor for all
+
+
+def test_last_layer_is_frozen_for_the_first_epoch_then_trains(tmp_path):
+    tr = _trainer(tmp_path, **{"optim.freeze_last_layer": 1.0})
+    spe = tr.steps_per_epoch
+    last = [p for n, p in tr.student.named_parameters() if "last_layer" in n]
+    other = tr.student.backbone.pos_embed
+    start, start_other = [p.detach().clone() for p in last], other.detach().clone()
+    batches = _batches(tr, spe + 1)
+    for b in batches[:spe]:
+        tr.train_step([b])
+    assert all(torch.equal(a, p) for a, p in zip(start, last))  # no update, no weight decay
+    assert all(s["step"].item() == 0 for s in tr.opt.last.state.values())  # not even counted
+    assert not torch.equal(start_other, other)
+    tr.train_step([batches[spe]])
+    assert any(not torch.equal(a, p) for a, p in zip(start, last))
+    assert np.isclose(tr.log_metrics()["lr"], tr.sched.lr[spe])
