@@ -190,6 +190,33 @@ def run_variant(name, overrides, args, matmul):
     return res
 
 
+def patch_embed_table(arch: str, batch: int) -> list:
+    """Forward + backward of the patch embedding as a strided convolution and as one matmul over unfolded
+    patches (``PatchEmbed.IMPL``), eager and compiled, on the recipe's crops (bf16, CUDA graph timing)."""
+    from common import time_graph_ms
+
+    from fastibot.models.vit import ARCHS, PatchEmbed
+    rows = []
+    for n, size in ((2 * batch, 224), (10 * batch, 96)):
+        x = torch.randn(n, 3, size, size, device="cuda", dtype=torch.bfloat16)
+        for impl in ("conv", "matmul"):
+            for compiled in (False, True):
+                pe = PatchEmbed(16, ARCHS[arch]["embed_dim"]).cuda().to(torch.bfloat16)
+                pe.IMPL = impl
+                fn = torch.compile(pe) if compiled else pe
+
+                def step():
+                    fn(x).float().square().mean().backward()
+                try:
+                    ms = time_graph_ms(step, rep=20)
+                except Exception as e:  # noqa: BLE001 - reported in the table
+                    ms = float("nan")
+                    print(f"patch embed {impl} compiled={compiled}: {type(e).__name__}: {e}")
+                rows.append({"crops": f"{n} x {size}px", "impl": impl, "compiled": compiled, "fwd+bwd ms": ms})
+    print_table("patch embedding, forward + backward (CUDA graph)", rows, ["crops", "impl", "compiled", "fwd+bwd ms"])
+    return rows
+
+
 class _SyncDebug:
     """``torch.cuda.set_sync_debug_mode`` for a block (older torch has no context manager for it)."""
 
@@ -230,6 +257,7 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="kernels per step and GPU time by kind")
     ap.add_argument("--memory-sweep", default="", help="comma-separated runtime.activation_memory values for the "
                                                        "default variant, e.g. 1,0.5,0.2")
+    ap.add_argument("--patch-embed", action="store_true", help="time the patch embedding's two forms first")
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
@@ -241,6 +269,7 @@ def main(argv=None):
     matmul = matmul_tflops()
     print(" | ".join(f"{k}: {v}" for k, v in info.items()) + f" | bf16 matmul measured: {matmul:.0f} TFLOP/s")
     print("datasheet dense bf16 peaks used for MFU: " + ", ".join(f"{k} {v:.0f}" for k, v in PEAK_BF16_TFLOPS.items()))
+    extra = {"patch_embed": patch_embed_table(args.arch, args.batch)} if args.patch_embed else {}
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
@@ -279,7 +308,7 @@ def main(argv=None):
                 f"{args.steps} steps", results,
                 ["variant", "attention", "img/s", "spread %", "ms/step", "GFLOP/img", "TFLOP/s", "MFU %",
                  "% matmul", "peak GiB", "reserved GiB", "recompiles", "x reference", "memory x reference"])
-    write_json(args.json, {"device": info, "matmul_tflops": matmul, "args": vars(args), "results": results})
+    write_json(args.json, {"device": info, "matmul_tflops": matmul, "args": vars(args), "results": results, **extra})
 
 
 if __name__ == "__main__":
