@@ -75,11 +75,13 @@ class Trainer:
             m.backbone.set_attention_backend(self.attention)
         self.compile = resolve_switch("runtime.compile", cfg.runtime.compile, rt.device, runs_on_cpu=True)
         self.cuda_graph = resolve_switch("runtime.cuda_graph", cfg.runtime.cuda_graph, rt.device, runs_on_cpu=False)
-        if cfg.runtime.activation_memory < 1.0:
-            if self.compile:  # the min-cut partitioner recomputes until the saved activations fit the budget
-                torch._functorch.config.activation_memory_budget = cfg.runtime.activation_memory
-            else:
-                student.backbone.set_recompute(cfg.runtime.activation_memory)
+        if self.compile:
+            # the min-cut partitioner recomputes until the saved activations fit the budget; dynamo's cache
+            # is per code object, so a step compiled earlier in this process (another budget) must not be reused
+            torch._functorch.config.activation_memory_budget = cfg.runtime.activation_memory
+            torch._dynamo.reset()
+        elif cfg.runtime.activation_memory < 1.0:
+            student.backbone.set_recompute(cfg.runtime.activation_memory)
         self.student, self.teacher = student, teacher
         # the triton EMA moves parameters into flat buffers: before the optimizer and the gradients see them
         self.ema_impl = self._kernel_impl("ema", "foreach")
