@@ -40,6 +40,9 @@ class ModelConfig:
     patch_size: int = _f(16, "patch size in pixels")
     drop_path: float = _f(0.1, "stochastic depth rate of the student (the teacher uses 0)")
     attention: str = _f("auto", "attention backend", ("auto", "xformers", "varlen", "sdpa", "reference"))
+    pos_embed_resize: str = _f("official", "position embeddings for other crop sizes: bicubic with scale factor "
+                               "(n + 0.1) / grid as the official ViT (official), or resized to exactly n (exact)",
+                               ("official", "exact"))
     packed: bool = _f(False, "one student pass over all crops (block-diagonal attention, heads on masked tokens only)")
     out_dim: int = _f(8192, "number of prototypes K of the [CLS] head")
     patch_out_dim: int = _f(8192, "number of prototypes of the patch head")
