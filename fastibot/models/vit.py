@@ -146,8 +146,8 @@ class VisionTransformer(nn.Module):
         ``official`` (the iBOT/DINO ViT): ``F.interpolate`` with scale factors ``((h + 0.1) / grid,
         (w + 0.1) / grid)``. The output is still h × w (the 0.1 keeps the floor of ``grid · scale``
         from landing on h - 1), but PyTorch samples with the scale as given, so source positions
-        step by grid / (h + 0.1), not grid / h: for 96-px crops (6 × 6 from 14 × 14) they differ
-        from the exact resize by up to ~30% of an embedding. ``exact``: ``size=(h, w)``, the source
+        step by grid / (h + 0.1), not grid / h (for 96-px crops, 6 × 6 from 14 × 14, the sample
+        points move by up to 0.2 of a trained-grid cell). ``exact``: ``size=(h, w)``, the source
         grid mapped exactly onto the target. Both run in the parameter's dtype (fp32 in training,
         float64 in float64 tests; half types go through fp32), as the official code does.
         """
