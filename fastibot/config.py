@@ -74,6 +74,8 @@ class TeacherConfig:
     patch_temp: float = _f(0.07, "patch teacher temperature after warm-up")
     warmup_patch_temp: float = _f(0.04, "patch teacher temperature at step 0")
     warmup_temp_epochs: float = _f(30.0, "epochs of linear teacher-temperature warm-up")
+    temp_warmup: str = _f("epoch", "teacher-temperature warm-up steps once per epoch (official) or rises every "
+                          "iteration", ("epoch", "iteration"))
 
 
 @dataclass
@@ -304,6 +306,11 @@ def validate(cfg: Config) -> Config:
     need(cfg.ibot.student_temp > 0, "ibot.student_temp", "must be > 0")
     for key in ("temp", "warmup_temp", "patch_temp", "warmup_patch_temp"):
         need(getattr(cfg.teacher, key) > 0, f"teacher.{key}", "must be > 0")
+    need(cfg.teacher.warmup_temp_epochs >= 0, "teacher.warmup_temp_epochs", "must be >= 0")
+    need(cfg.teacher.temp_warmup != "epoch" or float(cfg.teacher.warmup_temp_epochs).is_integer(),
+         "teacher.warmup_temp_epochs", "must be a whole number of epochs with teacher.temp_warmup=epoch "
+         "(or set teacher.temp_warmup=iteration)")
+    need(m.start_epoch >= 0, "masking.start_epoch", "must be >= 0")
     if cfg.model.shared_head or cfg.model.shared_head_teacher:
         need(cfg.model.out_dim == cfg.model.patch_out_dim, "model.patch_out_dim",
              "must equal model.out_dim when a head is shared")
