@@ -39,7 +39,9 @@ class ModelConfig:
     arch: str = _f("vit_small", "backbone size", ("vit_tiny", "vit_small", "vit_base", "vit_large"))
     patch_size: int = _f(16, "patch size in pixels")
     drop_path: float = _f(0.1, "stochastic depth rate of the student (the teacher uses 0)")
-    attention: str = _f("auto", "attention backend", ("auto", "xformers", "varlen", "sdpa", "reference"))
+    attention: str = _f("auto", "attention backend; varlen needs model.packed=true (the teacher's dense pass runs "
+                        "SDPA); auto takes the first that runs of a fixed order (SDPA today)",
+                        ("auto", "xformers", "varlen", "sdpa", "reference"))
     pos_embed_resize: str = _f("official", "position embeddings for other crop sizes: bicubic with scale factor "
                                "(n + 0.1) / grid as the official ViT (official), or resized to exactly n (exact)",
                                ("official", "exact"))
@@ -311,6 +313,9 @@ def validate(cfg: Config) -> Config:
          "teacher.warmup_temp_epochs", "must be a whole number of epochs with teacher.temp_warmup=epoch "
          "(or set teacher.temp_warmup=iteration)")
     need(m.start_epoch >= 0, "masking.start_epoch", "must be >= 0")
+    need(cfg.model.attention != "varlen" or cfg.model.packed, "model.attention",
+         "varlen attention runs on packed sequences only, and with model.packed=false every attention call is "
+         "dense (it would run SDPA): set model.packed=true, or model.attention=sdpa|auto")
     if cfg.model.shared_head or cfg.model.shared_head_teacher:
         need(cfg.model.out_dim == cfg.model.patch_out_dim, "model.patch_out_dim",
              "must equal model.out_dim when a head is shared")

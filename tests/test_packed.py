@@ -5,7 +5,10 @@ import torch
 from fastibot.config import load_config, packaged_config
 from fastibot.data.masking import mask_rows
 from fastibot.loss import ibot_loss, ibot_loss_rows
-from fastibot.models.attention import BackendUnavailable, PackedLayout, attention, check_backend, resolve_backend
+from fastibot.config import ConfigError
+from fastibot.models import attention as attention_mod
+from fastibot.models.attention import (BackendUnavailable, PackedLayout, attention, check_backend, cu_seqlens,
+                                       resolve_backend)
 from fastibot.models.ibot import build_model
 from fastibot.models.vit import VisionTransformer, drop_path
 
@@ -97,6 +100,33 @@ def test_unavailable_backends_say_why():
     with pytest.raises(BackendUnavailable):
         check_backend("flash9", "cpu", torch.float32)
     assert resolve_backend("auto", "cpu") == "sdpa"
+
+
+def test_cu_seqlens_offsets():
+    layout = PackedLayout(((2, 5), (0, 7), (3, 2), (1, 1)))
+    cu = cu_seqlens(layout)
+    assert cu.dtype == torch.int32 and cu.device.type == "cpu"
+    assert cu.tolist() == [0, 5, 10, 12, 14, 16, 17] and cu[-1] == layout.total
+    assert torch.equal(attention_mod._cu_seqlens(layout, torch.device("cpu")), cu)  # what varlen_attn gets
+
+
+def test_varlen_needs_packed_and_logs_where_sdpa_runs(monkeypatch, caplog):
+    with pytest.raises(ConfigError, match="model.attention: varlen .*model.packed=false"):
+        load_config(packaged_config("quickstart"), ["model.attention=varlen", "model.packed=false"])
+    assert load_config(packaged_config("quickstart"), ["model.attention=varlen"]).model.packed
+    monkeypatch.setattr(attention_mod, "check_backend", lambda *a: None)  # as if on a GPU with varlen_attn
+    with caplog.at_level("INFO", logger="fastibot"):
+        assert resolve_backend("varlen", "cuda") == "varlen"
+    assert "teacher" in caplog.text and "runs SDPA" in caplog.text
+
+
+def test_auto_is_a_fixed_order_and_says_so(monkeypatch, caplog):
+    with caplog.at_level("INFO", logger="fastibot"):
+        assert resolve_backend("auto", "cpu") == "sdpa"
+    assert "model.attention=auto: sdpa (the first of the fixed order sdpa" in caplog.text
+    monkeypatch.setitem(attention_mod.AUTO_ORDER, "cpu", ("varlen", "xformers"))
+    with pytest.raises(BackendUnavailable, match="no backend of varlen, xformers runs on cpu"):
+        resolve_backend("auto", "cpu", torch.float32)
 
 
 def test_packed_drop_path_drops_whole_sequences():
