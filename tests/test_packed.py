@@ -144,6 +144,9 @@ def test_packed_drop_path_drops_whole_sequences():
 
 @pytest.mark.parametrize("patch_center", ["all", "masked"])
 def test_masked_only_heads_give_the_dense_loss(tmp_path, patch_center):
+    """Model and inputs in float64: the packed path's logits equal the dense path's to float64 rounding.
+    The loss functions compute in fp32 whatever their inputs (fastibot.loss), so the loss, the center
+    statistic and the gradients through the loss are held to fp32 tolerances."""
     over = ["model.patch_size=8", "crops.global_size=32", "crops.local_size=16", "crops.n_local=3",
             "model.out_dim=97", "model.patch_out_dim=97", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
             "model.drop_path=0.0", f"ibot.patch_center={patch_center}"]
@@ -161,24 +164,35 @@ def test_masked_only_heads_give_the_dense_loss(tmp_path, patch_center):
     c1, c2 = torch.randn(1, 97, device=DEVICE).double() * 0.1, torch.randn(1, 97, device=DEVICE).double() * 0.1
 
     sd, td = dense(g, m, loc), dense.teacher(g, m, index, patch_center)
-    ld = ibot_loss(sd.cls, sd.patch, td.cls, td.patch, m, c1, c2, **kw)
     sp, tp = packed(g, m, loc, index), packed.teacher(g, m, index, patch_center)
     assert sp.patch.shape == (index.numel(), 97) and tp.patch.shape == (index.numel(), 97)
+    assert sp.cls.dtype == sp.patch.dtype == tp.patch.dtype == torch.float64
+    f64 = dict(rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(sp.cls, sd.cls, **f64)
+    torch.testing.assert_close(tp.cls, td.cls, **f64)
+    torch.testing.assert_close(sp.patch, sd.patch.reshape(-1, 97)[index], **f64)  # the masked rows, in order
+    torch.testing.assert_close(tp.patch, td.patch.reshape(-1, 97)[index], **f64)
+
+    ld = ibot_loss(sd.cls, sd.patch, td.cls, td.patch, m, c1, c2, **kw)
     lp = ibot_loss_rows(sp.cls, sp.patch, tp.cls, tp.patch, weight, c1, c2, **kw)
+    f32 = dict(rtol=1e-5, atol=1e-6)  # fp32 sums over a few hundred terms
     for k in ("loss", "cls", "patch"):
-        torch.testing.assert_close(lp[k], ld[k], rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(td.cls, tp.cls, rtol=1e-9, atol=1e-12)
-    # the center statistic: the mean over every patch, or over the masked ones
-    center_packed = tp.patch_mean if tp.patch_mean is not None else lp["teacher_rows_mean"]
-    # (the center statistics are kept in fp32)
-    torch.testing.assert_close(center_packed.double(), td.patch_mean.double(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(lp[k].double(), ld[k].double(), **f32, msg=k)
+    assert ld["patch"] > 0.1 and ld["cls"] > 0.1  # both terms carry weight in the comparison
+    # the center statistic: the mean over every patch, or over the masked ones (kept in fp32)
+    assert tp.patch_mean is not None and td.patch_mean is not None
+    torch.testing.assert_close(tp.patch_mean.double(), td.patch_mean.double(), rtol=1e-5, atol=1e-7)
     gd = torch.autograd.grad(ld["loss"], list(dense.parameters()), allow_unused=True)
     gp = torch.autograd.grad(lp["loss"], list(packed.parameters()), allow_unused=True)
+    compared = 0
     for (name, _), a, b in zip(dense.named_parameters(), gd, gp):
         if a is None or b is None:
             assert a is None or a.abs().max() == 0, name
             continue
-        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12, msg=name)
+        # the loss's fp32 gradient, then float64 backward: fp32 relative error on each entry
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * a.abs().max().item() + 1e-12, msg=name)
+        compared += 1
+    assert compared >= len(gd) - 2  # every parameter but the unused ones had its gradient compared
 
 
 def test_packed_block_compiles_without_graph_breaks():
