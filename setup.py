@@ -28,7 +28,9 @@ setup(
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",
-        "timm>=1.0",
+        # 0.9.0: the first release with timm.layers (the ViT's parts) and .safetensors in
+        # create_model(checkpoint_path=...), which the export snippet uses (tested 0.9.0 to 1.0.31)
+        "timm>=0.9.0",
         "pyyaml>=6",
         "numpy",
         "pillow",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -57,7 +58,23 @@ def endless(data):
         epoch += 1
 
 
+def in_flight(data) -> int:
+    """Batches a loader may have made ahead of the consumer: the torchvision loader keeps
+    ``prefetch_factor`` batches per worker in flight, DALI its prefetch queue. Warm-up must drain at
+    least these, or batches made before the clock starts are counted as made inside it."""
+    loader = getattr(data, "loader", None)
+    if loader is not None and getattr(loader, "num_workers", 0) > 0:
+        return loader.num_workers * (loader.prefetch_factor or 2)
+    pipe = getattr(data, "pipe", None)
+    if pipe is not None:
+        depth = getattr(pipe, "prefetch_queue_depth", 2)
+        return depth if isinstance(depth, int) else max(depth.values())
+    return 0
+
+
 def measure(kind: str, args, device: torch.device) -> dict:
+    """Steady-state img/s: warm-up drains what the loader made ahead, then ``--windows`` timed windows of
+    ``--batches`` batches each; the median window is reported with the slowest and fastest."""
     over = [f"data.loader={kind}", f"data.batch_size={args.batch}", "data.source=imagefolder",
             f"data.path={args.images}", f"data.num_workers={args.workers if kind == 'torchvision' else args.dali_threads}",
             f"data.synthetic_size={args.batch * (args.batches + args.warmup + 1)}",
@@ -65,21 +82,25 @@ def measure(kind: str, args, device: torch.device) -> dict:
     cfg = load_config(REPO / "configs" / "vit_small_16.yaml", over)
     data = build_data(cfg, 0, 1, device)
     it = endless(data)
-    for _ in range(args.warmup):
+    warmup = args.warmup + in_flight(data)
+    for _ in range(warmup):
         next(it)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    n = 0
-    for _ in range(args.batches):
-        b = next(it)
-        n += b["globals"].shape[0] // cfg.crops.n_global
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    rates = []
+    for _ in range(args.windows):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n = 0
+        for _ in range(args.batches):
+            b = next(it)
+            n += b["globals"].shape[0] // cfg.crops.n_global
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(n / (time.perf_counter() - t0))
     threads = args.workers if kind == "torchvision" else (args.dali_threads if kind == "dali" else 0)
     note = "pre-made device batches, cycled: no per-batch work (the ceiling)" if kind == "synthetic" else ""
-    return {"loader": kind, "img/s": n / dt, "CPU threads": threads, "batches": args.batches,
+    return {"loader": kind, "img/s": statistics.median(rates), "min img/s": min(rates), "max img/s": max(rates),
+            "CPU threads": threads, "warm-up batches": warmup, "windows": f"{args.windows} x {args.batches}",
             "batch": args.batch, "note": note}
 
 
@@ -90,8 +111,9 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=4000, help="images to re-encode")
     ap.add_argument("--loaders", nargs="+", default=["dali", "torchvision", "synthetic"])
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--batches", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=20, help="batches per timed window")
+    ap.add_argument("--windows", type=int, default=5, help="timed windows (the median is reported)")
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up batches on top of those the loader keeps in flight")
     ap.add_argument("--workers", type=int, default=min(15, (os.cpu_count() or 2) - 1))
     ap.add_argument("--dali-threads", type=int, default=4)
     ap.add_argument("--json")
@@ -110,8 +132,10 @@ def main(argv=None):
             rows.append(measure(kind, args, device))
         except Exception as e:  # a loader that cannot run here is reported, not hidden
             rows.append({"loader": kind, "note": f"{type(e).__name__}: {str(e)[:100]}"})
-    print_table(f"data loaders, full recipe (2x224 + 10x96 + masks), batch {args.batch}, on {device}", rows,
-                ["loader", "img/s", "CPU threads", "batches", "batch", "note"])
+    print_table(f"data loaders, full recipe (2x224 + 10x96 + masks), batch {args.batch}, on {device}: "
+                f"steady state, median of {args.windows} windows", rows,
+                ["loader", "img/s", "min img/s", "max img/s", "CPU threads", "warm-up batches", "windows", "batch",
+                 "note"])
     write_json(args.json, {"device": info, "rows": rows})
 
 

@@ -35,6 +35,22 @@ def _train(args) -> int:
     return 0
 
 
+def timm_snippet(path, name: str, kwargs: dict) -> str:
+    """The Python lines that load an exported backbone in timm (printed by ``fastibot export``).
+
+    ``checkpoint_path=`` builds the model, then loads the file strictly, in every timm fastibot
+    supports (>= 0.9.0). ``pretrained=True, pretrained_cfg_overlay=dict(file=...)`` does not: it goes
+    through the model's pretrained config, which for vit_small_patch16_224 in timm 1.0.3 to 1.0.29
+    expects a pickle or an original JAX .npz file.
+    """
+    from pathlib import Path
+
+    extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    return ("import timm\n"
+            f"model = timm.create_model({name!r}, num_classes=0, checkpoint_path={str(Path(path).resolve())!r}"
+            f"{extra})")
+
+
 def _export(args) -> int:
     from .export import export_backbone
 
@@ -43,9 +59,7 @@ def _export(args) -> int:
     except (FileNotFoundError, RuntimeError) as e:
         print(f"fastibot: {e}", file=sys.stderr)
         return 1
-    extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-    print(f"wrote {path}\nload it with: timm.create_model({name!r}, num_classes=0, pretrained=True, "
-          f"pretrained_cfg_overlay=dict(file={str(path)!r}){extra})")
+    print(f"wrote {path}\nload it in timm:\n{timm_snippet(path, name, kwargs)}")
     return 0
 
 

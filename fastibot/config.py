@@ -40,7 +40,12 @@ class ModelConfig:
     patch_size: int = _f(16, "patch size in pixels")
     depth: int = _f(0, "transformer blocks (0 = the arch's own: 12, or 24 for vit_large)")
     drop_path: float = _f(0.1, "stochastic depth rate of the student (the teacher uses 0)")
-    attention: str = _f("auto", "attention backend", ("auto", "xformers", "varlen", "sdpa", "reference"))
+    attention: str = _f("auto", "attention backend; varlen needs model.packed=true (the teacher's dense pass runs "
+                        "SDPA); auto takes the first that runs of a fixed order (SDPA today)",
+                        ("auto", "xformers", "varlen", "sdpa", "reference"))
+    pos_embed_resize: str = _f("official", "position embeddings for other crop sizes: bicubic with scale factor "
+                               "(n + 0.1) / grid as the official ViT (official), or resized to exactly n (exact)",
+                               ("official", "exact"))
     packed: bool = _f(True, "one student pass over all crops (block-diagonal attention, heads on [CLS] and masked "
                             "tokens only); false = the official dense computation (the parity oracle)")
     out_dim: int = _f(8192, "number of prototypes K of the [CLS] head")
@@ -73,6 +78,8 @@ class TeacherConfig:
     patch_temp: float = _f(0.07, "patch teacher temperature after warm-up")
     warmup_patch_temp: float = _f(0.04, "patch teacher temperature at step 0")
     warmup_temp_epochs: float = _f(30.0, "epochs of linear teacher-temperature warm-up")
+    temp_warmup: str = _f("epoch", "teacher-temperature warm-up steps once per epoch (official) or rises every "
+                          "iteration", ("epoch", "iteration"))
 
 
 @dataclass
@@ -314,6 +321,14 @@ def validate(cfg: Config) -> Config:
     need(cfg.ibot.student_temp > 0, "ibot.student_temp", "must be > 0")
     for key in ("temp", "warmup_temp", "patch_temp", "warmup_patch_temp"):
         need(getattr(cfg.teacher, key) > 0, f"teacher.{key}", "must be > 0")
+    need(cfg.teacher.warmup_temp_epochs >= 0, "teacher.warmup_temp_epochs", "must be >= 0")
+    need(cfg.teacher.temp_warmup != "epoch" or float(cfg.teacher.warmup_temp_epochs).is_integer(),
+         "teacher.warmup_temp_epochs", "must be a whole number of epochs with teacher.temp_warmup=epoch "
+         "(or set teacher.temp_warmup=iteration)")
+    need(m.start_epoch >= 0, "masking.start_epoch", "must be >= 0")
+    need(cfg.model.attention != "varlen" or cfg.model.packed, "model.attention",
+         "varlen attention runs on packed sequences only, and with model.packed=false every attention call is "
+         "dense (it would run SDPA): set model.packed=true, or model.attention=sdpa|auto")
     if cfg.model.shared_head or cfg.model.shared_head_teacher:
         need(cfg.model.out_dim == cfg.model.patch_out_dim, "model.patch_out_dim",
              "must equal model.out_dim when a head is shared")

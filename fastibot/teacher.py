@@ -53,17 +53,35 @@ class Schedules:
 
     @classmethod
     def build(cls, cfg: Config, steps_per_epoch: int, world: int) -> "Schedules":
+        """One value per optimizer step for ``optim.epochs · steps_per_epoch`` steps.
+
+        Teacher temperatures: a linear warm-up over ``teacher.warmup_temp_epochs`` (W), then constant.
+        ``teacher.temp_warmup=epoch`` (official) holds one value per epoch, ``linspace(warm, temp, W)``
+        over the W warm-up epochs (the last of them already at ``temp``); ``iteration`` ramps over the
+        W · steps_per_epoch steps. The patch temperature stays at its warm-up value for the
+        ``masking.start_epoch`` epochs without masking and starts its warm-up there, as officially.
+        """
         o, t = cfg.optim, cfg.teacher
         total = o.epochs * steps_per_epoch
         spe = steps_per_epoch
         peak = o.lr * cfg.data.batch_size * o.accum_steps * world / 256.0
+
+        def temps(start: float, end: float, delay_epochs: int) -> np.ndarray:
+            if t.temp_warmup == "epoch":
+                w = int(round(t.warmup_temp_epochs))
+                per_epoch = np.concatenate((np.full(delay_epochs, start), np.linspace(start, end, w),
+                                            np.full(max(o.epochs - delay_epochs - w, 0), end)))[: o.epochs]
+                return np.repeat(per_epoch, spe).astype(np.float64)
+            delay = min(delay_epochs * spe, total)
+            ramp = warmup_constant(start, end, total - delay, int(round(t.warmup_temp_epochs * spe)))
+            return np.concatenate((np.full(delay, start), ramp)).astype(np.float64)
+
         return cls(
             lr=cosine_schedule(peak, o.min_lr, total, int(round(o.warmup_epochs * spe))),
             wd=cosine_schedule(o.weight_decay, o.weight_decay_end, total),
             momentum=cosine_schedule(t.momentum, t.momentum_end, total),
-            teacher_temp=warmup_constant(t.warmup_temp, t.temp, total, int(round(t.warmup_temp_epochs * spe))),
-            teacher_patch_temp=warmup_constant(t.warmup_patch_temp, t.patch_temp, total,
-                                               int(round(t.warmup_temp_epochs * spe))),
+            teacher_temp=temps(t.warmup_temp, t.temp, 0),
+            teacher_patch_temp=temps(t.warmup_patch_temp, t.patch_temp, cfg.masking.start_epoch),
             freeze_last_layer_steps=int(round(o.freeze_last_layer * spe)),
         )
 

@@ -31,12 +31,31 @@ def tiny_config(out_dir, **extra):
     return load_config(packaged_config("quickstart"), tiny_overrides(out_dir, **extra))
 
 
+NO_IMAGES = "shared images not found"  # starts the skip reason; the summary hooks below look for it
+NO_IMAGES_CATEGORY = "skipped: no shared images"
+
+
 @pytest.fixture
 def shared_images():
     if not (SHARED_IMAGES / "train").is_dir():
-        pytest.skip(f"shared images not found at {SHARED_IMAGES} (set FASTIBOT_TEST_IMAGES); "
+        pytest.skip(f"{NO_IMAGES} at {SHARED_IMAGES} (set FASTIBOT_TEST_IMAGES); "
                     "the synthetic-data tests cover the same code paths")
     return SHARED_IMAGES
+
+
+def pytest_report_teststatus(report, config):
+    """Real-image tests skipped for want of the images get their own category, so the run's last
+    line says so (e.g. ``140 passed, 7 skipped: no shared images``) without -rs."""
+    if report.skipped and NO_IMAGES in str(report.longrepr):
+        return NO_IMAGES_CATEGORY, "s", "SKIPPED (no shared images)"
+    return None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = len(terminalreporter.stats.get(NO_IMAGES_CATEGORY, []))
+    if n:
+        terminalreporter.write_line(f"{n} real-image test(s) skipped: {NO_IMAGES} at {SHARED_IMAGES} "
+                                    "(set FASTIBOT_TEST_IMAGES to run them)", yellow=True, bold=True)
 
 
 # Triton kernels run in the interpreter on machines without a GPU; this must be set

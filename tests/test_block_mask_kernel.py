@@ -5,7 +5,8 @@ import numpy as np
 import torch
 
 from fastibot.data.masking import MaskGenerator
-from fastibot.kernels.block_mask import block_masks, sample_ratios
+from fastibot.kernels.block_mask import DRAW_FIELDS, block_masks, sample_ratios
+from mask_geometry import check_geometry, check_union
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter pays per scalar step: fewer masks on the CPU, the full statistics on a GPU
@@ -49,3 +50,20 @@ def test_zero_ratio_odd_grid_and_determinism():
     c = block_masks(ratios, 6, 10, seed=8)
     assert a.shape == (3, 6, 10) and not a[0].any() and a[1].any()
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_block_geometry_area_and_aspect():
+    """The checks of the CPU generator's test_block_geometry_area_and_aspect, on the kernel's recorded draws
+    (ratio 1 on a 24 x 24 grid: many draws per mask keep the interpreter to a few seconds)."""
+    n = 48 if DEVICE == "cuda" else 5
+    masks, draws = block_masks(torch.full((n,), 1.0, device=DEVICE), 24, 24, seed=5, record=True)
+    assert draws.shape == (n, 256, len(DRAW_FIELDS))
+    masks, draws = masks.cpu().numpy(), draws.cpu().numpy()
+    rows = []
+    for m, d in zip(masks, draws):
+        d = d[d[:, 2] >= 0]  # rows past the last draw are -1
+        check_union(d, m)
+        rows.append(d)
+    check_geometry(np.concatenate(rows), 24, 24)
+    # recording changes nothing (each mask is its own program: the first two suffice)
+    assert np.array_equal(block_masks(torch.full((2,), 1.0, device=DEVICE), 24, 24, seed=5).cpu().numpy(), masks[:2])

@@ -16,6 +16,9 @@ from fastibot.data.dali import DaliData, build_pipeline  # noqa: E402
 from fastibot.data.datasets import list_images  # noqa: E402
 
 
+PARAMS_PER_CROP = 9  # out, extent, shape, flip, gray, jitter, blurred, solarized, colour (before solarize/flip)
+
+
 def _cfg(tmp_path, images, **extra):
     return tiny_config(tmp_path, **{"data.source": "imagefolder", "data.path": str(images / "train"),
                                     "data.loader": "dali", "data.batch_size": 8, **extra})
@@ -64,7 +67,7 @@ def test_augmentation_statistics_match_torchvision(tmp_path, shared_images):
     samples = samples[:: max(1, len(samples) // 400)][:400]
     pipe = build_pipeline([p for p, _ in samples], [lab for _, lab in samples], cfg.crops, batch_size=50,
                           shard_id=0, num_shards=1, seed=3, device_id=None, num_threads=2, with_params=True)
-    per_crop = 8  # out, extent, shape, flip, gray, jitter, blurred, solarized
+    per_crop = PARAMS_PER_CROP
     n_crops = cfg.crops.n_global + cfg.crops.n_local
     stats = {k: [[] for _ in range(n_crops)] for k in ("area", "flip", "gray", "jitter", "blur", "solar", "chan")}
     mean = np.array(IMAGENET_MEAN)[:, None, None]
@@ -96,6 +99,65 @@ def test_augmentation_statistics_match_torchvision(tmp_path, shared_images):
         gray = np.array(stats["gray"][c]) > 0
         chan = np.array(stats["chan"][c])
         assert chan[gray].max() < 0.02 and np.median(chan[~gray]) > 0.02
+
+
+def _fixed_images(n=16, size=64):
+    """Colourful pictures with dark and bright regions: channel ramps in different directions plus a checker."""
+    y, x = np.mgrid[0:size, 0:size] / (size - 1)
+    imgs = []
+    for i in range(n):
+        check = ((np.mgrid[0:size, 0:size] // (4 + i % 5)).sum(0) % 2) * 60
+        rgb = np.stack([x * 195 + check, y * 195 + (60 - check), (1 - x) * 255 * (i % 3 != 0)], -1)
+        imgs.append(np.clip(rgb, 0, 255).astype(np.uint8))
+    return imgs
+
+
+def _fixed_pipeline(crops, images, seed):
+    from nvidia.dali import fn, pipeline_def
+
+    from fastibot.data.dali import multicrop_graph
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, seed=seed)
+    def pipe():
+        x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        return tuple(multicrop_graph(x, x.shape(), crops, with_params=True))
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def test_pixels_flip_solarize_grayscale_on_fixed_images(tmp_path):
+    """What each drawn augmentation does to the pixels: a flipped crop is the unflipped one mirrored,
+    solarization turns values >= 128 into 255 - value and leaves darker ones, grayscale makes R = G = B."""
+    from fastibot.data.dali import MEAN_255, STD_255
+    cfg = tiny_config(tmp_path)
+    pipe = _fixed_pipeline(cfg.crops, _fixed_images(), seed=11)
+    n_crops = cfg.crops.n_global + cfg.crops.n_local
+    seen = {"flip": 0, "still": 0, "solar": 0, "gray": 0, "colour": 0}
+    for _ in range(2):
+        outs = pipe.run()
+        for c in range(n_crops):
+            o = [np.array(outs[c * PARAMS_PER_CROP + k].as_tensor()) for k in range(PARAMS_PER_CROP)]
+            out, flip, gray, solarized, colour = o[0], o[3].reshape(-1), o[4].reshape(-1), o[7].reshape(-1), o[8]
+            for b in range(out.shape[0]):
+                px = colour[b].astype(np.float64)  # (S, S, 3) in 0..255
+                if solarized[b]:
+                    seen["solar"] += bool((px >= 128).any() and (px < 128).any())  # both sides of the threshold
+                    px = np.where(px >= 128, 255 - px, px)
+                if flip[b]:
+                    px = px[:, ::-1]
+                seen["flip" if flip[b] else "still"] += 1
+                want = ((px - np.array(MEAN_255)) / np.array(STD_255)).transpose(2, 0, 1)
+                np.testing.assert_allclose(out[b], want, rtol=0, atol=1e-4, err_msg=f"crop {c} image {b}")
+                spread = np.abs(np.diff(colour[b].astype(np.int16), axis=-1)).max()
+                if gray[b]:
+                    assert spread <= 1, (c, b)  # rounding only
+                    seen["gray"] += 1
+                else:
+                    seen["colour"] += spread > 20
+    assert seen["flip"] >= 10 and seen["still"] >= 10 and seen["solar"] >= 2 and seen["gray"] >= 5
+    assert seen["colour"] >= 0.9 * (seen["flip"] + seen["still"] - seen["gray"])  # the pictures keep colour
 
 
 def test_training_with_the_dali_loader(tmp_path, shared_images):

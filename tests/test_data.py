@@ -114,3 +114,16 @@ def test_loader_with_workers_matches_main_process(tmp_path):
     _, _, loader0 = build_loader(cfg0)
     b = next(iter(loader0))
     assert torch.equal(a.globals, b.globals) and torch.equal(a.masks, b.masks)
+
+
+def test_torchvision_loader_masks_nothing_before_masking_start_epoch(tmp_path):
+    cfg = tiny_config(tmp_path, **{"masking.start_epoch": 2, "masking.pred_ratio": [0.3],
+                                   "masking.pred_ratio_var": [0.0]})
+    _, sampler, loader = build_loader(cfg)
+    for epoch in range(4):
+        sampler.set_position(epoch, 0)
+        masks = next(iter(loader)).masks  # (G*B, N)
+        if epoch < 2:
+            assert not masks.any(), epoch
+        else:  # a fixed ratio of 0.3: every global crop has masked patches
+            assert masks.any(1).all(), epoch

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -95,24 +96,50 @@ def _labelled_folder(root, n_per_class=6, classes=3, offset=0):
     return root
 
 
+def _relabelled_copy(src, dst):
+    """The same images with every class folder's files moved to the next class: a query whose nearest
+    neighbour is its own copy is then always wrong."""
+    classes = sorted(p.name for p in src.iterdir() if p.is_dir())
+    for i, c in enumerate(classes):
+        (dst / classes[(i + 1) % len(classes)]).mkdir(parents=True, exist_ok=True)
+        for f in (src / c).iterdir():
+            shutil.copy(f, dst / classes[(i + 1) % len(classes)] / f.name)
+    return dst
+
+
 def test_cli_knn_linear_attention_and_periodic_knn(tmp_path, capsys):
     tr = _labelled_folder(tmp_path / "train")
     va = _labelled_folder(tmp_path / "val", n_per_class=3, offset=999)
+    wrong = _relabelled_copy(tr, tmp_path / "relabelled")
     run = tmp_path / "run"
+    # the k-NN queries are the memory bank itself: with k = 1 each image finds itself, 100% exactly
     cfg = tiny_config(run, **{"runtime.max_steps": 4, "eval.every_n_steps": 2, "eval.train_path": str(tr),
-                              "eval.val_path": str(va), "eval.image_size": 32, "eval.batch_size": 8})
+                              "eval.val_path": str(tr), "eval.k": 1, "eval.image_size": 32, "eval.batch_size": 8})
     train(cfg)
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     knn_rows = [r for r in rows if r.get("knn_top1")]
     assert [int(r["step"]) for r in knn_rows] == [2, 4]
-    assert all(0.0 <= float(r["knn_top1"]) <= 100.0 for r in knn_rows)
+    assert [float(r["knn_top1"]) for r in knn_rows] == [100.0, 100.0]
 
     common = ["--image-size", "32", "--device", "cpu", "--workers", "0"]
-    assert main(["eval", "knn", str(run), "--train", str(tr), "--val", str(va), "--k", "5",
-                 "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "knn.json")] + common) == 0
-    res = json.loads((tmp_path / "knn.json").read_text())
-    assert res["n_train"] == 18 and res["n_val"] == 9 and 0 <= res["top1"] <= 100
+
+    def knn(val, k, name):
+        assert main(["eval", "knn", str(run), "--train", str(tr), "--val", str(val), "--k", str(k),
+                     "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / name)] + common) == 0
+        return json.loads((tmp_path / name).read_text())
+
+    res = knn(va, 5, "knn.json")
+    assert res["n_train"] == 18 and res["n_val"] == 9
+    # the same features and k as the CLI, classified directly: the CLI reports exactly this
+    from fastibot.eval.knn import run_knn
+    from fastibot.export import load_backbone
+    from fastibot.checkpoint import resolve_resume
+    backbone, _ = load_backbone(resolve_resume(str(run), str(run)), "teacher")
+    direct = run_knn(backbone, tr, va, k=5, image_size=32, num_workers=0)
+    assert res["top1"] == direct["top1"] and res["top5"] == direct["top5"]
+    assert knn(tr, 1, "self.json")["top1"] == 100.0  # each query is its own nearest neighbour
+    assert knn(wrong, 1, "wrong.json")["top1"] == 0.0  # ... and carries the wrong label
     assert list((tmp_path / "cache").glob("*.pt"))  # features cached
     assert main(["eval", "linear", str(run), "--train", str(tr), "--val", str(va), "--epochs", "3",
                  "--n-last-blocks", "2", "--avgpool"] + common) == 0
@@ -129,7 +156,14 @@ def test_cli_random_init_baseline(tmp_path, capsys):
     common = ["--train", str(tr), "--val", str(va), "--image-size", "32", "--device", "cpu", "--workers", "0"]
     assert main(["eval", "knn", "random:vit_tiny", "--k", "5", "--json", str(tmp_path / "r.json")] + common) == 0
     res = json.loads((tmp_path / "r.json").read_text())
-    assert res["checkpoint"] == "random:vit_tiny" and res["n_val"] == 9 and 0 <= res["top1"] <= 100
+    assert res["checkpoint"] == "random:vit_tiny" and res["n_val"] == 9
+    # known answers: the memory bank as queries (k = 1) is 100% right, relabelled copies 0%
+    wrong = _relabelled_copy(tr, tmp_path / "relabelled")
+    for val, want in ((tr, 100.0), (wrong, 0.0)):
+        args = ["eval", "knn", "random:vit_tiny", "--k", "1", "--json", str(tmp_path / "k1.json")] + common
+        args[args.index("--val") + 1] = str(val)
+        assert main(args) == 0
+        assert json.loads((tmp_path / "k1.json").read_text())["top1"] == want
     # the same seed gives the same untrained backbone, so the baseline is repeatable
     assert main(["eval", "knn", "random:vit_tiny", "--k", "5", "--json", str(tmp_path / "r2.json")] + common) == 0
     assert json.loads((tmp_path / "r2.json").read_text())["top1"] == res["top1"]
@@ -139,8 +173,18 @@ def test_cli_random_init_baseline(tmp_path, capsys):
 
 
 def test_knn_on_real_images(tmp_path, shared_images):
+    """Real JPEGs through the whole k-NN path, with known answers: 3 images of each of the 10 classes as
+    memory bank; the same images as queries are found (100%), relabelled copies are all wrong (0%)."""
     from fastibot.eval.knn import run_knn
+    bank = tmp_path / "bank"
+    for d in sorted(p for p in (shared_images / "train").iterdir() if p.is_dir()):
+        (bank / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir())[:3]:
+            shutil.copy(f, bank / d.name / f.name)
+    wrong = _relabelled_copy(bank, tmp_path / "relabelled")
+    torch.manual_seed(0)
     vit = VisionTransformer("vit_tiny", patch_size=16, img_size=64)
-    res = run_knn(vit, shared_images / "train", shared_images / "val", k=10, image_size=64, batch_size=32,
-                  max_images=60, num_workers=0)
-    assert res["n_train"] == 60 and res["n_val"] == 60 and 0 <= res["top1"] <= 100
+    kw = dict(k=1, image_size=64, batch_size=32, num_workers=0)
+    res = run_knn(vit, bank, bank, **kw)
+    assert res["n_train"] == res["n_val"] == 30 and res["top1"] == 100.0
+    assert run_knn(vit, bank, wrong, **kw)["top1"] == 0.0

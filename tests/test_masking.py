@@ -6,6 +6,7 @@ import pytest
 from scipy import ndimage
 
 from fastibot.data.masking import MaskGenerator
+from mask_geometry import check_geometry, check_union
 
 
 def _ratios(gen, n, h=14, w=14, seed=0):
@@ -76,3 +77,18 @@ def test_non_square_grid_and_bad_args():
         MaskGenerator([0.3], [0.1, 0.2])
     with pytest.raises(ValueError):
         MaskGenerator([0.3], [0.1], shape="circle")
+
+
+@pytest.mark.parametrize("h,w,ratio", [(24, 24, 1.0), (12, 20, 0.5), (14, 14, 0.3)])
+def test_block_geometry_area_and_aspect(h, w, ratio):
+    """Blocks have area U((min(h, w) // 3) ** 2, budget) and a log-uniform aspect ratio in (0.3, 1 / 0.3),
+    in both orientations; the mask is the union of the accepted blocks (the same checks as the GPU kernel's)."""
+    gen = MaskGenerator([ratio], [0.0])
+    rng = random.Random(0)
+    draws = []
+    for _ in range(150):
+        mine = []
+        mask = gen(h, w, rng, draws=mine)
+        check_union(mine, mask)
+        draws += mine
+    check_geometry(draws, h, w)

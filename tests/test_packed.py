@@ -3,9 +3,12 @@ import pytest
 import torch
 
 from fastibot.config import load_config, packaged_config
+from fastibot.config import ConfigError
 from fastibot.data.batch import masked_rows
 from fastibot.loss import LossSpec, ibot_terms
-from fastibot.models.attention import BackendUnavailable, PackedLayout, attention, check_backend, resolve_backend
+from fastibot.models import attention as attention_mod
+from fastibot.models.attention import (BackendUnavailable, PackedLayout, attention, check_backend, cu_seqlens,
+                                       resolve_backend)
 from fastibot.models.ibot import build_model
 from fastibot.models.vit import VisionTransformer, drop_path
 
@@ -99,6 +102,33 @@ def test_unavailable_backends_say_why():
     assert resolve_backend("auto", "cpu") == "sdpa"
 
 
+def test_cu_seqlens_offsets():
+    layout = PackedLayout(((2, 5), (0, 7), (3, 2), (1, 1)))
+    cu = cu_seqlens(layout)
+    assert cu.dtype == torch.int32 and cu.device.type == "cpu"
+    assert cu.tolist() == [0, 5, 10, 12, 14, 16, 17] and cu[-1] == layout.total
+    assert torch.equal(attention_mod._cu_seqlens(layout, torch.device("cpu")), cu)  # what varlen_attn gets
+
+
+def test_varlen_needs_packed_and_logs_where_sdpa_runs(monkeypatch, caplog):
+    with pytest.raises(ConfigError, match="model.attention: varlen .*model.packed=false"):
+        load_config(packaged_config("quickstart"), ["model.attention=varlen", "model.packed=false"])
+    assert load_config(packaged_config("quickstart"), ["model.attention=varlen"]).model.packed
+    monkeypatch.setattr(attention_mod, "check_backend", lambda *a: None)  # as if on a GPU with varlen_attn
+    with caplog.at_level("INFO", logger="fastibot"):
+        assert resolve_backend("varlen", "cuda") == "varlen"
+    assert "teacher" in caplog.text and "runs SDPA" in caplog.text
+
+
+def test_auto_is_a_fixed_order_and_says_so(monkeypatch, caplog):
+    with caplog.at_level("INFO", logger="fastibot"):
+        assert resolve_backend("auto", "cpu") == "sdpa"
+    assert "model.attention=auto: sdpa (the first of the fixed order sdpa" in caplog.text
+    monkeypatch.setitem(attention_mod.AUTO_ORDER, "cpu", ("varlen", "xformers"))
+    with pytest.raises(BackendUnavailable, match="no backend of varlen, xformers runs on cpu"):
+        resolve_backend("auto", "cpu", torch.float32)
+
+
 def test_packed_drop_path_drops_whole_sequences():
     layout = PackedLayout(((4, 6), (3, 2)))
     torch.manual_seed(0)
@@ -135,6 +165,11 @@ def test_masked_only_heads_give_the_dense_loss(tmp_path, patch_center):
     sp, tp = packed(g, m, loc, rows), packed.teacher(g, m, rows, weight, patch_center)
     assert sp.patch.shape == (rows.numel(), 97) and tp.patch.shape == (rows.numel(), 97)
     lp, _ = ibot_terms(spec, sp, tp, m, rows, weight, c1, c2, 0.05, 0.06)
+    f64 = dict(rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(sp.cls, sd.cls, **f64)
+    torch.testing.assert_close(sp.patch, sd.patch.reshape(-1, 97)[rows], **f64)  # the masked rows, in order
+    torch.testing.assert_close(tp.patch, td.patch.reshape(-1, 97)[rows], **f64)
+    assert ld["patch"] > 0.1 and ld["cls"] > 0.1  # both terms carry weight in the comparison
     # float64 everywhere except the rows' weights 1 / (G·B·#masked), which a batch carries in fp32
     # (|relative error| <= 2^-24): the bound here is that rounding, not fp32 math
     for k in ("cls", "patch"):

@@ -1,4 +1,5 @@
-"""Per-iteration schedules hit their endpoints; centers update as an EMA."""
+"""Schedules hit their endpoints (teacher temperatures per epoch, as officially, or per iteration); centers
+update as an EMA."""
 import numpy as np
 import pytest
 import torch
@@ -36,6 +37,66 @@ def test_schedules_from_config(tmp_path):
     assert s.teacher_temp[0] == pytest.approx(0.04) and s.teacher_temp[3 * spe - 1] == pytest.approx(0.07)
     assert s.teacher_temp[-1] == pytest.approx(0.07)
     assert s.freeze_last_layer_steps == spe
+
+
+def _official_epoch_temps(warm, final, warmup_epochs, epochs, start_epoch=0):
+    """The official per-epoch values, written from its definition: ``start_epoch`` epochs at ``warm``, then
+    ``warmup_epochs`` values evenly spaced from ``warm`` to ``final`` (both included), then ``final``."""
+    out = []
+    for e in range(epochs):
+        k = e - start_epoch
+        if k < 0:
+            out.append(warm)
+        elif k < warmup_epochs:
+            out.append(warm if warmup_epochs == 1 else warm + (final - warm) * k / (warmup_epochs - 1))
+        else:
+            out.append(final)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("start_epoch", [0, 2])
+def test_teacher_temperatures_step_once_per_epoch(tmp_path, start_epoch):
+    cfg = tiny_config(tmp_path, **{"optim.epochs": 9, "teacher.warmup_temp_epochs": 4, "teacher.warmup_temp": 0.04,
+                                    "teacher.temp": 0.07, "teacher.warmup_patch_temp": 0.03,
+                                    "teacher.patch_temp": 0.06, "masking.start_epoch": start_epoch})
+    assert cfg.teacher.temp_warmup == "epoch"  # the official schedule is the default
+    spe = 5
+    s = Schedules.build(cfg, steps_per_epoch=spe, world=1)
+    cls_ref = _official_epoch_temps(0.04, 0.07, 4, 9)
+    patch_ref = _official_epoch_temps(0.03, 0.06, 4, 9, start_epoch)
+    for step in range(9 * spe):
+        assert s.teacher_temp[step] == pytest.approx(cls_ref[step // spe], abs=1e-15), step
+        assert s.teacher_patch_temp[step] == pytest.approx(patch_ref[step // spe], abs=1e-15), step
+    # the [CLS] temperature never waits for masking; the patch one starts its warm-up at masking.start_epoch
+    assert s.teacher_temp[3 * spe] == pytest.approx(0.07)
+    assert s.teacher_patch_temp[(start_epoch + 3) * spe - 1] < 0.06
+    assert s.teacher_patch_temp[(start_epoch + 3) * spe] == pytest.approx(0.06)
+
+
+@pytest.mark.parametrize("start_epoch", [0, 3])
+def test_teacher_temperatures_per_iteration_option(tmp_path, start_epoch):
+    cfg = tiny_config(tmp_path, **{"optim.epochs": 8, "teacher.warmup_temp_epochs": 2, "teacher.warmup_temp": 0.04,
+                                    "teacher.temp": 0.07, "teacher.warmup_patch_temp": 0.04,
+                                    "teacher.patch_temp": 0.07, "teacher.temp_warmup": "iteration",
+                                    "masking.start_epoch": start_epoch})
+    spe = 5
+    s = Schedules.build(cfg, steps_per_epoch=spe, world=1)
+    ramp = np.linspace(0.04, 0.07, 2 * spe)  # every step rises
+    np.testing.assert_allclose(s.teacher_temp[: 2 * spe], ramp, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(s.teacher_temp[2 * spe:], 0.07, rtol=0, atol=1e-15)
+    shift = start_epoch * spe
+    np.testing.assert_allclose(s.teacher_patch_temp[:shift], 0.04, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(s.teacher_patch_temp[shift: shift + 2 * spe], ramp, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(s.teacher_patch_temp[shift + 2 * spe:], 0.07, rtol=0, atol=1e-15)
+    assert len(s.teacher_patch_temp) == len(s.teacher_temp) == 8 * spe
+
+
+def test_epoch_warmup_needs_whole_epochs(tmp_path):
+    from fastibot.config import ConfigError
+    with pytest.raises(ConfigError, match="teacher.warmup_temp_epochs"):
+        tiny_config(tmp_path, **{"teacher.warmup_temp_epochs": 1.5})
+    cfg = tiny_config(tmp_path, **{"teacher.warmup_temp_epochs": 1.5, "teacher.temp_warmup": "iteration"})
+    assert len(Schedules.build(cfg, steps_per_epoch=4, world=1).teacher_temp) == 8
 
 
 def test_centers_ema_and_nonfinite_guard():

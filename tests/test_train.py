@@ -113,27 +113,6 @@ def test_gradient_accumulation_and_global_clip(tmp_path):
     assert summary["step"] == 2 and summary["loss"] > 0
 
 
-def test_cli_train_and_export_to_timm(tmp_path, capsys):
-    timm = pytest.importorskip("timm")
-    out = tmp_path / "run"
-    args = ["train", "-c", str(packaged_config("quickstart"))] + tiny_overrides(
-        out, **{"runtime.max_steps": 2, "model.patch_size": 16})
-    assert main(args) == 0
-    assert main(["export", str(out), "--out", str(tmp_path / "vit.safetensors")]) == 0
-    printed = capsys.readouterr().out
-    assert "vit_tiny_patch16_224" in printed and "img_size=32" in printed
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(tmp_path / "vit.safetensors")))
-    from safetensors.torch import load_file
-    sd = load_file(str(tmp_path / "vit.safetensors"))
-    model.load_state_dict(sd, strict=True)  # every key, no extras
-    from fastibot.export import load_backbone
-    ours, _ = load_backbone(out)
-    x = torch.randn(2, 3, 32, 32)
-    model.eval()
-    torch.testing.assert_close(model(x), ours(x), rtol=1e-4, atol=1e-4)
-
-
 def test_cli_missing_data_folder(tmp_path, capsys):
     args = ["train"] + tiny_overrides(tmp_path, **{"data.source": "imagefolder", "data.path": str(tmp_path / "x")})
     assert main(args) == 1

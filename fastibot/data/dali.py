@@ -101,20 +101,22 @@ def _crop(images, shape, size: int, scale, blur_p: float, solarize_p: float, wit
     if blur_p > 0:
         sharp = fn.gaussian_blur(x, sigma=fn.random.uniform(range=[0.1, 2.0]))
         x = sharp if blur_p >= 1 else blurred * sharp + (1 - blurred) * x
+    colour = x  # (size, size, 3) in [0, 255]: what solarization, flip and normalisation act on
     solarized = fn.random.coin_flip(probability=solarize_p)
-    if solarize_p > 0:
+    if solarize_p > 0:  # PIL's solarize: values >= 128 of 255 become 255 - value, darker ones stay
         x = x + solarized * (x >= 128.0) * (255.0 - 2.0 * x)
     flip = fn.random.coin_flip(probability=0.5)
     out = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=MEAN_255, std=STD_255,
                                    mirror=flip)
     if not with_params:
         return [out]
-    return [out, extent, shape, flip, gray, jitter, blurred, solarized]
+    return [out, extent, shape, flip, gray, jitter, blurred, solarized, colour]
 
 
 def multicrop_graph(images, shape, crops, with_params: bool = False) -> List:
     """All crops of one image batch (globals first); with ``with_params`` each crop also returns
-    its window extent, the image shape and its flip / grayscale / jitter / blur / solarize draws."""
+    its window extent, the image shape, its flip / grayscale / jitter / blur / solarize draws and its
+    pixels before solarization and flip (HWC, 0-255), so tests can check what each step does."""
     outs = []
     for i in range(crops.n_global + crops.n_local):
         if i < crops.n_global:

@@ -37,8 +37,10 @@ class MaskGenerator:
         values = [rng.uniform(r - v, r + v) if v > 0 else r for r, v in zip(self.pred_ratio, self.pred_ratio_var)]
         return values[0] if len(values) == 1 else rng.choice(values)
 
-    def __call__(self, h: int, w: int, rng: random.Random, ratio: float | None = None) -> np.ndarray:
-        """One (h, w) bool mask."""
+    def __call__(self, h: int, w: int, rng: random.Random, ratio: float | None = None,
+                 draws: list | None = None) -> np.ndarray:
+        """One (h, w) bool mask. A ``draws`` list (tests) receives one tuple per block drawn, with the fields
+        of ``fastibot.kernels.block_mask.DRAW_FIELDS``: (top, left, height, width, budget, accepted)."""
         ratio = self.sample_ratio(rng) if ratio is None else ratio
         target = ratio * h * w
         if self.shape == "rand":
@@ -46,9 +48,9 @@ class MaskGenerator:
             flat = np.zeros(h * w, dtype=bool)
             flat[rng.sample(range(h * w), n)] = True
             return flat.reshape(h, w)
-        return self._blocks(h, w, target, rng)
+        return self._blocks(h, w, target, rng, draws)
 
-    def _blocks(self, h: int, w: int, target: float, rng: random.Random) -> np.ndarray:
+    def _blocks(self, h: int, w: int, target: float, rng: random.Random, draws: list | None = None) -> np.ndarray:
         mask = np.zeros((h, w), dtype=bool)
         count = 0
         min_area = (min(h, w) // 3) ** 2
@@ -60,6 +62,7 @@ class MaskGenerator:
                 aspect = math.exp(rng.uniform(*self.log_aspect))
                 bh = int(round(math.sqrt(area * aspect)))
                 bw = int(round(math.sqrt(area / aspect)))
+                top = left = -1  # a block that does not fit gets no position
                 if bw < w and bh < h:
                     top = rng.randint(0, h - bh)
                     left = rng.randint(0, w - bw)
@@ -68,6 +71,8 @@ class MaskGenerator:
                     if 0 < new <= budget:
                         window[...] = True
                         delta = new
+                if draws is not None:
+                    draws.append((top, left, bh, bw, budget, delta > 0))
                 if delta > 0:
                     break
             if delta == 0:

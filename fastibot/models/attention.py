@@ -11,11 +11,16 @@ Backends (``model.attention``):
 - ``sdpa``: ``F.scaled_dot_product_attention``, once per group of equal-length
   sequences (no padding, no packing inside attention).
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention with
-  cumulative sequence lengths) over the whole packed batch; CUDA, bf16/fp16.
+  cumulative sequence lengths, :func:`cu_seqlens`) over the whole packed batch;
+  CUDA, bf16/fp16. It takes packed sequences only: dense calls (the teacher's
+  pass over the global crops) run SDPA, which :func:`resolve_backend` logs once,
+  and ``model.packed=false`` with varlen is a config error (nothing would run it).
 - ``xformers``: ``xformers.ops.memory_efficient_attention`` with a
   ``BlockDiagonalMask`` over the whole packed batch (cached per layout).
-- ``auto``: the fastest measured on the device (per-size SDPA for the recipe's
-  two crop sizes on an H100), logged once.
+- ``auto``: the first backend of a fixed per-device order (``AUTO_ORDER``) that
+  can run here, logged once. The order comes from a measurement (SDPA once per
+  crop size was fastest for the recipe's two sizes on an H100), not from timing
+  on the machine at hand; today it is SDPA on every device.
 """
 from __future__ import annotations
 
@@ -58,10 +63,16 @@ class PackedLayout:
         return [length for n, length in self.groups for _ in range(n)]
 
 
+def cu_seqlens(layout: PackedLayout) -> torch.Tensor:
+    """Sequence start offsets for varlen attention, (number of sequences + 1,) int32 on the CPU:
+    ``[0, len_0, len_0 + len_1, ..., layout.total]``; sequence i is tokens ``[cu[i], cu[i + 1])``."""
+    lens = torch.tensor([0] + layout.seqlens(), dtype=torch.int32)
+    return torch.cumsum(lens, 0, dtype=torch.int32)
+
+
 @functools.lru_cache(maxsize=32)
 def _cu_seqlens(layout: PackedLayout, device: torch.device) -> torch.Tensor:
-    lens = torch.tensor([0] + layout.seqlens(), dtype=torch.int32)
-    return torch.cumsum(lens, 0, dtype=torch.int32).to(device)
+    return cu_seqlens(layout).to(device)  # once per layout and device: no copy per call
 
 
 @functools.lru_cache(maxsize=32)
@@ -174,29 +185,38 @@ def check_backend(name: str, device_type: str, dtype: torch.dtype = torch.bfloat
     raise BackendUnavailable(f"model.attention: unknown backend {name!r} (one of auto, {', '.join(BACKENDS)})")
 
 
-# Measured on an H100 (benchmarks/RESULTS.md): for the recipe's two crop sizes,
-# SDPA once per size is the fastest attention (15.7 ms vs 18.7 for varlen over
-# ViT-S's 12 layers, fwd+bwd, 64 images) and ties varlen on the whole student.
-# varlen and xformers stay explicit choices (they pay off with many sizes).
+# ``auto`` takes the first of these that check_backend accepts. Measured on an H100
+# (benchmarks/RESULTS.md): for the recipe's two crop sizes, SDPA once per size is the
+# fastest attention (15.7 ms vs 18.7 for varlen over ViT-S's 12 layers, fwd+bwd, 64
+# images) and ties varlen on the whole student. varlen and xformers stay explicit
+# choices (they pay off with many sizes).
 AUTO_ORDER = {"cuda": ("sdpa",), "cpu": ("sdpa",)}
 
 
 def resolve_backend(name: str, device_type: str, dtype: torch.dtype = torch.bfloat16) -> str:
-    """Turn ``auto`` into a concrete backend; check that a named one can run."""
-    if name != "auto":
-        check_backend(name, device_type, dtype)
-        return name
-    reasons = []
-    for cand in AUTO_ORDER.get(device_type, ("sdpa",)):
-        try:
-            check_backend(cand, device_type, dtype)
+    """Turn ``auto`` into a concrete backend; check that a named one can run. Logs what runs where."""
+    if name == "auto":
+        order = AUTO_ORDER.get(device_type, ("sdpa",))
+        reasons = []
+        for cand in order:
+            try:
+                check_backend(cand, device_type, dtype)
+            except BackendUnavailable as e:
+                reasons.append(str(e))
+                continue
+            log.info("model.attention=auto: %s (the first of the fixed order %s that runs on %s)",
+                     cand, ", ".join(order), device_type)
             return cand
-        except BackendUnavailable as e:
-            reasons.append(str(e))
-    log.info("attention auto: falling back to sdpa (%s)", "; ".join(reasons))
-    return "sdpa"
+        raise BackendUnavailable(f"model.attention=auto: no backend of {', '.join(order)} runs on "
+                                 f"{device_type}: {'; '.join(reasons)}")
+    check_backend(name, device_type, dtype)
+    if name == "varlen":
+        log.info("model.attention=varlen: varlen_attn runs the packed student pass; dense attention "
+                 "(the teacher over the global crops) runs SDPA, as varlen_attn takes packed sequences only")
+    return name
 
 
+# varlen has no dense form: dense calls run SDPA (logged by resolve_backend, see the module docstring)
 _DENSE = {"reference": _reference_dense, "sdpa": _sdpa_dense, "varlen": _sdpa_dense, "xformers": _xformers_dense}
 _PACKED = {
     "reference": functools.partial(_per_group, _reference_dense),

@@ -130,7 +130,8 @@ def build_model(cfg: Config, student: bool) -> IBOTModel:
     """Student (drop path, its own head sharing) or teacher (no drop path)."""
     m = cfg.model
     backbone = VisionTransformer(m.arch, m.patch_size, cfg.crops.global_size,
-                                 drop_path_rate=m.drop_path if student else 0.0, depth=m.depth)
+                                 drop_path_rate=m.drop_path if student else 0.0, depth=m.depth,
+                                 pos_embed_resize=m.pos_embed_resize)
     head = IBOTHead(backbone.embed_dim, m.out_dim, m.patch_out_dim, m.head_hidden_dim, m.head_bottleneck_dim,
                     m.head_layers, m.norm_last_layer, m.shared_head if student else m.shared_head_teacher)
     return IBOTModel(backbone, head, packed=m.packed)

@@ -31,6 +31,7 @@ ARCHS = {
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
 }
+POS_EMBED_RESIZE = ("official", "exact")  # model.pos_embed_resize, see VisionTransformer.pos_embed_for
 TIMM_NAMES = {"vit_tiny": "vit_tiny_patch{p}_224", "vit_small": "vit_small_patch{p}_224",
               "vit_base": "vit_base_patch{p}_224", "vit_large": "vit_large_patch{p}_224"}
 
@@ -110,10 +111,15 @@ class PatchEmbed(nn.Module):
 
 class VisionTransformer(nn.Module):
     def __init__(self, arch: str = "vit_small", patch_size: int = 16, img_size: int = 224,
-                 drop_path_rate: float = 0.0, mlp_ratio: float = 4.0, depth: int = 0):
+                 drop_path_rate: float = 0.0, mlp_ratio: float = 4.0, depth: int = 0,
+                 pos_embed_resize: str = "official"):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r} (one of {', '.join(ARCHS)})")
+        if pos_embed_resize not in POS_EMBED_RESIZE:
+            raise ValueError(f"model.pos_embed_resize: {pos_embed_resize!r} is not one of "
+                             f"{', '.join(POS_EMBED_RESIZE)}")
+        self.pos_embed_resize = pos_embed_resize
         spec = ARCHS[arch]
         self.arch, self.patch_size = arch, patch_size
         self.embed_dim, self.num_heads = spec["embed_dim"], spec["num_heads"]
@@ -161,13 +167,31 @@ class VisionTransformer(nn.Module):
     # ----------------------------------------------------------------- tokens
 
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
-        """Position embedding for an (h, w) patch grid, bicubic-resampled from the trained grid."""
+        """Position embedding (1, 1 + h·w, D) for an (h, w) patch grid (h rows), resampled bicubically
+        from the trained (grid, grid) one.
+
+        ``official`` (the iBOT/DINO ViT): ``F.interpolate`` with scale factors ``((h + 0.1) / grid,
+        (w + 0.1) / grid)``. The output is still h × w (the 0.1 keeps the floor of ``grid · scale``
+        from landing on h - 1), but PyTorch samples with the scale as given, so source positions
+        step by grid / (h + 0.1), not grid / h (for 96-px crops, 6 × 6 from 14 × 14, the sample
+        points move by up to 0.2 of a trained-grid cell). ``exact``: ``size=(h, w)``, the source
+        grid mapped exactly onto the target. Both run in the parameter's dtype (fp32 in training,
+        float64 in float64 tests; half types go through fp32), as the official code does.
+        """
         if h == self.grid and w == self.grid:
             return self.pos_embed
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         dim = patch_pos.shape[-1]
-        grid = patch_pos.float().reshape(1, self.grid, self.grid, dim).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        dtype = torch.promote_types(patch_pos.dtype, torch.float32)
+        # (1, N, D) row-major -> (1, D, grid rows, grid cols): dim 2 is resampled to h, dim 3 to w
+        grid = patch_pos.to(dtype).reshape(1, self.grid, self.grid, dim).permute(0, 3, 1, 2)
+        if self.pos_embed_resize == "official":
+            scale = ((h + 0.1) / self.grid, (w + 0.1) / self.grid)
+            grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False)
+        else:
+            grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        if grid.shape[-2:] != (h, w):  # cannot happen for grids of practical size; never reshape silently
+            raise RuntimeError(f"position-embedding resize gave {tuple(grid.shape[-2:])}, not {(h, w)}")
         patch_pos = grid.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(self.pos_embed.dtype)
         return torch.cat([cls_pos, patch_pos], dim=1)
 
