@@ -119,12 +119,14 @@ class TrainStep:
         terms, cls_mean = self.student_fn(b.globals, b.locals, b.masks, b.rows, b.row_weight, t,
                                           self.centers.center, self.centers.center2,
                                           h["teacher_temp"].float(), h["teacher_patch_temp"].float())
-        self.centers.update(cls_mean, t.patch_mean)
         self.mark("student forward + loss")
         loss = sum(terms.values())
         scaled = loss / self.accum
         (scaled * self.scaler.scale if self.scaler is not None else scaled).backward()
         self.mark("backward")
+        # after backward: a compiled backward that recomputes the loss (runtime.activation_memory < 1) reads
+        # the centers this step used, so they must not change under it
+        self.centers.update(cls_mean, t.patch_mean)
         ok = torch.isfinite(loss.detach())
         m = self.metrics
         for name, value in (("loss", loss), *terms.items()):

@@ -156,3 +156,13 @@ def test_last_layer_is_frozen_for_the_first_epoch_then_trains(tmp_path):
     tr.train_step([batches[spe]])
     assert any(not torch.equal(a, p) for a, p in zip(start, last))
     assert np.isclose(tr.log_metrics()["lr"], tr.sched.lr[spe])
+
+
+def test_compiled_step_with_the_leanest_activation_budget_trains(tmp_path):
+    """runtime.activation_memory near 0 makes the compiled backward recompute almost everything from the
+    inputs, the loss's centers included: the step must leave them alone until backward is done."""
+    tr = _trainer(tmp_path, **{"model.depth": 1, "runtime.compile": "true", "runtime.activation_memory": 0.05})
+    for b in _batches(tr, 2):
+        tr.train_step([b])
+    row = tr.log_metrics()
+    assert row["nonfinite_steps"] == 0 and np.isfinite(row["loss"])
