@@ -10,24 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
 from .config import Config
-from .data.datasets import DataError
+from .data.datasets import DataError, stop_workers
 from .data.loaders import build_data
 from .logger import MetricsWriter, Progress, setup_logging
 from .loss import ibot_loss, ibot_loss_rows
 from .models.attention import resolve_backend
 from .models.ibot import build_model
+from .rundir import claim
 from .kernels import resolve_impl
 from .runtime import Runtime, StopSignals, TrainingError, build_optimizer, init_runtime, seed_everything
 from .teacher import EMA, Centers, Schedules
@@ -223,6 +222,11 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, spe = self.cfg, self.steps_per_epoch
+        if self.step >= self.total_steps:
+            log.info("the run is already complete at step %d of %d: nothing to do (raise optim.epochs or "
+                     "runtime.max_steps to train further)", self.step, self.total_steps)
+            return {"step": self.step, "complete": True}
+        self._nonfinite_at_save = self._nonfinite_steps()  # the loaded checkpoint's count
         if self.rt.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
@@ -319,11 +323,15 @@ class Trainer:
         self._last = (self.step, vals, now)
         d = [a - b for a, b in zip(vals, prev)]
         steps = max(self.step - step0, 1)
-        finite = max(d[C_FINITE], 1.0)
+        finite = d[C_FINITE]  # micro-batches with a finite loss; with none, the means are NaN, not 0
+
+        def mean(total):
+            return total / finite if finite else float("nan")
+
         images = steps * self.accum * self.cfg.data.batch_size * self.rt.world
         it = self.step - 1
         row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
-               "loss": d[C_LOSS] / finite, "cls": d[C_CLS] / finite, "patch": d[C_PATCH] / finite,
+               "loss": mean(d[C_LOSS]), "cls": mean(d[C_CLS]), "patch": mean(d[C_PATCH]),
                "lr": float(self.sched.lr[it]), "wd": float(self.sched.wd[it]),
                "momentum": float(self.sched.momentum[it]), "teacher_temp": float(self.sched.teacher_temp[it]),
                "grad_norm": d[C_GRAD_NORM] / steps, "img_s": images / max(now - t0, 1e-9),
@@ -337,10 +345,13 @@ class Trainer:
 
     def _check_health(self, vals) -> None:
         if vals[C_MAX_BAD_RUN] >= self.cfg.runtime.max_nonfinite:
+            good = ckpt.newest_good(self.out)
+            where = (f"resume from the newest checkpoint whose following steps were all finite: --resume {good}"
+                     if good is not None else "no checkpoint was followed by finite steps: start again (--overwrite)")
             raise TrainingError(
                 f"{int(vals[C_MAX_BAD_RUN])} steps in a row had a non-finite loss or gradient (by step {self.step}); "
-                "the run has diverged. Lower optim.lr, raise optim.warmup_epochs, or use runtime.precision=bf16/fp32,"
-                " then resume from the last checkpoint (--resume).")
+                f"the run has diverged. Lower optim.lr, raise optim.warmup_epochs, or use runtime.precision=bf16/fp32,"
+                f" and {where}")
         seen = self.step * self.accum * self.cfg.data.batch_size
         if vals[C_BAD_IMAGES] > self.cfg.data.max_bad_fraction * max(seen, 1) and vals[C_BAD_IMAGES] >= 10:
             raise TrainingError(f"{int(vals[C_BAD_IMAGES])} of {seen} images could not be read "
@@ -349,8 +360,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-               "cuda": torch.cuda.get_rng_state(self.rt.device) if self.rt.device.type == "cuda" else None}
+        rng = ckpt.rng_state(self.rt.device)
         if self.rt.world > 1:
             gathered = [None] * self.rt.world
             dist.all_gather_object(gathered, rng)
@@ -367,12 +377,22 @@ class Trainer:
         state = self.state()  # collective under DDP: every rank gathers
         if not self.rt.is_main:
             return None
-        path = ckpt.save_checkpoint(self.out, self.step, state, self.cfg.runtime.keep_last)
-        log.info("saved %s", path)
+        # finite steps since the previous checkpoint make it known good; until the run completes, rotation keeps
+        # the newest known-good checkpoint, the one to resume from if the run diverges
+        nonfinite = self._nonfinite_steps()
+        finite = nonfinite == getattr(self, "_nonfinite_at_save", 0)
+        self._nonfinite_at_save = nonfinite
+        path = ckpt.save_checkpoint(self.out, self.step, state, self.cfg.runtime.keep_last, finite=finite,
+                                    keep_good=self.step < self.total_steps)
+        log.info("saved %s%s", path, "" if finite else " (after non-finite steps)")
         return path
 
+    def _nonfinite_steps(self) -> int:
+        """Optimizer steps skipped as non-finite since the start of the run (reads the device)."""
+        return int(self.counters[C_NONFINITE].item())  # sync-ok: checkpoints and start only
+
     def load(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path)
+        state = ckpt.load_checkpoint(path, verify=False)  # resolve_resume has just verified it
         _warn_config_changes(state.get("config", {}), self.cfg.to_dict())
         self.student_module.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
@@ -383,11 +403,9 @@ class Trainer:
         self.counters.copy_(state["counters"].to(self.counters.device))
         self.step = int(state["step"])
         rng = state["rng"][self.rt.rank] if len(state["rng"]) > self.rt.rank else state["rng"][0]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        if rng.get("cuda") is not None and self.rt.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
+        ckpt.set_rng_state(rng, self.rt.device)
+        if self.rt.is_main:
+            ckpt.set_aside_after(self.out, self.step)
         self.writer.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -402,15 +420,23 @@ def _warn_config_changes(old: dict, new: dict, prefix: str = "") -> None:
             log.warning("resume: %s%s changed from %r to %r", prefix, k, old[k], v)
 
 
-def train(cfg: Config, resume: Optional[str] = None) -> dict:
+def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Train, or continue (``resume``: a checkpoint, a run folder, or ``auto``). ``overwrite``: a fresh run
+    may delete the run already in ``runtime.output_dir`` (see ``fastibot.rundir``)."""
     rt = init_runtime(cfg)
     setup_logging(rt.is_main)
+    lock = trainer = None
     try:
+        lock = claim(cfg.runtime.output_dir, rt, resume, overwrite)
         trainer = Trainer(cfg, rt, resume)
         summary = {**trainer.fit(), "rank": rt.rank}
-        if trainer.stop_reason:
+        if getattr(trainer, "stop_reason", None):
             summary["stopped"] = trainer.stop_reason
         return summary
     finally:
+        if trainer is not None:  # persistent loader workers ignore SIGTERM: end them here, on every exit path
+            stop_workers(getattr(trainer.data, "loader", None))
+        if lock is not None:
+            lock.release()
         if rt.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
