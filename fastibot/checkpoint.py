@@ -234,11 +234,14 @@ def problem(path, need_record: bool = True) -> Optional[str]:
         if need_record:
             return f"it has no readable size and checksum record ({record_path(path).name})"
     else:
-        size = path.stat().st_size
-        if size != rec.get("bytes"):
-            return f"it has {size} bytes but {rec.get('bytes')} were written (truncated or overwritten)"
-        if _sha256(path) != rec.get("sha256"):
-            return "its SHA-256 differs from the one written with it (the file was damaged or replaced)"
+        try:
+            size = path.stat().st_size
+            if size != rec.get("bytes"):
+                return f"it has {size} bytes but {rec.get('bytes')} were written (truncated or overwritten)"
+            if _sha256(path) != rec.get("sha256"):
+                return "its SHA-256 differs from the one written with it (the file was damaged or replaced)"
+        except OSError as e:  # e.g. moved aside by the main process while another process looked at it
+            return f"it cannot be read ({e.strerror or e})"
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:

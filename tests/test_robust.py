@@ -174,6 +174,25 @@ def test_a_second_run_in_the_same_folder_stops(tmp_path, caplog):
         lock.release()
 
 
+def test_a_forked_child_does_not_keep_a_dead_run_locked(tmp_path):
+    """A loader worker that outlives its killed run must not hold the run folder's lock."""
+    code = ("import os, sys, time\n"
+            "from fastibot.rundir import RunLock\n"
+            "RunLock(sys.argv[1]).acquire()\n"
+            "if os.fork() == 0:\n    time.sleep(60)\n    os._exit(0)\n"
+            "print('locked', flush=True)\n"
+            "os._exit(0)  # the run dies at once, its child lives on\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=ENV, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        proc.wait(timeout=60)
+        lock = RunLock(tmp_path).acquire()
+        lock.release()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "random bytes", "hostile"])
 def test_resume_skips_a_broken_newest_checkpoint_and_keeps_it(base_run, tmp_path, caplog, damage):
     run = _copy(base_run, tmp_path)
@@ -275,6 +294,22 @@ def test_an_error_in_a_loader_worker_ends_the_process(tmp_path):
     assert rc == 1, err[-2000:]
     assert _last_line(err).startswith("fastibot: in a data loader worker: 20 unreadable images")
     assert "Traceback" not in err
+
+
+def test_train_ends_its_loader_workers_when_it_fails(tmp_path):
+    import multiprocessing
+
+    from fastibot.data.datasets import DataError
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(40):
+        (images / f"{i}.jpg").write_bytes(b"")
+    cfg = tiny_config(tmp_path / "run", **{"data.source": "imagefolder", "data.path": str(images),
+                                           "data.loader": "torchvision", "data.num_workers": 2})
+    with pytest.raises(DataError):
+        train(cfg)
+    assert not multiprocessing.active_children()
 
 
 def test_a_full_disk_while_checkpointing_ends_the_process(tmp_path):
