@@ -174,6 +174,28 @@ def test_a_second_run_in_the_same_folder_stops(tmp_path, caplog):
         lock.release()
 
 
+def test_every_rank_stops_when_the_main_process_cannot_use_the_folder(tmp_path):
+    """Under torchrun rank 0 refuses a used folder; rank 1 must stop too, not wait for it at the first collective."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this build; the one-process checks still run")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("step,loss\n1,5.0\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "fastibot.cli", "train", *tiny_overrides(run)]
+    done = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "already holds a run" in done.stderr and "the main process cannot use runtime.output_dir" in done.stderr
+    assert (run / "metrics.csv").read_text() == "step,loss\n1,5.0\n"
+
+
 def test_a_forked_child_does_not_keep_a_dead_run_locked(tmp_path):
     """A loader worker that outlives its killed run must not hold the run folder's lock."""
     code = ("import os, sys, time\n"
