@@ -225,6 +225,7 @@ class Trainer:
         if self.step >= self.total_steps:
             log.info("the run is already complete at step %d of %d: nothing to do (raise optim.epochs or "
                      "runtime.max_steps to train further)", self.step, self.total_steps)
+            self.writer.close()
             return {"step": self.step, "complete": True}
         self._nonfinite_at_save = self._nonfinite_steps()  # the loaded checkpoint's count
         if self.rt.is_main:
