@@ -9,8 +9,22 @@ from typing import List, Optional
 from .config import ConfigError, describe, load_config, packaged_config
 
 
+def one_line(e: BaseException) -> str:
+    """The message of ``e``; for an error raised in a loader worker (which the loader re-raises with the
+    worker's whole traceback as its message), the worker's own message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        name, _, msg = last.partition(": ")
+        text = msg if msg and " " not in name else last
+        return f"in a data loader worker: {text}"
+    return text
+
+
 def _train(args) -> int:
+    from .checkpoint import CheckpointError
     from .data.datasets import DataError
+    from .rundir import RunFolderError
     from .train import TrainingError, train
 
     path = args.config if args.config else packaged_config("quickstart")
@@ -20,10 +34,15 @@ def _train(args) -> int:
         print(f"fastibot: config error: {e}", file=sys.stderr)
         return 2
     try:
-        summary = train(cfg, resume=args.resume)
-    except (DataError, TrainingError, FileNotFoundError) as e:
-        print(f"fastibot: {e}", file=sys.stderr)
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (DataError, TrainingError, CheckpointError, RunFolderError, OSError) as e:
+        print(f"fastibot: {one_line(e)}", file=sys.stderr)
         return 1
+    if summary.get("complete"):
+        if summary.get("rank", 0) == 0:
+            print(f"the run in {cfg.runtime.output_dir} is already complete at step {summary['step']}: nothing to do "
+                  "(raise optim.epochs or runtime.max_steps to train further)")
+        return 0
     stopped = summary.get("stopped")
     if stopped in ("SIGINT", "SIGTERM"):
         if summary.get("rank", 0) == 0:
@@ -73,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-c", "--config", help="YAML config (e.g. configs/vit_small_16.yaml)")
     t.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue exactly from a checkpoint file, a run folder, or (no value) this run's folder")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a runtime.output_dir that holds a run, deleting that run's checkpoints, "
+                        "metrics and TensorBoard events (nothing else in the folder)")
     t.add_argument("--help-config", action="store_true", help="list every config key with its default and doc")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3")
     t.set_defaults(func=_train)

@@ -6,7 +6,7 @@ from typing import Tuple
 
 import torch
 
-from .checkpoint import load_checkpoint, resolve_resume
+from .checkpoint import find_checkpoint, load_checkpoint
 from .config import Config, _apply, load_config
 from .models.ibot import build_model
 from .models.vit import timm_create_kwargs, timm_state_dict
@@ -18,16 +18,23 @@ def config_from_checkpoint(state: dict) -> Config:
     return cfg
 
 
-def load_backbone(checkpoint, which: str = "teacher"):
-    """(VisionTransformer, Config) from a checkpoint file or run folder."""
+def open_backbone(checkpoint, which: str = "teacher") -> Tuple[object, Config, Path]:
+    """(VisionTransformer, Config, checkpoint path) from a checkpoint file or a run folder (its newest
+    usable checkpoint); the file is verified and loaded as tensors and plain data only."""
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be teacher or student, not {which!r}")
-    path = resolve_resume(str(checkpoint), str(checkpoint))
-    state = load_checkpoint(path)
+    path = find_checkpoint(checkpoint)
+    state = load_checkpoint(path, verify=False)
     cfg = config_from_checkpoint(state)
     model = build_model(cfg, student=which == "student")
     model.load_state_dict(state[which])
-    return model.backbone.eval(), cfg
+    return model.backbone.eval(), cfg, path
+
+
+def load_backbone(checkpoint, which: str = "teacher"):
+    """(VisionTransformer, Config) from a checkpoint file or run folder."""
+    backbone, cfg, _ = open_backbone(checkpoint, which)
+    return backbone, cfg
 
 
 def random_backbone(spec: str, seed: int = 0):

@@ -10,25 +10,24 @@ the device (fused AdamW's ``found_inf``), are counted, and stop the run after
 from __future__ import annotations
 
 import logging
-import random
 import time
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .config import Config
 from .data.batch import Batch, row_capacity
-from .data.datasets import DataError
+from .data.datasets import DataError, stop_workers
 from .data.loaders import build_data
 from .graph import CapturedStep
 from .logger import MetricsWriter, Progress, setup_logging
 from .loss import LossSpec
 from .models.attention import resolve_backend
 from .models.ibot import build_model
+from .rundir import claim
 from .kernels import resolve_impl
 from .optim import GradBuffer, IBOTAdamW, LossScaler
 from .runtime import Runtime, StopSignals, TrainingError, init_runtime, resolve_switch, seed_everything
@@ -125,6 +124,12 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, spe = self.cfg, self.steps_per_epoch
+        if self.step >= self.total_steps:
+            log.info("the run is already complete at step %d of %d: nothing to do (raise optim.epochs or "
+                     "runtime.max_steps to train further)", self.step, self.total_steps)
+            self.writer.close()
+            return {"step": self.step, "complete": True}
+        self._nonfinite_at_save = self._nonfinite_steps()  # the loaded checkpoint's count
         if self.rt.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
@@ -245,10 +250,13 @@ class Trainer:
     def _check_health(self, vals: dict) -> None:
         run = vals.get("max_bad_run", 0.0)
         if run >= self.cfg.runtime.max_nonfinite:
+            good = ckpt.newest_good(self.out)
+            where = (f"resume from the newest checkpoint whose following steps were all finite: --resume {good}"
+                     if good is not None else "no checkpoint was followed by finite steps: start again (--overwrite)")
             raise TrainingError(
                 f"{int(run)} steps in a row had a non-finite loss or gradient (by step {self.step}); "
-                "the run has diverged. Lower optim.lr, raise optim.warmup_epochs, or use runtime.precision=bf16/fp32,"
-                " then resume from the last checkpoint (--resume).")
+                f"the run has diverged. Lower optim.lr, raise optim.warmup_epochs, or use runtime.precision=bf16/fp32,"
+                f" and {where}")
         seen = self.step * self.accum * self.cfg.data.batch_size
         bad = vals.get("bad_images", 0.0)
         if bad > self.cfg.data.max_bad_fraction * max(seen, 1) and bad >= 10:
@@ -258,8 +266,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-               "cuda": torch.cuda.get_rng_state(self.rt.device) if self.rt.device.type == "cuda" else None}
+        rng = ckpt.rng_state(self.rt.device)
         if self.rt.world > 1:
             gathered = [None] * self.rt.world
             dist.all_gather_object(gathered, rng)
@@ -275,13 +282,23 @@ class Trainer:
         state = self.state()  # collective under several processes: every rank gathers
         if not self.rt.is_main:
             return None
-        path = ckpt.save_checkpoint(self.out, self.step, state, self.cfg.runtime.keep_last)
-        log.info("saved %s", path)
+        # finite steps since the previous checkpoint make it known good; until the run completes, rotation keeps
+        # the newest known-good checkpoint, the one to resume from if the run diverges
+        nonfinite = self._nonfinite_steps()
+        finite = nonfinite == getattr(self, "_nonfinite_at_save", 0)
+        self._nonfinite_at_save = nonfinite
+        path = ckpt.save_checkpoint(self.out, self.step, state, self.cfg.runtime.keep_last, finite=finite,
+                                    keep_good=self.step < self.total_steps)
+        log.info("saved %s%s", path, "" if finite else " (after non-finite steps)")
         return path
+
+    def _nonfinite_steps(self) -> int:
+        """Optimizer steps skipped as non-finite since the start of the run (reads the device)."""
+        return int(self.metrics.get("nonfinite_steps").item())  # sync-ok: checkpoints and start only
 
     def load(self, path: Path) -> None:
         """Restore in place (every tensor keeps its storage: a captured step reads these buffers)."""
-        state = ckpt.load_checkpoint(path)
+        state = ckpt.load_checkpoint(path, verify=False)  # resolve_resume has just verified it
         _warn_config_changes(state.get("config", {}), self.cfg.to_dict())
         self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
@@ -293,11 +310,9 @@ class Trainer:
         self.step = int(state["step"])
         self.stepper.step_t.fill_(self.step)
         rng = state["rng"][self.rt.rank] if len(state["rng"]) > self.rt.rank else state["rng"][0]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        if rng.get("cuda") is not None and self.rt.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
+        ckpt.set_rng_state(rng, self.rt.device)
+        if self.rt.is_main:
+            ckpt.set_aside_after(self.out, self.step)
         self.writer.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -312,15 +327,23 @@ def _warn_config_changes(old: dict, new: dict, prefix: str = "") -> None:
             log.warning("resume: %s%s changed from %r to %r", prefix, k, old[k], v)
 
 
-def train(cfg: Config, resume: Optional[str] = None) -> dict:
+def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Train, or continue (``resume``: a checkpoint, a run folder, or ``auto``). ``overwrite``: a fresh run
+    may delete the run already in ``runtime.output_dir`` (see ``fastibot.rundir``)."""
     rt = init_runtime(cfg)
     setup_logging(rt.is_main)
+    lock = trainer = None
     try:
+        lock = claim(cfg.runtime.output_dir, rt, resume, overwrite)
         trainer = Trainer(cfg, rt, resume)
         summary = {**trainer.fit(), "rank": rt.rank}
-        if trainer.stop_reason:
+        if getattr(trainer, "stop_reason", None):
             summary["stopped"] = trainer.stop_reason
         return summary
     finally:
+        if trainer is not None:  # persistent loader workers ignore SIGTERM: end them here, on every exit path
+            stop_workers(getattr(trainer.data, "loader", None))
+        if lock is not None:
+            lock.release()
         if rt.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -15,7 +15,7 @@ def test_defaults_are_the_vit_small_recipe():
 
 @pytest.mark.parametrize("name", ["quickstart", "vit_small_16", "vit_base_16", "vit_large_16"])
 def test_packaged_configs_load(name):
-    cfg = load_config(packaged_config(name), ["data.path=/tmp/x"])
+    cfg = load_config(packaged_config(name), ["data.source=imagefolder", "data.path=/tmp/x"])
     assert cfg.model.patch_size == 16
 
 

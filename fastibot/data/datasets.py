@@ -12,9 +12,11 @@ their place so batch shapes stay fixed.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import random
 import signal
+import weakref
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
@@ -212,6 +214,38 @@ def build_source(data_cfg, seed: int):
     return ImageFolderSource(data_cfg.path)
 
 
+# loaders with persistent workers, shut down at exit (see ``stop_workers``)
+_LOADERS = weakref.WeakSet()
+
+
+def stop_workers(loader) -> None:
+    """End the worker processes of ``loader`` now.
+
+    Its workers are persistent and ignore SIGINT/SIGTERM (``_worker_init``), so an exit that leaves them
+    to multiprocessing's exit handler (which signals, then waits) would wait forever; after an error the
+    loader may also still be referenced from the traceback. Idle workers leave on the usual shutdown
+    message; any still running after it are killed."""
+    it = getattr(loader, "_iterator", None)
+    if it is None:
+        return
+    loader._iterator = None
+    workers = list(getattr(it, "_workers", []))
+    try:
+        it._shutdown_workers()
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
+
+
+@atexit.register
+def _stop_all_workers() -> None:
+    # registered after multiprocessing's own exit handler, so it runs before it
+    for loader in list(_LOADERS):
+        stop_workers(loader)
+
+
 def _worker_init(_):
     # one intra-op thread per worker: the workers are the parallelism
     torch.set_num_threads(1)
@@ -244,4 +278,6 @@ def build_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False):
         # its own generator: starting an epoch's iterator must not consume the training RNG stream,
         # or a resumed run would draw different drop-path masks
         generator=torch.Generator().manual_seed(cfg.runtime.seed))
+    if workers > 0:
+        _LOADERS.add(loader)
     return dataset, sampler, loader

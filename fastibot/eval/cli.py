@@ -41,15 +41,13 @@ def _finish(result: dict, path) -> int:
 
 def _backbone(args):
     """(backbone, name, cache tag) of a checkpoint, run folder or ``random:ARCH``."""
-    from ..checkpoint import resolve_resume
     from ..eval.features import checkpoint_fingerprint
-    from ..export import load_backbone, random_backbone
+    from ..export import open_backbone, random_backbone
 
     if args.checkpoint.startswith("random:"):
         backbone, _ = random_backbone(args.checkpoint)
         return backbone, args.checkpoint, args.checkpoint
-    path = resolve_resume(args.checkpoint, args.checkpoint)
-    backbone, _ = load_backbone(path, args.which)
+    backbone, _, path = open_backbone(args.checkpoint, args.which)
     return backbone, str(path), f"{checkpoint_fingerprint(path)}:{args.which}"
 
 
@@ -86,7 +84,7 @@ def _guarded(fn):
     def run(args):
         try:
             return fn(args)
-        except (FileNotFoundError, ValueError, RuntimeError) as e:
+        except (OSError, ValueError, RuntimeError) as e:
             print(f"fastibot eval: {e}", file=sys.stderr)
             return 1
     return run

@@ -87,7 +87,11 @@ def cached(cache_dir, key: str, compute):
         return compute()
     path = Path(cache_dir) / f"{key}.pt"
     if path.is_file():
-        return tuple(torch.load(path, weights_only=False))
+        try:
+            return tuple(torch.load(path, weights_only=True))  # tensors and plain data only: runs no code
+        except Exception as e:
+            log.warning("ignoring the unreadable feature cache %s (%s: %s)", path, type(e).__name__,
+                        (str(e).splitlines() or [""])[0][:200])
     out = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     from ..checkpoint import atomic_save
