@@ -36,16 +36,14 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_backbone
+    from .export import export_backbone, load_hint
 
     try:
         path, name, kwargs = export_backbone(args.checkpoint, args.out, args.which)
     except (FileNotFoundError, RuntimeError) as e:
         print(f"fastibot: {e}", file=sys.stderr)
         return 1
-    extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-    print(f"wrote {path}\nload it with: timm.create_model({name!r}, num_classes=0, pretrained=True, "
-          f"pretrained_cfg_overlay=dict(file={str(path)!r}){extra})")
+    print(f"wrote {path}\nload it with: {load_hint(path, name, kwargs)}")
     return 0
 
 

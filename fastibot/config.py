@@ -36,8 +36,9 @@ def _f(default, doc: str, choices: Optional[tuple] = None, **kw):
 
 @dataclass
 class ModelConfig:
-    arch: str = _f("vit_small", "backbone size", ("vit_tiny", "vit_small", "vit_base", "vit_large"))
-    patch_size: int = _f(16, "patch size in pixels")
+    arch: str = _f("vit_small", "backbone", ("vit_tiny", "vit_small", "vit_base", "vit_large", "swin_tiny"))
+    patch_size: int = _f(16, "patch size in pixels (4 for Swin)")
+    window_size: int = _f(7, "Swin attention window in tokens (7 or 14 in the paper); ViTs ignore it")
     drop_path: float = _f(0.1, "stochastic depth rate of the student (the teacher uses 0)")
     attention: str = _f("auto", "attention backend", ("auto", "xformers", "varlen", "sdpa", "reference"))
     packed: bool = _f(False, "one student pass over all crops (block-diagonal attention, heads on masked tokens only)")
@@ -283,6 +284,8 @@ def validate(cfg: Config) -> Config:
     need(c.n_global >= 1, "crops.n_global", "need at least one global crop")
     need(c.n_local >= 0, "crops.n_local", "must be >= 0")
     need(c.global_size % cfg.model.patch_size == 0, "crops.global_size", "must be a multiple of model.patch_size")
+    if cfg.model.arch.startswith("swin"):
+        _validate_swin(cfg, need)
     need(c.local_size % cfg.model.patch_size == 0, "crops.local_size", "must be a multiple of model.patch_size")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "need two numbers in [0, 1)")
     need(o.epochs >= 1, "optim.epochs", "must be >= 1")
@@ -305,6 +308,19 @@ def validate(cfg: Config) -> Config:
         need(cfg.model.out_dim == cfg.model.patch_out_dim, "model.patch_out_dim",
              "must equal model.out_dim when a head is shared")
     return cfg
+
+
+def _validate_swin(cfg: Config, need) -> None:
+    m = cfg.model
+    need(not m.packed, "model.packed", "the packed forward is ViT-only (variable-length token sequences under "
+         "block-diagonal global attention); a Swin attends within windows of a 2-D map: set model.packed=false")
+    need(m.attention in ("auto", "sdpa", "reference"), "model.attention",
+         f"{m.attention} serves the packed ViT path; Swin window attention runs on sdpa or reference")
+    need(m.window_size >= 2, "model.window_size", "must be >= 2")
+    cell = m.patch_size * 8
+    need(cfg.crops.global_size % cell == 0, "crops.global_size",
+         f"must be a multiple of model.patch_size * 8 = {cell} for a Swin (masks are drawn on its final-stage grid, "
+         "one cell per patch_size * 8 pixels)")
 
 
 def packaged_config(name: str) -> Path:

@@ -9,12 +9,13 @@ from PIL import Image
 
 from fastibot.cli import main
 from fastibot.data.synthetic import synthetic_image
-from fastibot.eval.attention_maps import kmeans, mass_mask, write_maps
+from fastibot.eval.attention_maps import mass_mask, write_maps
+from fastibot.eval.clusters import kmeans
 from fastibot.eval.knn import knn_classify
 from fastibot.eval.linear import train_linear
 from fastibot.models.vit import VisionTransformer
 from fastibot.train import train
-from conftest import tiny_config
+from conftest import labelled_folder, tiny_config
 
 
 def _unit(*angles_deg):
@@ -84,20 +85,9 @@ def test_attention_pngs(tmp_path):
     assert Image.open(tmp_path / "maps" / "img0_clusters.png").size == (64, 32)
 
 
-def _labelled_folder(root, n_per_class=6, classes=3, offset=0):
-    for c in range(classes):
-        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
-        for j in range(n_per_class):
-            idx = offset + j * classes + c  # synthetic_image's label is idx % classes
-            img, label = synthetic_image(idx, classes, 48, seed=1)
-            assert label == c
-            img.save(root / f"c{c}" / f"{idx}.png")
-    return root
-
-
 def test_cli_knn_linear_attention_and_periodic_knn(tmp_path, capsys):
-    tr = _labelled_folder(tmp_path / "train")
-    va = _labelled_folder(tmp_path / "val", n_per_class=3, offset=999)
+    tr = labelled_folder(tmp_path / "train")
+    va = labelled_folder(tmp_path / "val", n_per_class=3, offset=999)
     run = tmp_path / "run"
     cfg = tiny_config(run, **{"runtime.max_steps": 4, "eval.every_n_steps": 2, "eval.train_path": str(tr),
                               "eval.val_path": str(va), "eval.image_size": 32, "eval.batch_size": 8})
@@ -124,8 +114,8 @@ def test_cli_knn_linear_attention_and_periodic_knn(tmp_path, capsys):
 
 
 def test_cli_random_init_baseline(tmp_path, capsys):
-    tr = _labelled_folder(tmp_path / "train")
-    va = _labelled_folder(tmp_path / "val", n_per_class=3, offset=999)
+    tr = labelled_folder(tmp_path / "train")
+    va = labelled_folder(tmp_path / "val", n_per_class=3, offset=999)
     common = ["--train", str(tr), "--val", str(va), "--image-size", "32", "--device", "cpu", "--workers", "0"]
     assert main(["eval", "knn", "random:vit_tiny", "--k", "5", "--json", str(tmp_path / "r.json")] + common) == 0
     res = json.loads((tmp_path / "r.json").read_text())

@@ -118,7 +118,10 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """(epoch, index) -> dict(crops=[...], masks=(G, h, w) bool, label=int, n_bad=int)."""
+    """(epoch, index) -> dict(crops=[...], masks=(G, h, w) bool, label=int, n_bad=int).
+
+    ``patch_size``: pixels per mask cell, h = crop height // patch_size (a Swin's cell is its
+    final-stage token, ``models.backbones.prediction_size``)."""
 
     MAX_RETRIES = 20
 
@@ -227,6 +230,7 @@ def build_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False):
     """The torchvision reference loader for ``cfg`` (dataset, batch sampler, DataLoader)."""
     from functools import partial
 
+    from ..models.backbones import prediction_size
     from .transforms import MultiCropAugmentation
 
     source = build_source(cfg.data, cfg.runtime.seed)
@@ -234,7 +238,7 @@ def build_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False):
     dataset = MultiCropDataset(
         source, MultiCropAugmentation.from_config(cfg.crops),
         MaskGenerator(m.pred_ratio, m.pred_ratio_var, m.aspect_ratio, m.shape),
-        cfg.model.patch_size, cfg.crops.n_global, seed=cfg.runtime.seed + rank, mask_start_epoch=m.start_epoch)
+        prediction_size(cfg), cfg.crops.n_global, seed=cfg.runtime.seed + rank, mask_start_epoch=m.start_epoch)
     sampler = ResumableBatchSampler(len(source), cfg.data.batch_size, rank, world, cfg.runtime.seed)
     workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(
