@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .eval.cli import add_eval_parser
     add_eval_parser(sub)
+    from .finetune import add_finetune_parser
+    add_finetune_parser(sub)
     return p
 
 

@@ -33,13 +33,13 @@ class DataError(RuntimeError):
     """The data cannot be used (missing folder, no images, too many bad files)."""
 
 
-def list_images(root) -> Tuple[List[Tuple[str, int]], List[str]]:
-    """ImageFolder layout (``root/<class>/*.jpg``) or a flat folder of images (one class)."""
+def list_images(root, key: str = "data.path") -> Tuple[List[Tuple[str, int]], List[str]]:
+    """ImageFolder layout (``root/<class>/*.jpg``) or a flat folder of images (one class); errors name ``key``."""
     root = Path(root)
     if not root.exists():
-        raise DataError(f"data.path: folder {str(root)!r} does not exist")
+        raise DataError(f"{key}: folder {str(root)!r} does not exist")
     if not root.is_dir():
-        raise DataError(f"data.path: {str(root)!r} is not a folder")
+        raise DataError(f"{key}: {str(root)!r} is not a folder")
 
     def images_in(d: Path):
         return sorted(str(p) for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -51,7 +51,7 @@ def list_images(root) -> Tuple[List[Tuple[str, int]], List[str]]:
         classes = classes + ["."]
         samples += [(p, len(classes) - 1) for p in flat]
     if not samples:
-        raise DataError(f"data.path: no images found under {str(root)!r} "
+        raise DataError(f"{key}: no images found under {str(root)!r} "
                         f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
     return samples, classes
 
