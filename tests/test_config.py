@@ -13,10 +13,10 @@ def test_defaults_are_the_vit_small_recipe():
     assert c.optim.clip_grad == 3.0 and c.teacher.temp == 0.07 and c.ibot.student_temp == 0.1
 
 
-@pytest.mark.parametrize("name", ["quickstart", "vit_small_16", "vit_base_16", "vit_large_16"])
+@pytest.mark.parametrize("name", ["quickstart", "vit_small_16", "vit_base_16", "vit_large_16", "swin_tiny_7"])
 def test_packaged_configs_load(name):
     cfg = load_config(packaged_config(name), ["data.path=/tmp/x"])
-    assert cfg.model.patch_size == 16
+    assert cfg.model.patch_size == (4 if name.startswith("swin") else 16)
 
 
 def test_overrides_and_types():
