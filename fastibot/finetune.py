@@ -184,9 +184,10 @@ class Finetuner:
         if self.world > 1:
             dist.all_reduce(sums)
         loss, steps, bad = sums.tolist()  # sync-ok: once per epoch
+        img_s = images * self.world / max(time.perf_counter() - started, 1e-9)  # training only, not validation
         row = {"step": self.step, "epoch": self.step // self.spe, "train_loss": loss / max(steps, 1),
-               "lr": max(g["lr"] for g in self.opt.param_groups), **self.evaluate(),
-               "img_s": images * self.world / max(time.perf_counter() - started, 1e-9), "bad_images": int(bad)}
+               "lr": max(g["lr"] for g in self.opt.param_groups), **self.evaluate(), "img_s": img_s,
+               "bad_images": int(bad)}
         self.writer.write(row)
         self.sums.zero_()
         log.info("epoch %d: train loss %.4f, val top-1 %.2f top-5 %.2f", row["epoch"], row["train_loss"],
@@ -198,7 +199,9 @@ class Finetuner:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "finetune_args.json").write_text(json.dumps(vars(a), indent=2, default=str))
-        with StopSignals() as signals:
+        with contextlib.ExitStack() as stack:
+            # one process stops after the step on SIGINT/SIGTERM; under torchrun the launcher's signals apply
+            signals = stack.enter_context(StopSignals()) if self.world == 1 else None
             while self.step < self.total and self.stopped is None:
                 epoch, pos = divmod(self.step, self.spe)
                 self.sampler.set_position(epoch, pos)
@@ -210,7 +213,7 @@ class Finetuner:
                         row = self.end_epoch(started, images)
                     if self.step % self.spe == 0 or (a.ckpt_every and self.step % a.ckpt_every == 0):
                         self.save()
-                    self.stopped = signals.received if self.world == 1 else None
+                    self.stopped = signals.received if signals is not None else None
                     if self.step >= self.total or self.stopped:
                         break
             if self.step % self.spe and (not a.ckpt_every or self.step % a.ckpt_every):

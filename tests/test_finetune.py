@@ -150,3 +150,25 @@ def test_pretrained_sources_and_a_label_fraction(small_folder, tmp_path, capsys,
     assert "--batch-size: must be even" in capsys.readouterr().err
     assert main(_args(str(tmp_path / "nope.pt"), images, images, tmp_path / "x")) == 1
     assert "no such run folder" in capsys.readouterr().err
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(small_folder, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from fastibot.finetune import Finetuner
+    step = Finetuner.train_step
+
+    def step_then_signal(self, x, y, bad):
+        step(self, x, y, bad)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's preemption would
+
+    monkeypatch.setattr(Finetuner, "train_step", step_then_signal)
+    images, out = small_folder(12, 2), tmp_path / "ft"
+    args = _args("random:vit_tiny", images, images, out, **{"--batch-size": 8})
+    assert main(args) == 128 + signal.SIGTERM
+    assert [s for s, _ in checkpoints(out)] == [2]
+    monkeypatch.setattr(Finetuner, "train_step", step)
+    assert main(args + ["--resume"]) == 0
+    assert [int(r["step"]) for r in _rows(out)] == [3, 6]
