@@ -180,3 +180,10 @@ def test_full_size_export_loads_into_timm_strictly(tmp_path, capsys):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model(x), teacher.backbone.eval()(x), rtol=1e-5, atol=1e-5)
+    # fine-tuning starts from the same weights, with a new head on the mean final-stage token
+    from fastibot.models.classifier import build_classifier, load_source
+    name, kwargs, sd = load_source(str(tmp_path))
+    clf = build_classifier(name, kwargs, 5, 224, 0.0, sd).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(clf.forward_head(clf.forward_features(x), pre_logits=True), model(x))
+        assert clf(x).shape == (1, 5)
