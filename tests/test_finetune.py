@@ -12,7 +12,7 @@ from fastibot.data import classification
 from fastibot.finetune import build_optimizer, build_scheduler
 from fastibot.models.classifier import build_classifier, load_source
 from fastibot.train import train
-from conftest import tiny_config
+from conftest import labelled_folder, tiny_config
 
 timm = pytest.importorskip("timm")
 
@@ -101,10 +101,10 @@ def test_tiny_run_learns(small_folder, tmp_path):
     assert sum(float(r["val_top1"]) for r in late) / 4 >= float(first["val_top1"]) + 15
 
 
-def test_resume_is_exact(small_folder, tmp_path):
+def test_resume_is_exact(tmp_path):
     # the whole recipe (RandAugment, random erasing, mixup/cutmix, smoothing, drop path); 3 steps per epoch
     common = {"--lr": 0.02, "--ckpt-every": 2, "--batch-size": 8}
-    images, full, part = small_folder(12, 2), tmp_path / "full", tmp_path / "part"
+    images, full, part = labelled_folder(tmp_path / "images", 12, 2), tmp_path / "full", tmp_path / "part"
     assert main(_args("random:vit_tiny", images, images, full, **common)) == 0
     assert main(_args("random:vit_tiny", images, images, part, **common, **{"--max-steps": 4})) == 0
     assert [s for s, _ in checkpoints(part)] == [4]  # stopped mid-epoch 2
@@ -152,7 +152,7 @@ def test_pretrained_sources_and_a_label_fraction(small_folder, tmp_path, capsys,
     assert "no such run folder" in capsys.readouterr().err
 
 
-def test_sigterm_stops_after_the_step_with_a_checkpoint(small_folder, tmp_path, monkeypatch):
+def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
     import os
     import signal
 
@@ -165,7 +165,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(small_folder, tmp_path, 
             os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's preemption would
 
     monkeypatch.setattr(Finetuner, "train_step", step_then_signal)
-    images, out = small_folder(12, 2), tmp_path / "ft"
+    images, out = labelled_folder(tmp_path / "images", 12, 2), tmp_path / "ft"
     args = _args("random:vit_tiny", images, images, out, **{"--batch-size": 8})
     assert main(args) == 128 + signal.SIGTERM
     assert [s for s, _ in checkpoints(out)] == [2]
