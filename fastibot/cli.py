@@ -54,24 +54,8 @@ def _train(args) -> int:
     return 0
 
 
-def timm_snippet(path, name: str, kwargs: dict) -> str:
-    """The Python lines that load an exported backbone in timm (printed by ``fastibot export``).
-
-    ``checkpoint_path=`` builds the model, then loads the file strictly, in every timm fastibot
-    supports (>= 0.9.0). ``pretrained=True, pretrained_cfg_overlay=dict(file=...)`` does not: it goes
-    through the model's pretrained config, which for vit_small_patch16_224 in timm 1.0.3 to 1.0.29
-    expects a pickle or an original JAX .npz file.
-    """
-    from pathlib import Path
-
-    extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-    return ("import timm\n"
-            f"model = timm.create_model({name!r}, num_classes=0, checkpoint_path={str(Path(path).resolve())!r}"
-            f"{extra})")
-
-
 def _export(args) -> int:
-    from .export import export_backbone
+    from .export import export_backbone, timm_snippet
 
     try:
         path, name, kwargs = export_backbone(args.checkpoint, args.out, args.which)
@@ -107,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .eval.cli import add_eval_parser
     add_eval_parser(sub)
+    from .finetune import add_finetune_parser
+    add_finetune_parser(sub)
     return p
 
 

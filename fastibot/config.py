@@ -44,8 +44,9 @@ def _f(default, doc: str, choices: Optional[tuple] = None, **kw):
 
 @dataclass
 class ModelConfig:
-    arch: str = _f("vit_small", "backbone size", ("vit_tiny", "vit_small", "vit_base", "vit_large"))
-    patch_size: int = _f(16, "patch size in pixels", ge=1)
+    arch: str = _f("vit_small", "backbone", ("vit_tiny", "vit_small", "vit_base", "vit_large", "swin_tiny"))
+    patch_size: int = _f(16, "patch size in pixels (4 for Swin)", ge=1)
+    window_size: int = _f(7, "Swin attention window in tokens (7 or 14 in the paper); ViTs ignore it", ge=2)
     depth: int = _f(0, "transformer blocks (0 = the arch's own: 12, or 24 for vit_large)", ge=0)
     drop_path: float = _f(0.1, "stochastic depth rate of the student (the teacher uses 0)", ge=0, lt=1)
     attention: str = _f("auto", "attention backend; varlen needs model.packed=true (the teacher's dense pass runs "
@@ -54,8 +55,9 @@ class ModelConfig:
     pos_embed_resize: str = _f("official", "position embeddings for other crop sizes: bicubic with scale factor "
                                "(n + 0.1) / grid as the official ViT (official), or resized to exactly n (exact)",
                                ("official", "exact"))
-    packed: bool = _f(True, "one student pass over all crops (block-diagonal attention, heads on [CLS] and masked "
-                            "tokens only); false = the official dense computation (the parity oracle)")
+    packed: str = _f("auto", "one student pass over all crops (block-diagonal attention, heads on [CLS] and masked "
+                            "tokens only; ViT only); false = the official dense computation (the parity oracle, "
+                            "and what a Swin runs); auto = true for a ViT, false for a Swin", ("auto", "true", "false"))
     out_dim: int = _f(8192, "number of prototypes K of the [CLS] head", ge=1)
     patch_out_dim: int = _f(8192, "number of prototypes of the patch head", ge=1)
     shared_head: bool = _f(True, "student: one last layer for [CLS] and patch tokens")
@@ -64,6 +66,11 @@ class ModelConfig:
     head_hidden_dim: int = _f(2048, "hidden width of the head MLP", ge=1)
     head_bottleneck_dim: int = _f(256, "l2-normalised bottleneck width of the head", ge=1)
     head_layers: int = _f(3, "layers of the head MLP", ge=1)
+
+
+    def packed_forward(self) -> bool:
+        """``packed`` resolved: auto is the packed forward for a ViT, the dense one for a Swin."""
+        return self.packed == "true" or (self.packed == "auto" and not self.arch.startswith("swin"))
 
 
 @dataclass
@@ -343,6 +350,8 @@ def validate(cfg: Config) -> Config:
          "need at least two crops in all (crops.n_global + crops.n_local)")
     p = cfg.model.patch_size
     need(c.global_size % p == 0, "crops.global_size", f"must be a multiple of model.patch_size ({p})")
+    if cfg.model.arch.startswith("swin"):
+        _validate_swin(cfg, need)
     need(c.local_size % p == 0, "crops.local_size", f"must be a multiple of model.patch_size ({p})")
     need(len(o.betas) == 2, "optim.betas", "need two numbers in [0, 1)")
     need(k.source != "imagefolder" or k.path or k.loader == "synthetic", "data.path",
@@ -356,13 +365,26 @@ def validate(cfg: Config) -> Config:
     need(cfg.teacher.temp_warmup != "epoch" or float(cfg.teacher.warmup_temp_epochs).is_integer(),
          "teacher.warmup_temp_epochs", "must be a whole number of epochs with teacher.temp_warmup=epoch "
          "(or set teacher.temp_warmup=iteration)")
-    need(cfg.model.attention != "varlen" or cfg.model.packed, "model.attention",
+    need(cfg.model.attention != "varlen" or cfg.model.packed_forward(), "model.attention",
          "varlen attention runs on packed sequences only, and with model.packed=false every attention call is "
          "dense (it would run SDPA): set model.packed=true, or model.attention=sdpa|auto")
     if cfg.model.shared_head or cfg.model.shared_head_teacher:
         need(cfg.model.out_dim == cfg.model.patch_out_dim, "model.patch_out_dim",
              "must equal model.out_dim when a head is shared")
     return cfg
+
+
+def _validate_swin(cfg: Config, need) -> None:
+    m = cfg.model
+    need(m.packed != "true", "model.packed", "the packed forward is ViT-only (variable-length token sequences under "
+         "block-diagonal global attention); a Swin attends within windows of a 2-D map: set model.packed=false")
+    need(m.attention in ("auto", "sdpa", "reference"), "model.attention",
+         f"{m.attention} serves the packed ViT path; Swin window attention runs on sdpa or reference")
+    need(m.window_size >= 2, "model.window_size", "must be >= 2")
+    cell = m.patch_size * 8
+    need(cfg.crops.global_size % cell == 0, "crops.global_size",
+         f"must be a multiple of model.patch_size * 8 = {cell} for a Swin (masks are drawn on its final-stage grid, "
+         "one cell per patch_size * 8 pixels)")
 
 
 def packaged_config(name: str) -> Path:

@@ -36,7 +36,7 @@ def step_flops_per_image(cfg, masked_per_global: float) -> float:
     l_tokens = (c.local_size // m.patch_size) ** 2 + 1
     g_bb = backbone_flops(m.arch, m.patch_size, c.global_size, m.depth)
     l_bb = backbone_flops(m.arch, m.patch_size, c.local_size, m.depth)
-    if m.packed:
+    if m.packed_forward():
         t_heads = head_flops(cfg, c.n_global * (1 + masked_per_global))
         if cfg.ibot.patch_center == "all":  # the teacher MLP also runs on every patch for the center
             t_heads += head_flops(cfg, c.n_global * (g_tokens - 1 - masked_per_global), last_layer=False)

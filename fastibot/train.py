@@ -98,7 +98,7 @@ class Trainer:
         self.run_step = CapturedStep(self.stepper, rt.device) if self.cuda_graph else self.stepper
         log.info("fastibot: %s/%d, %s, data=%s, attention=%s, packed=%s, loss=%s, ema=%s, precision=%s, "
                  "compile=%s, cuda_graph=%s, masked rows per batch=%d, world=%d",
-                 cfg.model.arch, cfg.model.patch_size, rt.device, self.data.kind, self.attention, cfg.model.packed,
+                 cfg.model.arch, cfg.model.patch_size, rt.device, self.data.kind, self.attention, cfg.model.packed_forward(),
                  self.loss_impl, self.ema_impl, rt.amp_dtype or "fp32", self.compile, self.cuda_graph,
                  row_capacity(cfg), rt.world)
 

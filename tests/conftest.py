@@ -27,6 +27,20 @@ def tiny_overrides(out_dir, **extra):
     return [f"{k}={v}" for k, v in o.items()]
 
 
+def labelled_folder(root, n_per_class=6, classes=3, offset=0, size=48):
+    """An ImageFolder tree of synthetic images, ``root/c<k>/<idx>.png``, ``n_per_class`` per class."""
+    from fastibot.data.synthetic import synthetic_image
+
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for j in range(n_per_class):
+            idx = offset + j * classes + c  # synthetic_image's label is idx % classes
+            img, label = synthetic_image(idx, classes, size, seed=1)
+            assert label == c
+            img.save(root / f"c{c}" / f"{idx}.png")
+    return root
+
+
 def tiny_config(out_dir, **extra):
     return load_config(packaged_config("quickstart"), tiny_overrides(out_dir, **extra))
 

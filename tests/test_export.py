@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from fastibot.cli import main, timm_snippet
+from fastibot.cli import main
+from fastibot.export import timm_snippet
 from fastibot.config import packaged_config
 from conftest import tiny_overrides
 

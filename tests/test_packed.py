@@ -113,7 +113,7 @@ def test_cu_seqlens_offsets():
 def test_varlen_needs_packed_and_logs_where_sdpa_runs(monkeypatch, caplog):
     with pytest.raises(ConfigError, match="model.attention: varlen .*model.packed=false"):
         load_config(packaged_config("quickstart"), ["model.attention=varlen", "model.packed=false"])
-    assert load_config(packaged_config("quickstart"), ["model.attention=varlen"]).model.packed
+    assert load_config(packaged_config("quickstart"), ["model.attention=varlen"]).model.packed_forward()
     monkeypatch.setattr(attention_mod, "check_backend", lambda *a: None)  # as if on a GPU with varlen_attn
     with caplog.at_level("INFO", logger="fastibot"):
         assert resolve_backend("varlen", "cuda") == "varlen"
@@ -151,7 +151,7 @@ def test_masked_only_heads_give_the_dense_loss(tmp_path, patch_center):
     cfg = load_config(packaged_config("quickstart"), over + ["model.packed=false"])
     torch.manual_seed(0)
     dense = build_model(cfg, student=True).to(DEVICE).double()
-    cfg.model.packed = True
+    cfg.model.packed = "true"
     packed = build_model(cfg, student=True).to(DEVICE).double()
     packed.load_state_dict(dense.state_dict())
     g, loc, m = _crops(b=3, n_local=3)

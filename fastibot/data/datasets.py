@@ -36,13 +36,13 @@ class DataError(RuntimeError):
     """The data cannot be used (missing folder, no images, too many bad files)."""
 
 
-def list_images(root) -> Tuple[List[Tuple[str, int]], List[str]]:
-    """ImageFolder layout (``root/<class>/*.jpg``) or a flat folder of images (one class)."""
+def list_images(root, key: str = "data.path") -> Tuple[List[Tuple[str, int]], List[str]]:
+    """ImageFolder layout (``root/<class>/*.jpg``) or a flat folder of images (one class); errors name ``key``."""
     root = Path(root)
     if not root.exists():
-        raise DataError(f"data.path: folder {str(root)!r} does not exist")
+        raise DataError(f"{key}: folder {str(root)!r} does not exist")
     if not root.is_dir():
-        raise DataError(f"data.path: {str(root)!r} is not a folder")
+        raise DataError(f"{key}: {str(root)!r} is not a folder")
 
     def images_in(d: Path):
         return sorted(str(p) for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -54,7 +54,7 @@ def list_images(root) -> Tuple[List[Tuple[str, int]], List[str]]:
         classes = classes + ["."]
         samples += [(p, len(classes) - 1) for p in flat]
     if not samples:
-        raise DataError(f"data.path: no images found under {str(root)!r} "
+        raise DataError(f"{key}: no images found under {str(root)!r} "
                         f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
     return samples, classes
 
@@ -121,7 +121,10 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """(epoch, index) -> dict(crops=[...], masks=(G, h, w) bool, label=int, n_bad=int)."""
+    """(epoch, index) -> dict(crops=[...], masks=(G, h, w) bool, label=int, n_bad=int).
+
+    ``patch_size``: pixels per mask cell, h = crop height // patch_size (a Swin's cell is its
+    final-stage token, ``models.backbones.prediction_size``)."""
 
     MAX_RETRIES = 20
 
@@ -259,6 +262,7 @@ def build_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False):
     """The torchvision reference loader for ``cfg`` (dataset, batch sampler, DataLoader)."""
     from functools import partial
 
+    from ..models.backbones import prediction_size
     from .transforms import MultiCropAugmentation
 
     source = build_source(cfg.data, cfg.runtime.seed)
@@ -266,7 +270,7 @@ def build_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False):
     dataset = MultiCropDataset(
         source, MultiCropAugmentation.from_config(cfg.crops),
         MaskGenerator(m.pred_ratio, m.pred_ratio_var, m.aspect_ratio, m.shape),
-        cfg.model.patch_size, cfg.crops.n_global, seed=cfg.runtime.seed + rank, mask_start_epoch=m.start_epoch)
+        prediction_size(cfg), cfg.crops.n_global, seed=cfg.runtime.seed + rank, mask_start_epoch=m.start_epoch)
     sampler = ResumableBatchSampler(len(source), cfg.data.batch_size, rank, world, cfg.runtime.seed)
     workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(

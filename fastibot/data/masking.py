@@ -86,7 +86,8 @@ class MaskGenerator:
 
 
 def mask_grid(cfg, size: int = 0) -> tuple:
-    """(h, w) of the grid block masks are drawn on, for a crop of ``size`` px (default: the global crop)."""
-    size = size or cfg.crops.global_size
-    g = size // cfg.model.patch_size
-    return g, g
+    """(h, w) of the grid block masks are drawn on, for a crop of ``size`` px (default: the global crop):
+    one cell per patch for a ViT, per final-stage token for a Swin (``fastibot.models.backbones``)."""
+    from ..models.backbones import mask_grid as backbone_mask_grid
+
+    return backbone_mask_grid(cfg, size or cfg.crops.global_size)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..data.datasets import IMAGE_EXTENSIONS, load_rgb
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from .clusters import kmeans
 
 # a perceptually ordered dark-to-bright colour map (anchors interpolated linearly)
 _HEAT = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
@@ -43,26 +44,6 @@ def mass_mask(attn: torch.Tensor, threshold: float) -> torch.Tensor:
     cum = vals.cumsum(-1) / vals.sum(-1, keepdim=True)
     keep_sorted = cum > (1 - threshold)
     return torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)
-
-
-def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
-    """Cluster labels of the rows of ``x`` (cosine k-means, k-means++ style seeding)."""
-    x = torch.nn.functional.normalize(x.float(), dim=-1)
-    g = torch.Generator().manual_seed(seed)
-    k = min(k, x.shape[0])
-    centers = [x[torch.randint(x.shape[0], (1,), generator=g)].squeeze(0)]
-    for _ in range(1, k):
-        d = 1 - (x @ torch.stack(centers).T).max(1).values
-        probs = d.clamp(min=0) + 1e-12
-        centers.append(x[torch.multinomial(probs / probs.sum(), 1, generator=g)].squeeze(0))
-    c = torch.stack(centers)
-    for _ in range(iters):
-        labels = (x @ c.T).argmax(1)
-        for j in range(k):
-            members = x[labels == j]
-            if members.shape[0]:
-                c[j] = torch.nn.functional.normalize(members.mean(0), dim=0)
-    return (x @ c.T).argmax(1)
 
 
 def _denormalise(x: torch.Tensor) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""``fastibot eval knn | linear | attention``: evaluate a checkpoint's backbone."""
+"""``fastibot eval knn | linear | unsupervised | attention``: evaluate a checkpoint's backbone."""
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -60,13 +61,38 @@ def _knn(args) -> int:
     return _finish({"checkpoint": name, **res}, args.json)
 
 
+def subset_out_path(args) -> str:
+    """Where a label subset is listed: --subset-out, else beside --json, else in the current folder."""
+    if args.subset_out:
+        return args.subset_out
+    if getattr(args, "json", None):
+        return str(Path(args.json).with_suffix(".subset.txt"))
+    return f"label_subset_{args.label_fraction:g}_seed{args.subset_seed}.txt"
+
+
 def _linear(args) -> int:
     from .linear import run_linear
 
     backbone, name, _ = _backbone(args)
     res = run_linear(backbone, args.train, args.val, args.n_last_blocks, args.avgpool, args.lrs, args.epochs,
                      args.image_size, args.batch_size, args.max_images, _device(args.device), args.workers,
-                     progress=True)
+                     progress=True, label_fraction=args.label_fraction, subset_seed=args.subset_seed,
+                     subset_out=subset_out_path(args) if args.label_fraction < 1 else None)
+    return _finish({"checkpoint": name, **res}, args.json)
+
+
+def _unsupervised(args) -> int:
+    from ..checkpoint import resolve_resume
+    from ..export import load_model, random_model
+    from .unsupervised import run_unsupervised
+
+    if args.checkpoint.startswith("random:"):
+        (model, _), name = random_model(args.checkpoint), args.checkpoint
+    else:
+        path = resolve_resume(args.checkpoint, args.checkpoint)
+        (model, _), name = load_model(path, args.which), str(path)
+    res = run_unsupervised(model, args.val, args.image_size, args.batch_size, args.max_images, _device(args.device),
+                           args.workers, args.kmeans, progress=True)
     return _finish({"checkpoint": name, **res}, args.json)
 
 
@@ -80,6 +106,26 @@ def _attention(args) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need a number with 0 < fraction <= 1 (0.01 for 1%)")
+    return value
+
+
+def add_subset_args(p) -> None:
+    """--label-fraction / --subset-seed / --subset-out (eval linear, finetune)."""
+    p.add_argument("--label-fraction", type=_fraction, default=1.0,
+                   help="train on this class-balanced fraction of the labels (e.g. 0.01, 0.1)")
+    p.add_argument("--subset-seed", type=int, default=0, help="seed of the label subset")
+    p.add_argument("--subset-out", help="file listing the chosen training images (default: beside --json, "
+                                        "or in the output folder)")
+
+
 def _guarded(fn):
     def run(args):
         try:
@@ -91,7 +137,7 @@ def _guarded(fn):
 
 
 def add_eval_parser(sub) -> None:
-    ev = sub.add_parser("eval", help="k-NN, linear probe or attention maps of a checkpoint")
+    ev = sub.add_parser("eval", help="k-NN, linear probe, unsupervised classification or attention maps")
     kinds = ev.add_subparsers(dest="eval_kind", required=True)
 
     k = kinds.add_parser("knn", help="weighted k-NN on l2-normalised teacher [CLS] features")
@@ -107,7 +153,20 @@ def add_eval_parser(sub) -> None:
     lin.add_argument("--avgpool", action="store_true", help="also append the mean patch token of the last block")
     lin.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
     lin.add_argument("--epochs", type=int, default=100)
+    add_subset_args(lin)
     lin.set_defaults(func=_guarded(_linear))
+
+    u = kinds.add_parser("unsupervised", help="NMI, ARI and matched accuracy of the teacher's prototype "
+                                              "assignments (and of k-means clusters)")
+    _common(u, folders=False)
+    u.add_argument("--val", required=True, help="labelled image folder to cluster")
+    u.add_argument("--kmeans", type=int, default=0, metavar="K", help="also score K cosine k-means clusters of "
+                                                                      "the [CLS] features (0: off)")
+    u.add_argument("--batch-size", type=int, default=128)
+    u.add_argument("--max-images", type=int, default=0, help="use at most this many images")
+    u.add_argument("--workers", type=int, default=4)
+    u.add_argument("--json", help="also write the result here")
+    u.set_defaults(func=_guarded(_unsupervised))
 
     a = kinds.add_parser("attention", help="PNG attention maps and patch clusters")
     _common(a, folders=False)

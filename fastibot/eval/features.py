@@ -14,18 +14,23 @@ from ..data.transforms import eval_transform
 log = logging.getLogger("fastibot")
 
 
+def folder_samples(root, max_images: int = 0, seed: int = 0):
+    """((path, label) list, classes) of an ImageFolder tree; ``max_images`` keeps a seeded random subset."""
+    src = ImageFolderSource(root)
+    samples = src.samples
+    if max_images and len(samples) > max_images:
+        g = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(len(samples), generator=g)[:max_images].sort().values
+        samples = [samples[i] for i in keep.tolist()]
+    return samples, src.classes
+
+
 class LabelledFolder(torch.utils.data.Dataset):
     """(image tensor, label) with the evaluation transform; an unreadable image yields None (dropped by
-    the collate function, with a warning)."""
+    the collate function, with a warning). ``subset``: an explicit (samples, classes) pair to use instead."""
 
-    def __init__(self, root, image_size: int = 224, max_images: int = 0, seed: int = 0):
-        src = ImageFolderSource(root)
-        samples = src.samples
-        if max_images and len(samples) > max_images:
-            g = torch.Generator().manual_seed(seed)
-            keep = torch.randperm(len(samples), generator=g)[:max_images].sort().values
-            samples = [samples[i] for i in keep.tolist()]
-        self.samples, self.classes = samples, src.classes
+    def __init__(self, root, image_size: int = 224, max_images: int = 0, seed: int = 0, subset=None):
+        self.samples, self.classes = subset if subset is not None else folder_samples(root, max_images, seed)
         self.transform = eval_transform(image_size)
 
     def __len__(self):
@@ -50,9 +55,10 @@ def _collate(batch):
 @torch.no_grad()
 def extract(fn: Callable[[torch.Tensor], torch.Tensor], root, image_size: int = 224, batch_size: int = 128,
             max_images: int = 0, num_workers: int = 4, device: Optional[torch.device] = None,
-            progress: bool = False) -> Tuple[torch.Tensor, torch.Tensor, list]:
-    """Apply ``fn`` (images (B, 3, S, S) on ``device`` -> (B, F)) to every image: (features fp32 CPU, labels, classes)."""
-    ds = LabelledFolder(root, image_size, max_images)
+            progress: bool = False, subset=None) -> Tuple[torch.Tensor, torch.Tensor, list]:
+    """Apply ``fn`` (images (B, 3, S, S) on ``device`` -> (B, F)) to every image, or to those of ``subset``
+    ((samples, classes), e.g. a label fraction): (features fp32 CPU, labels, classes)."""
+    ds = LabelledFolder(root, image_size, max_images, subset=subset)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     device = device or torch.device("cpu")
     feats, labels = [], []

@@ -74,16 +74,30 @@ def train_linear(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tens
 def run_linear(backbone, train_path, val_path, n_last_blocks: int = 4, avgpool: bool = False,
                lrs: Sequence[float] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), epochs: int = 100, image_size: int = 224,
                batch_size: int = 128, max_images: int = 0, device=None, num_workers: int = 4,
-               progress: bool = False) -> Dict[str, object]:
-    from .features import extract
+               progress: bool = False, label_fraction: float = 1.0, subset_seed: int = 0,
+               subset_out=None) -> Dict[str, object]:
+    """Probe on the training folder, or on a class-balanced ``label_fraction`` of it (``eval.subsets``;
+    the list is written to ``subset_out``)."""
+    from .features import extract, folder_samples
+    from .subsets import label_subset, subset_summary, write_subset
 
     device = device or torch.device("cpu")
     backbone = backbone.to(device).eval()
     fn = probe_features(backbone, n_last_blocks, avgpool)
-    tr_f, tr_y, classes = extract(fn, train_path, image_size, batch_size, max_images, num_workers, device, progress)
+    samples, classes = folder_samples(train_path, max_images)
+    subset = label_subset(samples, classes, label_fraction, subset_seed)
+    info = {}
+    if label_fraction < 1:
+        if subset_out is None:
+            raise ValueError("a label fraction needs a file to list the chosen images in (--subset-out)")
+        digest = write_subset(subset_out, subset, train_path, label_fraction, subset_seed)
+        info = {"label_fraction": label_fraction, "subset_seed": subset_seed, "subset_file": str(subset_out),
+                "subset_sha1": digest, **{f"subset_{k}": v for k, v in subset_summary(subset, classes).items()}}
+    tr_f, tr_y, _ = extract(fn, train_path, image_size, batch_size, 0, num_workers, device, progress,
+                            subset=(subset, classes))
     va_f, va_y, va_classes = extract(fn, val_path, image_size, batch_size, max_images, num_workers, device, progress)
     if list(classes) != list(va_classes):
         raise ValueError(f"train and val folders have different classes: {classes} vs {va_classes}")
     out = train_linear(tr_f.to(device), tr_y.to(device), va_f.to(device), va_y.to(device), len(classes), lrs, epochs)
-    out.update(n_train=tr_f.shape[0], n_val=va_f.shape[0], feature_dim=tr_f.shape[1])
+    out.update(n_train=tr_f.shape[0], n_val=va_f.shape[0], feature_dim=tr_f.shape[1], **info)
     return out

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Config
+from .backbones import build_backbone
 from .head import IBOTHead
 from .vit import VisionTransformer
 
@@ -129,9 +130,7 @@ def _no_mark(name: str) -> None:
 def build_model(cfg: Config, student: bool) -> IBOTModel:
     """Student (drop path, its own head sharing) or teacher (no drop path)."""
     m = cfg.model
-    backbone = VisionTransformer(m.arch, m.patch_size, cfg.crops.global_size,
-                                 drop_path_rate=m.drop_path if student else 0.0, depth=m.depth,
-                                 pos_embed_resize=m.pos_embed_resize)
+    backbone = build_backbone(cfg, student)
     head = IBOTHead(backbone.embed_dim, m.out_dim, m.patch_out_dim, m.head_hidden_dim, m.head_bottleneck_dim,
                     m.head_layers, m.norm_last_layer, m.shared_head if student else m.shared_head_teacher)
-    return IBOTModel(backbone, head, packed=m.packed)
+    return IBOTModel(backbone, head, packed=m.packed_forward())

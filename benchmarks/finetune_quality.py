@@ -1,0 +1,85 @@
+"""Does iBOT pretraining help fine-tuning? Pretrain, then fine-tune it and a random init the same way.
+
+    python benchmarks/finetune_quality.py --train <train> --val <val> --out runs/finetune_quality
+
+1. ``fastibot train`` with the ViT-S/16 recipe for the README quality table's budget
+   (``runtime.max_minutes=7.5`` of one GPU, fast path, the loader of ``--loader``);
+2. ``fastibot finetune`` of that run's teacher and of ``random:vit_small`` with the same recipe
+   (BEiT/iBOT defaults, ``--epochs`` epochs, warm-up a fifth of them);
+3. a table of both runs' best and last top-1/top-5 on ``--val``.
+
+Every stage skips when it has finished (a ``.done`` marker) and resumes from its checkpoint when
+it was cut short, so the same command can be run again after a time limit cut it.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stage(name: str, out: Path, cmd: list, resumable: bool) -> None:
+    done = out.parent / f"{out.name}.done"
+    if done.exists():
+        print(f"[{name}] already done ({out})", flush=True)
+        return
+    again = resumable and any(out.glob("checkpoint_*.pt"))
+    cmd = cmd + (["--resume"] if again else [])
+    print(f"[{name}] {'resuming' if again else 'running'}: {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True)
+    done.write_text("ok\n")
+
+
+def summary(folder: Path) -> dict:
+    with open(folder / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    best = max(rows, key=lambda r: float(r["val_top1"]))
+    return {"epochs": int(rows[-1]["epoch"]), "best top-1": float(best["val_top1"]), "best epoch": int(best["epoch"]),
+            "last top-1": float(rows[-1]["val_top1"]), "last top-5": float(rows[-1]["val_top5"])}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--val", required=True)
+    ap.add_argument("--out", default=str(REPO / "runs" / "finetune_quality"))
+    ap.add_argument("--minutes", type=float, default=7.5, help="pretraining budget (the README quality table's)")
+    ap.add_argument("--loader", default="auto", choices=("auto", "dali", "torchvision"))
+    ap.add_argument("--workers", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs (both runs)")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--json", help="write the table here")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fastibot = [sys.executable, "-m", "fastibot.cli"]
+    workers = 4 if args.loader == "dali" else args.workers
+    stage("pretrain", out / "pretrain", fastibot + [
+        "train", "-c", str(REPO / "configs" / "vit_small_16.yaml"), f"data.path={args.train}",
+        f"data.loader={args.loader}", f"data.num_workers={workers}", "model.packed=true", "kernels.loss=triton",
+        "kernels.ema=triton", "optim.epochs=60", "optim.warmup_epochs=2", "teacher.warmup_temp_epochs=6",
+        f"runtime.max_minutes={args.minutes}", f"runtime.output_dir={out / 'pretrain'}", "runtime.progress=false"],
+        resumable=True)  # cut short: continues (its minute budget restarts)
+    results = []
+    for name, source in (("pretrained (iBOT teacher)", str(out / "pretrain")), ("random init", "random:vit_small")):
+        folder = out / ("ft_pretrained" if source != "random:vit_small" else "ft_random")
+        stage(name, folder, fastibot + [
+            "finetune", source, "--train", args.train, "--val", args.val, "--out", str(folder),
+            "--epochs", str(args.epochs), "--warmup-epochs", str(max(1, args.epochs // 5)),
+            "--batch-size", str(args.batch), "--workers", str(args.workers), "--keep-last", "1"], resumable=True)
+        results.append({"run": name, **summary(folder)})
+    cols = ["run", "epochs", "best top-1", "best epoch", "last top-1", "last top-5"]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in results:
+        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
