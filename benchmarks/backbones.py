@@ -2,106 +2,63 @@
 
     python benchmarks/backbones.py --batch 64 --steps 20
 
-Each variant is its packaged recipe (2 x 224 + 10 x 96 crops, K = 8192, bf16) with the fused loss
-and EMA kernels, fed device-resident random crops and real block masks drawn on the backbone's own
-mask grid (``models.backbones.mask_grid``: 14 x 14 for ViT-S/16, 7 x 7 for Swin-T). A Swin runs the
-dense path only (its one path); ViT-S/16 runs both its dense path, the like-for-like comparison,
-and its packed fast path. Steps are timed with CUDA events after a warm-up; peak memory is
-``torch.cuda.max_memory_allocated`` over the timed steps. The numbers help choose a backbone;
-there is no target ratio.
+Each variant is its packaged recipe (2 x 224 + 10 x 96 crops, K = 8192, bf16) with the default fast
+settings (fused loss and EMA kernels, compiled step replayed as a CUDA graph), fed the synthetic
+loader's device-resident crops with real block masks drawn on the backbone's own mask grid (14 x 14
+for ViT-S/16, 7 x 7 for Swin-T). A Swin runs the dense path (its one path); ViT-S/16 runs both its
+dense path, the like-for-like comparison, and its packed fast path. Timing and memory are
+``step_time.py``'s (median of timed windows, the allocator's peak). The numbers help choose a
+backbone; there is no target ratio.
 """
 from __future__ import annotations
 
 import argparse
-import gc
-import random
+import copy
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # a source checkout works without installing
-from common import device_info, print_table, write_json  # noqa: E402
-
-from fastibot.config import load_config  # noqa: E402
-from fastibot.data.datasets import collate_multicrop  # noqa: E402
-from fastibot.data.masking import MaskGenerator  # noqa: E402
-from fastibot.models.backbones import mask_grid  # noqa: E402
-from fastibot.train import Trainer, init_runtime  # noqa: E402
+from common import device_info, matmul_tflops, print_table, write_json  # noqa: E402
+from step_time import run_variant  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-KERNELS = {"kernels.loss": "triton", "kernels.ema": "triton", "runtime.precision": "bf16"}
-VARIANTS = {
-    "vit_small/16 dense": ("vit_small_16", {"model.packed": False, "model.attention": "sdpa"}),
-    "vit_small/16 packed": ("vit_small_16", {"model.packed": True}),
-    "swin_tiny/7": ("swin_tiny_7", {}),
-    "swin_tiny/14": ("swin_tiny_7", {"model.window_size": 14}),
+VARIANTS = {  # name: (packaged config, arch, overrides)
+    "vit_small/16 dense": ("vit_small_16", "vit_small", {"model.packed": False}),
+    "vit_small/16 packed": ("vit_small_16", "vit_small", {}),
+    "swin_tiny/7": ("swin_tiny_7", "swin_tiny", {}),
+    "swin_tiny/14": ("swin_tiny_7", "swin_tiny", {"model.window_size": 14}),
 }
-
-
-def batches(cfg, device, n: int = 2, seed: int = 0):
-    """``n`` batches of random crops with block masks on the backbone's mask grid, on ``device``."""
-    c, m = cfg.crops, cfg.masking
-    gen = MaskGenerator(m.pred_ratio, m.pred_ratio_var, m.aspect_ratio, m.shape)
-    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        samples = [{"crops": [torch.randn(3, c.global_size, c.global_size, generator=g) for _ in range(c.n_global)]
-                    + [torch.randn(3, c.local_size, c.local_size, generator=g) for _ in range(c.n_local)],
-                    "masks": gen.batch(c.n_global, *mask_grid(cfg, c.global_size), rng), "label": 0, "n_bad": 0}
-                   for _ in range(cfg.data.batch_size)]
-        batch = collate_multicrop(samples, c.n_global)
-        out.append({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()})
-    return out
-
-
-def run_variant(name: str, args) -> dict:
-    config, overrides = VARIANTS[name]
-    o = {"data.batch_size": args.batch, "data.loader": "synthetic", "data.source": "synthetic",
-         "data.synthetic_size": args.batch * 4, "data.num_workers": 0, "runtime.output_dir": tempfile.mkdtemp(),
-         "runtime.tensorboard": False, "runtime.progress": False, **KERNELS, **overrides}
-    cfg = load_config(REPO / "configs" / f"{config}.yaml", [f"{k}={v}" for k, v in o.items()] + args.set)
-    rt = init_runtime(cfg)
-    tr = Trainer(cfg, rt)
-    pool = batches(cfg, rt.device)
-    for i in range(args.warmup):
-        tr.train_step([pool[i % len(pool)]])
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for i in range(args.steps):
-        tr.train_step([pool[i % len(pool)]])
-    end.record()
-    end.synchronize()
-    ms = start.elapsed_time(end) / args.steps
-    params = sum(p.numel() for p in tr.student_module.backbone.parameters()) / 1e6
-    res = {"variant": name, "backbone M params": params, "ms/step": ms, "img/s": args.batch / (ms * 1e-3),
-           "peak GiB": torch.cuda.max_memory_allocated() / 2 ** 30,
-           "masked cells/crop": float(pool[0]["masks"].float().sum(1).mean())}
-    del tr, pool
-    gc.collect()
-    torch.cuda.empty_cache()
-    return res
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64, help="images per step")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20, help="steps per timed window")
+    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value for every variant")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/backbones.py needs a CUDA GPU")
-    info = device_info()
-    results = [run_variant(v, args) for v in args.variants]
+    info, matmul = device_info(), matmul_tflops()
+    base = argparse.Namespace(batch=args.batch, steps=args.steps, windows=args.windows, warmup=args.warmup,
+                              data="synthetic", data_path="", workers=0, phases=False, profile=False, set=args.set)
+    results = []
+    for name in args.variants:
+        config, arch, overrides = VARIANTS[name]
+        a = copy.copy(base)
+        a.config, a.arch = str(REPO / "configs" / f"{config}.yaml"), arch
+        try:
+            results.append(run_variant(name, overrides, a, matmul))
+        except Exception:  # one backbone failing must not cost the others' numbers
+            import traceback
+            traceback.print_exc()
     print_table(f"iBOT step by backbone, batch {args.batch}, {info.get('gpu')}, torch {info['torch']}", results,
-                ["variant", "backbone M params", "ms/step", "img/s", "peak GiB", "masked cells/crop"])
+                ["variant", "compile", "cuda_graph", "img/s", "spread %", "ms/step", "peak GiB", "reserved GiB"])
     write_json(args.json, {"device": info, "args": vars(args), "results": results})
 
 

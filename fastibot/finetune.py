@@ -239,7 +239,7 @@ class Finetuner:
     def save(self) -> None:
         state = self.state()  # collective under DDP
         if self.rank == 0:
-            path = ckpt.save_checkpoint(self.out, self.step, state, self.args.keep_last)
+            path = ckpt.save_checkpoint(self.out, self.step, state, self.args.keep_last, keep_good=False)
             log.info("saved %s", path)
 
     def load(self, path: Path) -> None:
