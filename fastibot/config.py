@@ -175,9 +175,11 @@ class RuntimeConfig:
                       "(auto = on CUDA)", ("auto", "true", "false"))
     cuda_graph: str = _f("auto", "capture the whole step once as a CUDA graph and replay it (auto = on CUDA)",
                          ("auto", "true", "false"))
-    activation_memory: float = _f(1.0, "share of the student's activations kept for backward, (0, 1]: lower "
+    activation_memory: float = _f(0.4, "share of the student's activations kept for backward, (0, 1]: lower "
                                        "recomputes more and uses less memory (compiled: the partitioner's budget; "
-                                       "eager: that share of blocks keep theirs, the rest recompute)", gt=0, le=1)
+                                       "eager: that share of blocks keep theirs, the rest recompute). 0.4: ViT-S/16 at "
+                                       "half the official step's memory; 1: about 20% faster, about 30% more memory",
+                                  gt=0, le=1)
 
 
 @dataclass

@@ -127,7 +127,7 @@ def test_pretrained_sources_and_a_label_fraction(small_folder, tmp_path, capsys,
     name, kwargs, sd = load_source(str(run))
     assert name == "vit_tiny_patch16_224" and kwargs == {"patch_size": 8, "img_size": 32}
     model = build_classifier(name, kwargs, 3, 32, 0.1, sd)
-    teacher = torch.load(next(run.glob("checkpoint_*.pt")), weights_only=False)["teacher"]
+    teacher = torch.load(next(run.glob("checkpoint_*.pt")), weights_only=True)["teacher"]
     assert torch.equal(model.blocks[3].attn.qkv.weight, teacher["backbone.blocks.3.attn.qkv.weight"])
     assert main(["export", str(run), "--out", str(tmp_path / "vit.safetensors")]) == 0
     assert load_source(str(tmp_path / "vit.safetensors"))[:2] == (name, kwargs)  # from the file's metadata

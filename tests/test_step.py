@@ -166,3 +166,22 @@ def test_compiled_step_with_the_leanest_activation_budget_trains(tmp_path):
         tr.train_step([b])
     row = tr.log_metrics()
     assert row["nonfinite_steps"] == 0 and np.isfinite(row["loss"])
+
+
+def test_eager_activation_budget_recomputes_blocks_and_trains_the_same(tmp_path):
+    """Uncompiled, runtime.activation_memory keeps that share of the blocks' activations and recomputes the
+    others in backward (drop-path draws replayed): the same numbers as keeping all of them."""
+    runs = {}
+    for share in (1.0, 0.5):
+        torch.manual_seed(0)
+        tr = _trainer(tmp_path / str(share), **{"model.depth": 4, "model.drop_path": 0.3,
+                                                 "runtime.activation_memory": share})
+        assert tr.student.backbone.recompute == (0 if share == 1.0 else 2)
+        torch.manual_seed(1)
+        for b in _batches(tr, 2):
+            tr.train_step([b])
+        runs[share] = _snapshot(tr)
+    for part in ("student", "teacher"):
+        for k, v in runs[1.0][part].items():
+            torch.testing.assert_close(runs[0.5][part][k], v, rtol=1e-5, atol=1e-6, msg=f"{part}.{k}")
+    torch.testing.assert_close(runs[0.5]["metrics"], runs[1.0]["metrics"], rtol=1e-5, atol=1e-6)
