@@ -185,3 +185,44 @@ def test_eager_activation_budget_recomputes_blocks_and_trains_the_same(tmp_path)
         for k, v in runs[1.0][part].items():
             torch.testing.assert_close(runs[0.5][part][k], v, rtol=1e-5, atol=1e-6, msg=f"{part}.{k}")
     torch.testing.assert_close(runs[0.5]["metrics"], runs[1.0]["metrics"], rtol=1e-5, atol=1e-6)
+
+
+def test_loss_scaler_unscales_skips_overflow_and_adapts_the_scale():
+    """fp16 loss scaling on the device: unscale divides by the scale, an inf/NaN sets found_inf and halves
+    the scale, growth_interval clean steps double it (GradScaler's rule)."""
+    from fastibot.optim import LossScaler
+    s = LossScaler(torch.device("cpu"), init_scale=1024.0, growth_interval=2)
+    g = [torch.full((3,), 2048.0), torch.full((2,), -512.0)]
+    assert s.unscale_(g).item() == 0.0
+    torch.testing.assert_close(g[0], torch.full((3,), 2.0))
+    torch.testing.assert_close(g[1], torch.full((2,), -0.5))
+    s.update(torch.zeros(()))
+    assert s.scale.item() == 1024.0
+    s.update(torch.zeros(()))
+    assert s.scale.item() == 2048.0  # two clean steps: doubled
+    bad = [torch.tensor([1.0, float("inf")])]
+    found = s.unscale_(bad)
+    assert found.item() == 1.0
+    s.update(found)
+    assert s.scale.item() == 1024.0 and s.growth_tracker.item() == 0
+    state = s.state_dict()
+    t = LossScaler(torch.device("cpu"))
+    t.load_state_dict(state)
+    assert t.scale.item() == 1024.0
+
+
+def test_fp16_training_scales_the_loss_on_the_device(tmp_path):
+    """Overflowing scaled gradients skip their step and halve the scale (on the device); the others train."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    tr = Trainer(tiny_config(tmp_path, **{"runtime.precision": "fp16"}),
+                 Runtime(torch.device("cpu"), amp_dtype=torch.float16))  # the CPU autocasts to fp16 as CUDA would
+    assert tr.scaler is not None and tr.scaler.scale.item() == 2.0 ** 16
+    start = tr.student.backbone.pos_embed.detach().clone()
+    batches = _batches(tr, 3)
+    for i in range(12):  # this tiny model's gradients overflow fp16 at scales above ~1e3: the first steps skip
+        tr.train_step([batches[i % 3]])
+    row = tr.log_metrics()
+    skipped = row["nonfinite_steps"]
+    assert 0 < skipped < 10 and np.isfinite(row["loss"])
+    assert tr.scaler.scale.item() == 2.0 ** (16 - skipped)  # one halving per skipped step, none grew yet
+    assert not torch.equal(start, tr.student.backbone.pos_embed)  # the finite steps trained
