@@ -132,3 +132,12 @@ def write_json(path: Optional[str], payload: dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(payload, f, indent=2, default=str)
+
+
+def endless(data):
+    """A loader's batches across epoch boundaries (a small folder holds fewer batches than warm-up + timed)."""
+    epoch = 0
+    while True:
+        data.set_position(epoch, 0)
+        yield from data
+        epoch += 1

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # a source checkout works without installing
-from common import device_info, print_table, write_json  # noqa: E402
+from common import device_info, endless, print_table, write_json  # noqa: E402
 
 from fastibot.config import load_config  # noqa: E402
 from fastibot.data.loaders import build_data  # noqa: E402
@@ -47,15 +47,6 @@ def make_imagenet_sized(src: Path, dst: Path, limit: int) -> int:
             Image.open(f).convert("RGB").resize((500, 375), Image.BICUBIC).save(out, quality=90)
         n += 1
     return n
-
-
-def endless(data):
-    """Batches across epoch boundaries (a small folder holds fewer batches than warm-up + timed)."""
-    epoch = 0
-    while True:
-        data.set_position(epoch, 0)
-        yield from data
-        epoch += 1
 
 
 def in_flight(data) -> int:

@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # a source checkout works without installing
-from common import PEAK_BF16_TFLOPS, device_info, matmul_tflops, peak_tflops, print_table, write_json  # noqa: E402
+from common import (PEAK_BF16_TFLOPS, device_info, endless, matmul_tflops, peak_tflops, print_table,  # noqa: E402
+                    write_json)
 
 from fastibot.config import load_config  # noqa: E402
 from fastibot.flops import step_flops_per_image  # noqa: E402
@@ -147,7 +148,7 @@ def run_variant(name, overrides, args, matmul):
     cfg = load_config(args.config, [f"{k}={v}" for k, v in o.items()] + args.set)
     tr = Trainer(cfg, init_runtime(cfg))
     tr.variant_name = name
-    batches = _cycle(tr.data)
+    batches = endless(tr.data)
     for _ in range(args.warmup):
         tr.train_step([next(batches)])
     torch.cuda.synchronize()
@@ -238,15 +239,6 @@ class _SyncDebug:
 
     def __exit__(self, *exc):
         torch.cuda.set_sync_debug_mode(self.old)
-
-
-def _cycle(data):
-    """Batches across epoch boundaries."""
-    epoch = 0
-    while True:
-        data.set_position(epoch, 0)
-        yield from data
-        epoch += 1
 
 
 def main(argv=None):

@@ -66,7 +66,7 @@ class StepMetrics:
         return {"names": list(self.names), "per_rank": sorted(self.per_rank), "values": self.buf.cpu()}  # sync-ok
 
     def load_state_dict(self, state: dict) -> None:
-        for name, value in zip(state["names"], state["values"].tolist()):
+        for name, value in zip(state["names"], state["values"].tolist()):  # sync-ok: on resume
             self.buf[self._slot(name, name in state["per_rank"])] = value
 
 

@@ -6,7 +6,6 @@ import torch
 
 from fastibot.checkpoint import checkpoints, load_checkpoint
 from fastibot.cli import main
-from fastibot.config import packaged_config
 from fastibot.train import Runtime, Trainer, TrainingError, train
 from conftest import tiny_config, tiny_overrides
 

@@ -28,8 +28,10 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, trunc_normal_
+from timm.layers import PatchEmbed
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, window_partition, window_reverse
+
+from .vit import init_weights
 
 log = logging.getLogger("fastibot")
 
@@ -119,17 +121,7 @@ class SwinTransformer(nn.Module):
         self.layers = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(dim)
         self.embed_dim = self.num_features = dim
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_weights)
 
     @property
     def blocks(self) -> List[SwinBlock]:

@@ -51,6 +51,17 @@ def drop_path(x: torch.Tensor, p: float, training: bool, layout: Optional[Packed
     return x * mask.div_(keep)
 
 
+def init_weights(m: nn.Module) -> None:
+    """Linear: truncated normal (std 0.02), zero bias; LayerNorm: one and zero (the ViT and Swin recipe)."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -135,17 +146,7 @@ class VisionTransformer(nn.Module):
         self.recompute = 0  # the first `recompute` blocks recompute their activations in backward
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_weights)
 
     def set_attention_backend(self, backend: str) -> None:
         for blk in self.blocks:
