@@ -226,3 +226,14 @@ def test_fp16_training_scales_the_loss_on_the_device(tmp_path):
     assert 0 < skipped < 10 and np.isfinite(row["loss"])
     assert tr.scaler.scale.item() == 2.0 ** (16 - skipped)  # one halving per skipped step, none grew yet
     assert not torch.equal(start, tr.student.backbone.pos_embed)  # the finite steps trained
+
+
+def test_switches_that_cannot_run_here_say_why(tmp_path):
+    """No quiet substitutes: a CUDA graph asked for on the CPU is an error naming the key; auto resolves to
+    what runs (eager, uncaptured, reference loss, foreach EMA on the CPU)."""
+    from fastibot.runtime import TrainingError
+    with pytest.raises(TrainingError, match="runtime.cuda_graph=true needs a CUDA device"):
+        _trainer(tmp_path / "g", **{"runtime.cuda_graph": "true"})
+    tr = _trainer(tmp_path / "a")
+    assert (tr.compile, tr.cuda_graph, tr.loss_impl, tr.ema_impl) == (False, False, "reference", "foreach")
+    assert tr.run_step is tr.stepper  # not wrapped in a graph
