@@ -104,6 +104,14 @@ def shard_model(model: nn.Module, mesh, amp_dtype: Optional[torch.dtype], reduce
         fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """``runtime.compile`` under fsdp|hsdp: each transformer block's forward (and through AOTAutograd its
+    backward) one inductor graph. FSDP2's gather and free run as hooks around the block, outside the graph
+    (dynamo does not trace them, so the whole-step graph of ddp cannot hold them)."""
+    for block in model.backbone.blocks:
+        block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False)
+
+
 class ShardedGrads:
     """The gradients of sharded parameters (FSDP2 reduce-scatters them into ``p.grad`` as fp32 shards).
 

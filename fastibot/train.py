@@ -32,7 +32,7 @@ from .resume import RunState
 from .rundir import claim
 from .kernels import resolve_impl
 from .optim import GradBuffer, IBOTAdamW, LossScaler
-from .parallel import ParallelError, ShardedGrads, build_mesh, gather_full, shard_model, shard_size
+from .parallel import ParallelError, ShardedGrads, build_mesh, compile_blocks, gather_full, shard_model, shard_size
 from .runtime import Runtime, StopSignals, TrainingError, init_runtime, resolve_switch, seed_everything
 from .step import TrainStep
 from .teacher import EMA, Centers, Schedules
@@ -93,6 +93,8 @@ class Trainer(RunState):
             try:  # shards every unit in place: before the EMA, the optimizer and the gradients see the parameters
                 mesh = build_mesh(cfg, rt)
                 for model, is_teacher in ((student, False), (teacher, True)):
+                    if self.compile:
+                        compile_blocks(model)
                     shard_model(model, mesh, rt.amp_dtype, cfg.runtime.fsdp_reduce_dtype, teacher=is_teacher)
                 replicas = rt.world // shard_size(cfg, rt)
             except ParallelError as e:
@@ -112,7 +114,7 @@ class Trainer(RunState):
         self.loss_impl = self._kernel_impl("loss", "reference")
         self.stepper = TrainStep(cfg, student, teacher, self.centers, self.ema, self.opt, self.grads, self.scaler,
                                     LossSpec.from_config(cfg, self.loss_impl), self.sched, rt.device, rt.amp_dtype,
-                                    compile=self.compile)
+                                    compile=self.compile and cfg.runtime.parallel == "ddp")
         self.run_step = CapturedStep(self.stepper, rt.device) if self.cuda_graph else self.stepper
         log.info("fastibot: %s/%d, %s, data=%s, attention=%s, packed=%s, loss=%s, ema=%s, precision=%s, "
                  "compile=%s, cuda_graph=%s, masked rows per batch=%d, world=%d, parallel=%s%s",
