@@ -9,6 +9,7 @@ the device (fused AdamW's ``found_inf``), are counted, and stop the run after
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -150,7 +151,9 @@ class Trainer(RunState):
 
     # ------------------------------------------------------------------ loop
 
-    def fit(self) -> dict:
+    def fit(self, signals: Optional[StopSignals] = None) -> dict:
+        """Train to the end, or until a stop signal or the time limit (``signals``: the caller's active
+        :class:`StopSignals`; by default fit catches them itself)."""
         cfg, spe = self.cfg, self.steps_per_epoch
         if self.step >= self.total_steps:
             log.info("the run is already complete at step %d of %d: nothing to do (raise optim.epochs or "
@@ -165,7 +168,7 @@ class Trainer(RunState):
         summary = {}
         self._started = time.perf_counter()
         self.stop_reason = None
-        with StopSignals() as signals:
+        with contextlib.nullcontext(signals) if signals is not None else StopSignals() as signals:
             try:
                 while self.step < self.total_steps and self.stop_reason is None:
                     epoch, pos = divmod(self.step, spe)
@@ -305,17 +308,21 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
     rt = init_runtime(cfg)
     setup_logging(rt.is_main)
     lock = trainer = None
+    stack = contextlib.ExitStack()
     try:
         lock = claim(cfg.runtime.output_dir, rt, resume, overwrite)
         trainer = Trainer(cfg, rt, resume)
-        summary = {**trainer.fit(), "rank": rt.rank}
+        # from here to the end of the clean-up a stop signal only asks to stop: under torchrun the first worker
+        # to exit makes the launcher SIGTERM the others, which must not die in their own clean-up
+        summary = {**trainer.fit(stack.enter_context(StopSignals())), "rank": rt.rank}
         if getattr(trainer, "stop_reason", None):
             summary["stopped"] = trainer.stop_reason
         return summary
     finally:
-        if trainer is not None:  # persistent loader workers ignore SIGTERM: end them here, on every exit path
-            stop_workers(getattr(trainer.data, "loader", None))
-        if lock is not None:
-            lock.release()
-        if (rt.world > 1 or rt.owns_group) and dist.is_initialized():
-            dist.destroy_process_group()
+        with stack:
+            if trainer is not None:  # persistent loader workers ignore SIGTERM: end them here, on every exit path
+                stop_workers(getattr(trainer.data, "loader", None))
+            if lock is not None:
+                lock.release()
+            if (rt.world > 1 or rt.owns_group) and dist.is_initialized():
+                dist.destroy_process_group()
