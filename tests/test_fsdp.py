@@ -1,7 +1,7 @@
 """Sharded data parallelism (runtime.parallel=fsdp) over torchrun with gloo on the CPU, against one process
 training the same global batch: losses, gradient norms and weights agree step by step; sharded checkpoints
-written by 4 processes resume on 2 processes (FSDP) and on 1 (DDP) and continue the same curve; a NaN loss
-on one rank skips the step on every rank."""
+written by 4 processes resume on 2 processes (FSDP) and on 1 (DDP), and one process's single-file checkpoint on
+2 FSDP processes, each continuing the same curve; a NaN loss on one rank skips the step on every rank."""
 import csv
 import json
 import os
@@ -70,10 +70,11 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def test_fsdp_equals_one_process_and_resumes_at_other_world_sizes(tmp_path):
     ref = tmp_path / "ref"
     train(tiny_config(ref, **COMMON, **{"data.batch_size": 8}))
-    w4, w2, w2r, w1r, nan = (tmp_path / n for n in ("w4", "w2", "w2_resumed", "w1_resumed", "nan"))
+    w4, w2, w2r, w2f, w1r, nan = (tmp_path / n for n in ("w4", "w2", "w2_resumed", "w2_from_file", "w1_resumed",
+                                                         "nan"))
     torchrun(4, [run(w4, 2)])
     saved = w4 / "checkpoint_00000002.dcp"
-    torchrun(2, [run(w2, 4), run(w2r, 4, resume=saved),
+    torchrun(2, [run(w2, 4), run(w2r, 4, resume=saved), run(w2f, 4, resume=ref / "checkpoint_00000002.pt"),
                  run(nan, 4, **{"runtime.max_steps": 2, "runtime.ckpt_every": 0}, nan_on_rank=1)])
     train(tiny_config(w1r, **COMMON, **{"data.batch_size": 8}), resume=str(saved))
 
@@ -87,6 +88,9 @@ def test_fsdp_equals_one_process_and_resumes_at_other_world_sizes(tmp_path):
     assert_same_curve(rows(w2r), rows(ref), range(3, 5))
     assert_same_weights(reference, load_checkpoint(w2r / "checkpoint_00000004.dcp"))
     assert_same_curve(rows(w1r), rows(ref), range(3, 5))
+    # and one process's single-file checkpoint continues on 2 FSDP processes (each cuts its shards from it)
+    assert_same_curve(rows(w2f), rows(ref), range(3, 5))
+    assert_same_weights(reference, load_checkpoint(w2f / "checkpoint_00000004.dcp"))
     assert_same_weights(reference, load_checkpoint(w1r / "checkpoint_00000004.pt"))
     views = [json.loads((w2r / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(v["opt_steps"] == [0.0, 4.0] for v in views)  # AdamW's step counts came back (last layer frozen)

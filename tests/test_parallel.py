@@ -151,3 +151,14 @@ def test_overwrite_deletes_sharded_checkpoints_and_leftover_folders(sharded_run,
                  "--overwrite"]) == 0
     assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == [
         "checkpoint_00000001.dcp", "checkpoint_00000001.dcp.json"]
+
+
+@pytest.mark.parametrize("env", [{"WORLD_SIZE": "2", "RANK": "3"}, {"WORLD_SIZE": "4", "RANK": "1", "LOCAL_RANK": "2",
+                                                                    "LOCAL_WORLD_SIZE": "2"},
+                                 {"WORLD_SIZE": "two"}])
+def test_an_inconsistent_launch_environment_is_an_error(tmp_path, monkeypatch, env):
+    from fastibot.runtime import init_runtime
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(TrainingError, match="RANK|WORLD_SIZE"):
+        init_runtime(cfg(tmp_path))
