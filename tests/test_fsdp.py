@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from fastibot.checkpoint import checkpoints, load_checkpoint
 from fastibot.train import train
-from conftest import tiny_config
+from conftest import labelled_folder, tiny_config
 
 HERE = Path(__file__).resolve().parent
 
@@ -72,9 +72,12 @@ def test_fsdp_equals_one_process_and_resumes_at_other_world_sizes(tmp_path):
     train(tiny_config(ref, **COMMON, **{"data.batch_size": 8}))
     w4, w2, w2r, w2f, w1r, nan = (tmp_path / n for n in ("w4", "w2", "w2_resumed", "w2_from_file", "w1_resumed",
                                                          "nan"))
+    images = labelled_folder(tmp_path / "images")
+    knn = {"eval.every_n_steps": 2, "eval.train_path": str(images), "eval.val_path": str(images), "eval.k": 1,
+           "eval.image_size": 32, "eval.batch_size": 8}
     torchrun(4, [run(w4, 2)])
     saved = w4 / "checkpoint_00000002.dcp"
-    torchrun(2, [run(w2, 4), run(w2r, 4, resume=saved), run(w2f, 4, resume=ref / "checkpoint_00000002.pt"),
+    torchrun(2, [run(w2, 4, **knn), run(w2r, 4, resume=saved), run(w2f, 4, resume=ref / "checkpoint_00000002.pt"),
                  run(nan, 4, **{"runtime.max_steps": 2, "runtime.ckpt_every": 0}, nan_on_rank=1)])
     train(tiny_config(w1r, **COMMON, **{"data.batch_size": 8}), resume=str(saved))
 
@@ -84,6 +87,8 @@ def test_fsdp_equals_one_process_and_resumes_at_other_world_sizes(tmp_path):
     for folder in (w4, w2):  # 4 and 2 processes from scratch
         assert_same_curve(rows(folder), rows(ref), range(1, 5))
         assert_same_weights(reference, load_checkpoint(folder / "checkpoint_00000004.dcp"))
+    # periodic k-NN on the main process, of a teacher every rank gathered whole (the memory bank as queries, k=1)
+    assert [(r["step"], r["knn_top1"]) for r in rows(w2) if r.get("knn_top1")] == [("2", "100.0"), ("4", "100.0")]
     # the world-4 checkpoint of step 2 continues on 2 FSDP processes and on 1 DDP process
     assert_same_curve(rows(w2r), rows(ref), range(3, 5))
     assert_same_weights(reference, load_checkpoint(w2r / "checkpoint_00000004.dcp"))
