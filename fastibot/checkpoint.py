@@ -8,6 +8,10 @@ Until the run completes, rotation keeps the newest ``runtime.keep_last`` checkpo
 known-good one: a diverging run never rotates away the state it should be resumed from, even when the
 weights blew up (finite, but huge) a step before the first non-finite loss.
 
+Sharded runs (``runtime.parallel=fsdp|hsdp``) write ``checkpoint_<step>.dcp`` folders instead
+(``fastibot.sharded``: every rank its shards, the same record with every file's size and SHA-256, the
+same atomicity, rotation and fallback); everything here takes either kind.
+
 Reading: a checkpoint is used only if its size and checksum match its record and it unpickles with
 ``torch.load(weights_only=True)`` (tensors and plain data only), so a file that would run code or build
 arbitrary objects is refused, naming the file, before anything in it executes. From a run folder, the
@@ -306,12 +310,11 @@ def load_checkpoint(path, map_location="cpu", verify: bool = True) -> dict:
     if verify:
         path = find_checkpoint(path)
     if Path(path).is_dir():  # a sharded checkpoint: whole student and teacher, read in this process
-        from .sharded import read_full
+        from .sharded import describe, errors, read_full
         try:
             return read_full(path)
-        except Exception as e:
-            raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: "
-                                  f"{str(e).strip()[:300]})") from None
+        except errors() as e:
+            raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({describe(e)})") from None
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:

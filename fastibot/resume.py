@@ -180,9 +180,9 @@ class RunState:
         tensors["metrics"] = torch.zeros_like(self.metrics.buf)
         try:
             sharded.load(path, tensors, distributed=dist.is_initialized())
-        except Exception as e:
-            raise ckpt.CheckpointError(f"checkpoint {str(path)!r} does not fit this run "
-                                       f"({type(e).__name__}: {str(e).strip()[:300]})") from None
+        except sharded.errors() as e:
+            raise ckpt.CheckpointError(f"checkpoint {str(path)!r} cannot be loaded into this run "
+                                       f"({sharded.describe(e)})") from None
         names = meta["metrics"]
         self.metrics.load_state_dict({**names, "values": tensors["metrics"].cpu()},  # sync-ok: resume only
                                      keep_per_rank=self.rt.is_main)

@@ -94,6 +94,27 @@ def _planner():
     return TensorsOnly()
 
 
+def errors() -> tuple:
+    """What DCP raises: its CheckpointException derives from BaseException, so ``except Exception`` misses it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    return (Exception, CheckpointException)
+
+
+def cause(e: BaseException) -> BaseException:
+    """The first rank's own error inside a CheckpointException (which carries every rank's traceback)."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        first = next(iter(failures.values()))
+        return first[0] if isinstance(first, tuple) else first
+    return e
+
+
+def describe(e: BaseException) -> str:
+    """One line: the error's type and the first line of its message."""
+    e = cause(e)
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
 def is_sharded_checkpoint(path) -> bool:
     path = Path(path)
     return path.name.endswith(SUFFIX) and (path / INDEX).is_file()
@@ -179,8 +200,8 @@ def save(folder, step: int, tensors: dict, meta: dict, rank: int, world: int, fi
             if rank == 0:
                 mine += [INDEX, META]
             mine = _hash_files(tmp, mine)
-        except Exception as e:  # a full disk on one rank: every rank reports
-            mine = f"cannot write {str(final)!r}: {_why_not_written(e, None)}"
+        except errors() as e:  # a full disk on one rank: DCP raises it on every rank
+            mine = f"cannot write {str(final)!r}: {_why_not_written(cause(e), None)}"
         parts = [None] * world
         if world > 1:
             dist.all_gather_object(parts, mine)

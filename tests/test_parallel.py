@@ -162,3 +162,27 @@ def test_an_inconsistent_launch_environment_is_an_error(tmp_path, monkeypatch, e
         monkeypatch.setenv(k, v)
     with pytest.raises(TrainingError, match="RANK|WORLD_SIZE"):
         init_runtime(cfg(tmp_path))
+
+
+def test_a_full_disk_while_writing_shards_ends_the_run_and_leaves_the_earlier_checkpoint(tmp_path, monkeypatch):
+    """The disk fills up while DCP writes the shards of step 2 (DCP wraps the error of every rank): one line
+    naming the checkpoint and the cause, no visible or temporary checkpoint of step 2, step 1's intact."""
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+    from fastibot import sharded
+    real_save = sharded.save
+
+    def save(folder, step, *args, **kw):
+        if step == 2:
+            def full(*a, **k):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            monkeypatch.setattr(dcp.FileSystemWriter, "write_data", full)
+        return real_save(folder, step, *args, **kw)
+
+    monkeypatch.setattr(sharded, "save", save)
+    run = tmp_path / "run"
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint_00000002\.dcp.*disk is full"):
+        train(cfg(run, **{"runtime.parallel": "fsdp"}))
+    assert [s for s, _ in ckpt.checkpoints(run)] == [1] and not list(run.glob(".*.tmp"))
+    assert ckpt.problem(run / "checkpoint_00000001.dcp") is None
