@@ -175,10 +175,10 @@ class RuntimeConfig:
                       "(auto = on CUDA)", ("auto", "true", "false"))
     cuda_graph: str = _f("auto", "capture the whole step once as a CUDA graph and replay it (auto = on CUDA)",
                          ("auto", "true", "false"))
-    parallel: str = _f("ddp", "how processes split the work: ddp (each holds the whole model; one all-reduce of a flat "
-                       "gradient buffer per step), fsdp (FSDP2: parameters, gradients, optimizer state and teacher sharded "
-                       "over all processes), hsdp (sharded inside a group of runtime.shard_size processes, replicated "
-                       "across groups)", ("ddp", "fsdp", "hsdp"))
+    parallel: str = _f("ddp", "how processes split the work: ddp (each holds the whole model; one all-reduce of a "
+                       "flat gradient buffer per step), fsdp (FSDP2: parameters, gradients, optimizer state and "
+                       "teacher sharded over all processes), hsdp (sharded inside a group of runtime.shard_size "
+                       "processes, replicated across groups)", ("ddp", "fsdp", "hsdp"))
     fsdp_reduce_dtype: str = _f("fp32", "fsdp/hsdp: dtype of the gradient reduce-scatter (fp32, or bf16 for half the "
                                 "traffic)", ("fp32", "bf16"))
     shard_size: int = _f(0, "hsdp: processes per shard group (0 = the processes per node, torchrun's "

@@ -149,7 +149,8 @@ def read_full(path, parts=("student", "teacher")) -> dict:
     cfg = config_from_checkpoint(meta)
     out = {"config": meta["config"], "step": meta["step"]}
     tensors = {p: build_model(cfg, student=p == "student").state_dict() for p in parts}
-    tensors["centers"] = {"center": torch.zeros(1, cfg.model.out_dim), "center2": torch.zeros(1, cfg.model.patch_out_dim)}
+    tensors["centers"] = {"center": torch.zeros(1, cfg.model.out_dim),
+                          "center2": torch.zeros(1, cfg.model.patch_out_dim)}
     load(path, tensors, distributed=False)
     out.update(tensors)
     return out
@@ -261,7 +262,8 @@ def problem(path, rec: Optional[dict], need_record: bool = True) -> Optional[str
         for name, want in (files or {}).items():
             got = _hash_files(path, [name])[name]
             if got["bytes"] != want.get("bytes"):
-                return f"{name} has {got['bytes']} bytes but {want.get('bytes')} were written (truncated or overwritten)"
+                return (f"{name} has {got['bytes']} bytes but {want.get('bytes')} were written "
+                        "(truncated or overwritten)")
             if got["sha256"] != want.get("sha256"):
                 return f"the SHA-256 of {name} differs from the one written with it (damaged or replaced)"
         read_meta(path)

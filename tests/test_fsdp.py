@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available in this build")
 
 # 8 images per step in every run: 1 x 8, 2 x 4, 4 x 2. No drop path: its draws are per process.
-COMMON = {"model.depth": 1, "model.drop_path": 0.0, "runtime.max_steps": 4, "runtime.ckpt_every": 2,
-          "runtime.keep_last": 3}
+COMMON = {"runtime.device": "cpu", "model.depth": 1, "model.drop_path": 0.0, "runtime.max_steps": 4,
+          "runtime.ckpt_every": 2, "runtime.keep_last": 3}
 
 
 def _free_port() -> int:

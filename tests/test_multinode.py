@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this build")
 
-COMMON = {"model.depth": 1, "model.drop_path": 0.0, "optim.epochs": 10, "runtime.max_steps": 40,
-          "runtime.ckpt_every": 0}
+COMMON = {"runtime.device": "cpu", "model.depth": 1, "model.drop_path": 0.0, "optim.epochs": 10,
+          "runtime.max_steps": 40, "runtime.ckpt_every": 0}
 
 
 def _free_port() -> int:

@@ -17,7 +17,8 @@ from fastibot.rundir import RunFolderError
 from fastibot.train import TrainingError, train
 from conftest import tiny_config, tiny_overrides
 
-SMALL = {"model.depth": 1, "model.drop_path": 0.0, "runtime.max_steps": 2, "runtime.ckpt_every": 1}
+SMALL = {"runtime.device": "cpu", "model.depth": 1, "model.drop_path": 0.0, "runtime.max_steps": 2,
+         "runtime.ckpt_every": 1}
 
 
 def cfg(out, **extra):

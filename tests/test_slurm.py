@@ -62,7 +62,7 @@ def test_the_slurm_script_requeues_at_the_time_limit_and_resumes(tmp_path):
         shim.write_text("#!/bin/bash\n" + body + "\n")
         shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
     run = tmp_path / "run"
-    args = tiny_overrides(run, **{"model.depth": 1, "data.batch_size": 4, "optim.epochs": 10})
+    args = tiny_overrides(run, **{"runtime.device": "cpu", "model.depth": 1, "data.batch_size": 4, "optim.epochs": 10})
     args = [a for a in args if not a.startswith("runtime.output_dir=")]  # the script sets it from RUN
     job = _sbatch(tmp_path, run, *args, "runtime.max_steps=40", "runtime.ckpt_every=0")
     try:
