@@ -1,7 +1,8 @@
 """Sharded data parallelism: ``runtime.parallel = fsdp | hsdp`` through PyTorch's FSDP2 (``fully_shard``).
 
-- **Units.** Each transformer block is one FSDP unit, the head another, and the root unit holds what is
-  left (patch embedding, [CLS]/mask tokens, position embedding, final norm). A unit's parameters are
+- **Units.** Each transformer block (a ViT's, or each block of a Swin's stages) is one FSDP unit, the head
+  another, and the root unit holds what is left (patch embedding, [CLS]/mask tokens, position embedding,
+  Swin's patch merging, final norm). A unit's parameters are
   all-gathered just before it runs and freed after (the student's head and root stay gathered from the
   end of the forward into the backward, which needs them at once).
 - **Teacher.** Sharded exactly as the student (same units, same mesh), so teacher and student shards of a
@@ -20,6 +21,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -83,14 +85,24 @@ def build_mesh(cfg, rt):
     return init_device_mesh(rt.device.type, (rt.world // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
+def transformer_blocks(backbone: nn.Module) -> List[nn.Module]:
+    """The blocks of a ViT (``blocks``) or of a Swin's stages (``layers[i].blocks``), in forward order."""
+    if hasattr(backbone, "blocks"):
+        return list(backbone.blocks)
+    return [block for stage in backbone.layers for block in stage.blocks]
+
+
 def shard_model(model: nn.Module, mesh, amp_dtype: Optional[torch.dtype], reduce_dtype: str, teacher: bool) -> None:
     """FSDP2 units in place: each block, the head, the rest at the root (see the module docstring).
 
     Methods the step calls other than ``forward`` (the teacher's forward, the head's parts) are registered
     so that FSDP gathers around them too."""
     fully_shard, MixedPrecisionPolicy, register = _fsdp()
+    # timm's Swin block returns a reshaped view; FSDP2 warns in case something changes it in place, and nothing
+    # after it does (every op on a block's output is out of place; the Swin parity test holds fsdp to ddp)
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPSwinBlock\) returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=_DTYPES[reduce_dtype], cast_forward_inputs=False)
-    for block in model.backbone.blocks:
+    for block in transformer_blocks(model.backbone):
         fully_shard(block, mesh=mesh, mp_policy=mp)
     # the student's head runs last in the forward and first in the backward: keep it gathered in between;
     # the teacher's must free its gathered copy, or its next forward would reuse it after the EMA moved the shards
@@ -108,7 +120,7 @@ def compile_blocks(model: nn.Module) -> None:
     """``runtime.compile`` under fsdp|hsdp: each transformer block's forward (and through AOTAutograd its
     backward) one inductor graph. FSDP2's gather and free run as hooks around the block, outside the graph
     (dynamo does not trace them, so the whole-step graph of ddp cannot hold them)."""
-    for block in model.backbone.blocks:
+    for block in transformer_blocks(model.backbone):
         block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False)
 
 

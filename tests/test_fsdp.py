@@ -68,8 +68,10 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def test_fsdp_equals_one_process_and_resumes_at_other_world_sizes(tmp_path):
-    ref = tmp_path / "ref"
+    ref, dense_ref, dense = tmp_path / "ref", tmp_path / "dense_ref", tmp_path / "dense"
     train(tiny_config(ref, **COMMON, **{"data.batch_size": 8}))
+    short_dense = {"model.packed": False, "runtime.max_steps": 2, "runtime.ckpt_every": 0}
+    train(tiny_config(dense_ref, **{**COMMON, **short_dense, "data.batch_size": 8}))
     w4, w2, w2r, w2f, w1r, nan = (tmp_path / n for n in ("w4", "w2", "w2_resumed", "w2_from_file", "w1_resumed",
                                                          "nan"))
     images = labelled_folder(tmp_path / "images")
@@ -78,6 +80,7 @@ def test_fsdp_equals_one_process_and_resumes_at_other_world_sizes(tmp_path):
     torchrun(4, [run(w4, 2)])
     saved = w4 / "checkpoint_00000002.dcp"
     torchrun(2, [run(w2, 4, **knn), run(w2r, 4, resume=saved), run(w2f, 4, resume=ref / "checkpoint_00000002.pt"),
+                 run(dense, 4, **short_dense),
                  run(nan, 4, **{"runtime.max_steps": 2, "runtime.ckpt_every": 0}, nan_on_rank=1)])
     train(tiny_config(w1r, **COMMON, **{"data.batch_size": 8}), resume=str(saved))
 
@@ -87,6 +90,7 @@ def test_fsdp_equals_one_process_and_resumes_at_other_world_sizes(tmp_path):
     for folder in (w4, w2):  # 4 and 2 processes from scratch
         assert_same_curve(rows(folder), rows(ref), range(1, 5))
         assert_same_weights(reference, load_checkpoint(folder / "checkpoint_00000004.dcp"))
+    assert_same_curve(rows(dense), rows(dense_ref), range(1, 3))  # the dense path calls the head twice per step
     # periodic k-NN on the main process, of a teacher every rank gathered whole (the memory bank as queries, k=1)
     assert [(r["step"], r["knn_top1"]) for r in rows(w2) if r.get("knn_top1")] == [("2", "100.0"), ("4", "100.0")]
     # the world-4 checkpoint of step 2 continues on 2 FSDP processes and on 1 DDP process

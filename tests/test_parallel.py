@@ -57,6 +57,21 @@ def test_fsdp_trains_the_same_numbers_as_ddp(tmp_path, packed):
             torch.testing.assert_close(b[part][k], v, rtol=1e-6, atol=1e-7, msg=f"{part}.{k}")
 
 
+def test_a_swin_under_fsdp_trains_the_same_numbers_as_ddp(tmp_path, monkeypatch):
+    """Swin blocks inside stages become the units; the dense path runs the head twice (globals, locals)."""
+    from fastibot.models import swin
+    monkeypatch.setitem(swin.SWIN_ARCHS, "swin_tiny", dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4)))
+    extra = {"model.arch": "swin_tiny", "model.patch_size": 4, "model.packed": False, "crops.global_size": 64,
+             "crops.local_size": 32, "data.batch_size": 4}
+    runs = {}
+    for parallel in ("ddp", "fsdp"):
+        train(cfg(tmp_path / parallel, **extra, **{"runtime.parallel": parallel}))
+        runs[parallel] = _rows(tmp_path / parallel)
+    for a, b in zip(runs["ddp"], runs["fsdp"]):
+        for k in ("loss", "grad_norm"):
+            assert float(b[k]) == pytest.approx(float(a[k]), rel=1e-6), (a["step"], k)
+
+
 def test_compiled_blocks_under_fsdp_train_the_same_numbers_without_recompiling(tmp_path):
     from torch._dynamo.utils import counters
     runs = {}
