@@ -14,6 +14,12 @@ Variants, each in the same process so ratios are measured side by side:
 - ``compiled``: ``eager`` with the teacher and the student + loss each compiled as one graph;
 - ``default``: what ``fastibot train`` runs on a GPU: ``compiled`` replayed as one CUDA graph.
 
+Several GPUs: ``torchrun --nproc_per_node N benchmarks/step_time.py --parallel ddp|fsdp|hsdp ...``;
+``--batch`` is then per GPU, ``img/s`` the whole step's (all GPUs) and ``img/s/GPU`` that divided by N, and
+rank 0 prints. ``model+opt GiB`` is what one GPU holds of student and teacher parameters, gradients and
+AdamW state (sharded under fsdp). Under fsdp|hsdp the variants' ``kernels.ema=triton`` becomes the EMA on
+local shards, and the CUDA graph of ``default`` is off (FSDP2 gathers from Python hooks).
+
 ``--phases`` adds CUDA-event phase times for the uncaptured variants; ``--profile`` adds, per variant,
 kernels per step, GPU busy share and GPU time by kind (GEMM, attention, fastibot's Triton kernels,
 compiler-generated Triton, other), and recompiles after warm-up; ``--memory-sweep`` runs the default
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import tempfile
@@ -133,13 +140,24 @@ def _recompiles() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def state_gib(tr) -> float:
+    """GiB this GPU holds of student and teacher parameters, gradients and AdamW state (local shards)."""
+    from fastibot.parallel import local
+    tensors = [local(p) for m in (tr.student, tr.teacher) for p in m.parameters()] + list(tr.grads.grads)
+    tensors += [local(t) for st in tr.opt.named_state().values() for t in st.values()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2 ** 30
+
+
 def run_variant(name, overrides, args, matmul):
     out = tempfile.mkdtemp(prefix="fastibot-bench-")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     n_steps = args.warmup + args.windows * args.steps + (5 if args.profile else 0) + 2
+    if args.parallel != "ddp":  # FSDP2 owns the shards' storage: the EMA runs on local shards (kernels.ema auto)
+        overrides = {k: v for k, v in overrides.items() if k != "kernels.ema"}
     o = {"model.arch": args.arch, "data.batch_size": args.batch, "data.loader": args.data,
          "runtime.output_dir": out, "runtime.tensorboard": False, "runtime.progress": False,
-         "runtime.precision": "bf16", "data.synthetic_size": args.batch * n_steps,
-         "data.num_workers": args.workers, **overrides}
+         "runtime.precision": "bf16", "data.synthetic_size": args.batch * world * n_steps,
+         "data.num_workers": args.workers, "runtime.parallel": args.parallel, **overrides}
     if args.data != "synthetic":
         o.update({"data.source": "imagefolder", "data.path": args.data_path})
     gc.collect()
@@ -156,7 +174,7 @@ def run_variant(name, overrides, args, matmul):
     rates, masked = [], []
     for _ in range(args.windows):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with _SyncDebug("error"):
+        with _SyncDebug(args.sync_debug):
             start.record()
             for _ in range(args.steps):
                 b = next(batches)
@@ -164,12 +182,15 @@ def run_variant(name, overrides, args, matmul):
                 tr.train_step([b])
             end.record()
         end.synchronize()
-        rates.append(args.batch * args.steps / (start.elapsed_time(end) * 1e-3))
-    res = {"variant": name, "attention": tr.attention, "compile": tr.compile, "cuda_graph": tr.cuda_graph}
+        rates.append(world * args.batch * args.steps / (start.elapsed_time(end) * 1e-3))
+    res = {"variant": name, "attention": tr.attention, "compile": tr.compile, "cuda_graph": tr.cuda_graph,
+           "parallel": f"{args.parallel} x{world}"}
     res["img/s"] = statistics.median(rates)
+    res["img/s/GPU"] = res["img/s"] / world
+    res["model+opt GiB"] = state_gib(tr)
     res["spread %"] = 100 * (max(rates) - min(rates)) / res["img/s"]
     res["windows"] = [round(r, 1) for r in rates]
-    res["ms/step"] = 1e3 * args.batch / res["img/s"]
+    res["ms/step"] = 1e3 * world * args.batch / res["img/s"]
     res["peak GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
     res["reserved GiB"] = torch.cuda.max_memory_reserved() / 2 ** 30
     res["recompiles"] = _recompiles() - compiles_after_warmup
@@ -191,7 +212,7 @@ def run_variant(name, overrides, args, matmul):
         gflop = step_flops_per_image(cfg, masked_per_crop) / 1e9
     except KeyError:  # no FLOP model for this backbone (Swin)
         gflop = float("nan")
-    res["GFLOP/img"], res["TFLOP/s"] = gflop, gflop * res["img/s"] / 1e3
+    res["GFLOP/img"], res["TFLOP/s"] = gflop, gflop * res["img/s/GPU"] / 1e3  # per GPU
     res["MFU %"] = 100 * res["TFLOP/s"] / (peak_tflops(torch.cuda.get_device_name()) or float("nan"))
     res["% matmul"] = 100 * res["TFLOP/s"] / matmul
     del tr, batches
@@ -259,11 +280,19 @@ def main(argv=None):
     ap.add_argument("--memory-sweep", default="", help="comma-separated runtime.activation_memory values for the "
                                                        "default variant, e.g. 1,0.5,0.2")
     ap.add_argument("--patch-embed", action="store_true", help="time the patch embedding's two forms first")
+    ap.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp", "hsdp"),
+                    help="runtime.parallel (under torchrun: --batch is per GPU)")
+    ap.add_argument("--sync-debug", default="error", choices=("error", "warn", "default"),
+                    help="torch.cuda.set_sync_debug_mode during the timed steps")
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/step_time.py needs a CUDA GPU")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # under torchrun: before anything touches a GPU
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if not main_rank:  # every rank runs every step; rank 0 reports
+        sys.stdout = open(os.devnull, "w")
     if args.data != "synthetic" and not args.data_path:
         sys.exit(f"--data {args.data} needs --data-path")
     info = device_info()
@@ -307,9 +336,12 @@ def main(argv=None):
         print_table("profile (5 steps per variant)", results, ["variant"] + keys)
     print_table(f"{args.arch}, {args.batch} images/step, data={args.data}: median of {args.windows} windows of "
                 f"{args.steps} steps", results,
-                ["variant", "attention", "img/s", "spread %", "ms/step", "GFLOP/img", "TFLOP/s", "MFU %",
-                 "% matmul", "peak GiB", "reserved GiB", "recompiles", "x reference", "memory x reference"])
-    write_json(args.json, {"device": info, "matmul_tflops": matmul, "args": vars(args), "results": results, **extra})
+                ["variant", "parallel", "attention", "img/s", "img/s/GPU", "spread %", "ms/step", "GFLOP/img",
+                 "TFLOP/s", "MFU %", "% matmul", "peak GiB", "reserved GiB", "model+opt GiB", "recompiles",
+                 "x reference", "memory x reference"])
+    if main_rank:
+        write_json(args.json, {"device": info, "matmul_tflops": matmul, "args": vars(args),
+                               "world": int(os.environ.get("WORLD_SIZE", "1")), "results": results, **extra})
 
 
 if __name__ == "__main__":

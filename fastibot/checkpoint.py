@@ -8,6 +8,10 @@ Until the run completes, rotation keeps the newest ``runtime.keep_last`` checkpo
 known-good one: a diverging run never rotates away the state it should be resumed from, even when the
 weights blew up (finite, but huge) a step before the first non-finite loss.
 
+Sharded runs (``runtime.parallel=fsdp|hsdp``) write ``checkpoint_<step>.dcp`` folders instead
+(``fastibot.sharded``: every rank its shards, the same record with every file's size and SHA-256, the
+same atomicity, rotation and fallback); everything here takes either kind.
+
 Reading: a checkpoint is used only if its size and checksum match its record and it unpickles with
 ``torch.load(weights_only=True)`` (tensors and plain data only), so a file that would run code or build
 arbitrary objects is refused, naming the file, before anything in it executes. From a run folder, the
@@ -23,6 +27,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -32,7 +37,7 @@ import torch
 
 log = logging.getLogger("fastibot")
 
-_NAME = re.compile(r"^checkpoint_(\d{8,})\.pt$")
+_NAME = re.compile(r"^checkpoint_(\d{8,})\.(pt|dcp)$")  # a file, or a sharded checkpoint's folder
 RECORD_SUFFIX = ".json"
 SET_ASIDE_SUFFIX = ".superseded"
 
@@ -145,7 +150,8 @@ def checkpoints(folder) -> list:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), folder / p.name) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), folder / p.name) for p in folder.iterdir()
+             if (m := _NAME.match(p.name)) and p.is_dir() == (m.group(2) == "dcp")]
     return sorted(found)
 
 
@@ -177,7 +183,10 @@ def _mark_good(path: Path) -> None:
 
 
 def _remove(path: Path) -> None:
-    path.unlink(missing_ok=True)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
     record_path(path).unlink(missing_ok=True)
 
 
@@ -194,6 +203,13 @@ def save_checkpoint(folder, step: int, state: dict, keep_last: int, finite: bool
     except CheckpointError as e:
         kept = f"the newest checkpoint on disk is {str(before[-1])!r}" if before else "no earlier checkpoint exists"
         raise CheckpointError(f"{e}; {kept}") from None
+    rotate(folder, before, keep_last, finite, keep_good)
+    return path
+
+
+def rotate(folder, before: list, keep_last: int, finite: bool, keep_good: bool) -> None:
+    """After a checkpoint was written: mark the one before it known good if ``finite``, then keep the newest
+    ``keep_last`` (and with ``keep_good`` the newest known-good one)."""
     if finite and before:
         _mark_good(before[-1])
     found = checkpoints(folder)
@@ -203,7 +219,6 @@ def save_checkpoint(folder, step: int, state: dict, keep_last: int, finite: bool
     for _, old in found:
         if old not in keep:
             _remove(old)
-    return path
 
 
 def latest_checkpoint(folder) -> Optional[Path]:
@@ -230,6 +245,9 @@ def problem(path, need_record: bool = True) -> Optional[str]:
     whether it unpickles as tensors and plain data (memory-mapped: the tensors are not read)."""
     path = Path(path)
     rec = read_record(path)
+    if path.is_dir():
+        from .sharded import problem as folder_problem
+        return folder_problem(path, rec, need_record)
     if rec is None:
         if need_record:
             return f"it has no readable size and checksum record ({record_path(path).name})"
@@ -255,7 +273,7 @@ def find_checkpoint(target) -> Path:
     A file must pass :func:`problem` (a file without a record is used with a warning: it was copied
     alone); a folder's checkpoints must, newest first, and the broken ones are left where they are."""
     target = Path(target)
-    if target.is_dir():
+    if target.is_dir() and not _NAME.match(target.name):  # a run folder (a sharded checkpoint is a folder too)
         found = checkpoints(target)
         if not found:
             raise FileNotFoundError(f"no checkpoint_*.pt in {str(target)!r}")
@@ -267,7 +285,7 @@ def find_checkpoint(target) -> Path:
             log.warning("skipping checkpoint %s: %s", path, why)
             skipped.append(f"{path.name}: {why}")
         raise CheckpointError(f"no usable checkpoint in {str(target)!r} (" + "; ".join(skipped) + ")")
-    if not target.is_file():
+    if not target.exists():
         raise FileNotFoundError(f"{str(target)!r} is neither a checkpoint file nor a run folder")
     if read_record(target) is None:
         log.warning("checkpoint %s has no size and checksum record beside it: not verified", target)
@@ -291,6 +309,12 @@ def load_checkpoint(path, map_location="cpu", verify: bool = True) -> dict:
     ``verify=False`` when :func:`find_checkpoint` has just checked it."""
     if verify:
         path = find_checkpoint(path)
+    if Path(path).is_dir():  # a sharded checkpoint: whole student and teacher, read in this process
+        from .sharded import describe, errors, read_full
+        try:
+            return read_full(path)
+        except errors() as e:
+            raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({describe(e)})") from None
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -337,3 +361,23 @@ def set_rng_state(rng: dict, device: torch.device) -> None:
                          n["cached_gaussian"]))
     if rng.get("cuda") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def rng_plain(rng: dict) -> dict:
+    """:func:`rng_state` as JSON-ready plain data (for a sharded checkpoint's ``fastibot.json``)."""
+    def plain(v):
+        if torch.is_tensor(v):
+            return {"dtype": str(v.dtype).removeprefix("torch."), "values": v.tolist()}
+        return {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v
+    return plain(rng)
+
+
+def rng_from_plain(data: dict) -> dict:
+    """The inverse of :func:`rng_plain` (dtypes from a fixed list: nothing is looked up by name elsewhere)."""
+    dtypes = {"uint8": torch.uint8, "int64": torch.int64}
+
+    def back(v):
+        if isinstance(v, dict) and set(v) == {"dtype", "values"}:
+            return torch.tensor(v["values"], dtype=dtypes[v["dtype"]])
+        return {k: back(x) for k, x in v.items()} if isinstance(v, dict) else v
+    return back(data)

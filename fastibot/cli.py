@@ -44,7 +44,7 @@ def _train(args) -> int:
                   "(raise optim.epochs or runtime.max_steps to train further)")
         return 0
     stopped = summary.get("stopped")
-    if stopped in ("SIGINT", "SIGTERM"):
+    if stopped in ("SIGINT", "SIGTERM", "SIGUSR1"):
         if summary.get("rank", 0) == 0:
             print(f"stopped by {stopped} at step {summary.get('step')}: checkpoint written; continue with "
                   f"fastibot train ... --resume", file=sys.stderr)

@@ -175,6 +175,14 @@ class RuntimeConfig:
                       "(auto = on CUDA)", ("auto", "true", "false"))
     cuda_graph: str = _f("auto", "capture the whole step once as a CUDA graph and replay it (auto = on CUDA)",
                          ("auto", "true", "false"))
+    parallel: str = _f("ddp", "how processes split the work: ddp (each holds the whole model; one all-reduce of a "
+                       "flat gradient buffer per step), fsdp (FSDP2: parameters, gradients, optimizer state and "
+                       "teacher sharded over all processes), hsdp (sharded inside a group of runtime.shard_size "
+                       "processes, replicated across groups)", ("ddp", "fsdp", "hsdp"))
+    fsdp_reduce_dtype: str = _f("fp32", "fsdp/hsdp: dtype of the gradient reduce-scatter (fp32, or bf16 for half the "
+                                "traffic)", ("fp32", "bf16"))
+    shard_size: int = _f(0, "hsdp: processes per shard group (0 = the processes per node, torchrun's "
+                            "LOCAL_WORLD_SIZE); the world size must be a multiple of it", ge=0)
     activation_memory: float = _f(0.4, "share of the student's activations kept for backward, (0, 1]: lower "
                                        "recomputes more and uses less memory (compiled: the partitioner's budget; "
                                        "eager: that share of blocks keep theirs, the rest recompute). 0.4: ViT-S/16 at "
@@ -370,10 +378,27 @@ def validate(cfg: Config) -> Config:
     need(cfg.model.attention != "varlen" or cfg.model.packed_forward(), "model.attention",
          "varlen attention runs on packed sequences only, and with model.packed=false every attention call is "
          "dense (it would run SDPA): set model.packed=true, or model.attention=sdpa|auto")
+    _validate_parallel(cfg, need)
     if cfg.model.shared_head or cfg.model.shared_head_teacher:
         need(cfg.model.out_dim == cfg.model.patch_out_dim, "model.patch_out_dim",
              "must equal model.out_dim when a head is shared")
     return cfg
+
+
+def _validate_parallel(cfg: Config, need) -> None:
+    r = cfg.runtime
+    sharded = r.parallel != "ddp"
+    need(not sharded or r.cuda_graph != "true", "runtime.cuda_graph",
+         f"true cannot run with runtime.parallel={r.parallel}: FSDP2 gathers and frees each unit's parameters from "
+         "Python hooks on its own streams, which a captured CUDA graph cannot replay; set runtime.cuda_graph=auto "
+         "(off under fsdp/hsdp) or runtime.parallel=ddp")
+    need(not sharded or cfg.kernels.ema != "triton", "kernels.ema",
+         f"triton moves parameters into flat buffers, but under runtime.parallel={r.parallel} FSDP2 owns the "
+         "storage of each shard; set kernels.ema=foreach or auto (the EMA then runs on each rank's local shards)")
+    need(r.parallel == "hsdp" or r.shard_size == 0, "runtime.shard_size",
+         f"is read only with runtime.parallel=hsdp (this run uses {r.parallel})")
+    need(sharded or r.fsdp_reduce_dtype == "fp32", "runtime.fsdp_reduce_dtype",
+         "is read only with runtime.parallel=fsdp|hsdp (ddp all-reduces fp32 gradients)")
 
 
 def _validate_swin(cfg: Config, need) -> None:

@@ -14,11 +14,13 @@
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from .parallel import local_list
 
 
 class GradBuffer:
@@ -61,11 +63,22 @@ class GradBuffer:
             return flag[0]
         return self.flag[0].clone()
 
+    def reduce(self, bad_loss: torch.Tensor, scaler: Optional["LossScaler"]
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[torch.Tensor]]:
+        """Average over processes, then unscale; returns (the loss-not-finite flag summed over processes, the
+        overflow flag or None, per-parameter norms)."""
+        flag = self.all_reduce_(bad_loss.float())
+        found_inf = scaler.unscale_(self.grads) if scaler is not None else None
+        return flag, found_inf, list(torch._foreach_norm(self.grads))
 
-def clip_(grads: List[torch.Tensor], max_norm: float, mode: str) -> torch.Tensor:
+
+def clip_(grads: List[torch.Tensor], max_norm: float, mode: str,
+          norms: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
     """Clip in place (``per_param``: each tensor to ``max_norm``, the official rule; ``global``: the whole
-    set); returns the total norm before clipping (0-d, fp32)."""
-    norms = torch._foreach_norm(grads)  # per-parameter norms, on the device
+    set); returns the total norm before clipping (0-d, fp32). ``norms``: each tensor's norm when ``grads``
+    are shards of larger tensors (their norms come from all ranks); by default the norms of ``grads``."""
+    if norms is None:
+        norms = torch._foreach_norm(grads)  # per-parameter norms, on the device
     total = torch.linalg.vector_norm(torch.stack(norms))
     if max_norm > 0 and mode == "per_param":
         coef = torch._foreach_add(norms, 1e-6)
@@ -117,9 +130,13 @@ def param_groups(model: nn.Module) -> Tuple[List[nn.Parameter], ...]:
 
 
 class IBOTAdamW:
-    """AdamW for the student; ``step`` reads every hyperparameter from device tensors."""
+    """AdamW for the student; ``step`` reads every hyperparameter from device tensors.
+
+    The parameters may be FSDP2 shards (DTensors): the fused kernel runs on them as on plain tensors, and the
+    weight decay here multiplies each rank's local shard."""
 
     def __init__(self, model: nn.Module, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.names = {p: n for n, p in model.named_parameters()}
         decay, no_decay, last_decay, last_no_decay = param_groups(model)
         device = (decay or no_decay)[0].device
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
@@ -147,8 +164,8 @@ class IBOTAdamW:
         self.lr.copy_(lr)
         skip_last = torch.maximum(skip, frozen)
         for params, s in ((self.decay, skip), (self.last_decay, skip_last)):
-            if params:
-                torch._foreach_mul_(params, 1.0 - lr * wd * (1.0 - s))  # decoupled decay, as AdamW applies it
+            if params:  # decoupled decay, as AdamW applies it
+                torch._foreach_mul_(local_list(params), 1.0 - lr * wd * (1.0 - s))
         for opt, s in ((self.main, skip), (self.last, skip_last)):
             if opt is not None:
                 opt.found_inf = s  # the fused kernel skips the update and the step count on the device
@@ -156,6 +173,33 @@ class IBOTAdamW:
 
     def state_dict(self) -> dict:
         return {k: opt.state_dict() for k, opt in self.optimizers.items()}
+
+    def init_state(self) -> None:
+        """Make every parameter's AdamW state now (as the first step would: a 0-d fp32 step count and zero
+        moments shaped and sharded like the parameter), so a checkpoint can be loaded into it in place."""
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if not opt.state[p]:
+                        opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    def named_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """{parameter name: {"step", "exp_avg", "exp_avg_sq"}}: the state by name, independent of how the
+        parameters are grouped or sharded (the form of sharded checkpoints)."""
+        self.init_state()
+        return {self.names[p]: st for opt in self.optimizers.values() for p, st in opt.state.items()}
+
+    def named_from_state_dict(self, state: dict) -> Dict[str, Dict[str, torch.Tensor]]:
+        """:meth:`named_state` of a :meth:`state_dict` (whole tensors, as a single-file checkpoint holds it):
+        torch numbers parameters in the order of their groups."""
+        out = {}
+        for k, opt in self.optimizers.items():
+            params = [p for g in opt.param_groups for p in g["params"]]
+            for i, st in state[k]["state"].items():
+                out[self.names[params[int(i)]]] = st
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         for k, opt in self.optimizers.items():

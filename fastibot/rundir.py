@@ -5,10 +5,11 @@
   lock left by a killed run is taken over (and said so); a second live run in the folder stops with
   a message naming the first. Forked children (loader workers) close their copy at once, so they
   never keep a dead run's lock alive.
-- A fresh run (no ``--resume``) into a folder that already holds a run (``checkpoint_*`` files or
-  ``metrics.csv``) is an error, unless ``--overwrite`` is given: then that run's own files
-  (checkpoints and their records, ``metrics.csv``, ``config.yaml``, TensorBoard event files in
-  ``tb/``, leftover temporary files) are deleted first, and nothing else in the folder is touched.
+- A fresh run (no ``--resume``) into a folder that already holds a run (``checkpoint_*`` files, sharded
+  ``checkpoint_*.dcp`` folders or ``metrics.csv``) is an error, unless ``--overwrite`` is given: then that
+  run's own files (checkpoints and their records, ``metrics.csv``, ``config.yaml``, TensorBoard event
+  files in ``tb/``, leftover temporary files and folders) are deleted first, and nothing else in the
+  folder is touched.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import List, Optional
@@ -98,14 +100,15 @@ def run_files(folder) -> List[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and (p.name.startswith("checkpoint_") or p.name == "metrics.csv"))
+                  if (p.is_file() and (p.name.startswith("checkpoint_") or p.name == "metrics.csv"))
+                  or (p.is_dir() and p.name.startswith("checkpoint_") and p.name.endswith(".dcp")))
 
 
 def _overwritable(folder: Path) -> List[Path]:
     names = run_files(folder) + [folder / "config.yaml"]
-    names += [p for p in folder.glob(".checkpoint_*.tmp")]
+    names += [p for p in folder.glob(".checkpoint_*.tmp")]  # a file, or a sharded checkpoint's folder
     names += [p for p in (folder / "tb").glob("events.out.tfevents.*")] if (folder / "tb").is_dir() else []
-    return [p for p in names if p.is_file()]
+    return [p for p in names if p.is_file() or p.is_dir() and p.name.startswith((".checkpoint_", "checkpoint_"))]
 
 
 def check_fresh(folder, overwrite: bool) -> None:
@@ -122,7 +125,10 @@ def check_fresh(folder, overwrite: bool) -> None:
             "metrics and TensorBoard events first")
     doomed = _overwritable(folder)
     for p in doomed:
-        p.unlink()
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
     log.warning("--overwrite: deleted %d files of the earlier run in %s", len(doomed), folder)
 
 

@@ -65,9 +65,22 @@ class StepMetrics:
     def state_dict(self) -> dict:
         return {"names": list(self.names), "per_rank": sorted(self.per_rank), "values": self.buf.cpu()}  # sync-ok
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, keep_per_rank: bool = True) -> None:
+        """``keep_per_rank=False``: the per-rank sums start at 0 here (another rank holds the run's totals)."""
         for name, value in zip(state["names"], state["values"].tolist()):  # sync-ok: on resume
-            self.buf[self._slot(name, name in state["per_rank"])] = value
+            per_rank = name in state["per_rank"]
+            self.buf[self._slot(name, per_rank)] = value if keep_per_rank or not per_rank else 0.0
+
+    def run_totals(self, world: int) -> torch.Tensor:
+        """The buffer with the per-rank sums added over processes (a collective; at checkpoints only): the
+        run's totals, which a resume at any world size gives to its rank 0 (the others start those at 0)."""
+        buf = self.buf.clone()
+        if world > 1 and self.per_rank:
+            idx = torch.tensor([self.names.index(n) for n in sorted(self.per_rank)], device=buf.device)
+            part = buf[idx]
+            torch.distributed.all_reduce(part)
+            buf[idx] = part
+        return buf
 
 
 class TrainStep:
@@ -139,10 +152,9 @@ class TrainStep:
     def update(self, h: Dict[str, torch.Tensor], bad_loss: torch.Tensor) -> None:
         """Average gradients over processes, unscale, clip, AdamW, EMA, counters."""
         o = self.cfg.optim
-        grads = self.grads.grads
-        flag = self.grads.all_reduce_(bad_loss.float())  # > 0 if any rank's loss was not finite
-        found_inf = self.scaler.unscale_(grads) if self.scaler is not None else None
-        total = clip_(grads, o.clip_grad, o.clip_mode)
+        # flag > 0 if any rank's loss was not finite; norms: each parameter's, over all ranks' shards
+        flag, found_inf, norms = self.grads.reduce(bad_loss, self.scaler)
+        total = clip_(self.grads.grads, o.clip_grad, o.clip_mode, norms)
         skip = ((flag > 0) | ~torch.isfinite(total)).float()
         if found_inf is not None:
             skip = torch.maximum(skip, found_inf)

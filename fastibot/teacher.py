@@ -160,18 +160,30 @@ class EMA:
     """Teacher update with the implementation chosen by ``kernels.ema``; call with (m, 1 - m)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, impl: str):
+        from .parallel import is_sharded
         self.impl = impl
         self.t_params, self.s_params = ema_pairs(student, teacher)
+        # FSDP2 shards (runtime.parallel=fsdp|hsdp): teacher and student are sharded alike, so each rank updates
+        # its local shards (views taken at each call: FSDP2 owns their storage)
+        self.sharded = any(is_sharded(p) for p in self.t_params)
         if impl == "triton":
+            if self.sharded:
+                raise ValueError("kernels.ema=triton moves parameters into flat buffers, but FSDP2 owns the storage "
+                                 "of sharded parameters: use kernels.ema=foreach (or auto) with runtime.parallel="
+                                 "fsdp|hsdp")
             from .kernels.ema import FlatEMA
             self._flat = FlatEMA(self.t_params, self.s_params)
 
     @torch.no_grad()
     def __call__(self, m, one_minus_m) -> None:
         m, one_minus_m = _fp32(m), _fp32(one_minus_m)
+        t, s = self.t_params, self.s_params
+        if self.sharded:
+            from .parallel import local_list
+            t, s = local_list(t), local_list(s)
         if self.impl == "reference":
-            ema_reference(self.t_params, self.s_params, m, one_minus_m)
+            ema_reference(t, s, m, one_minus_m)
         elif self.impl == "foreach":
-            ema_foreach(self.t_params, self.s_params, m, one_minus_m)
+            ema_foreach(t, s, m, one_minus_m)
         else:
             self._flat(m, one_minus_m)

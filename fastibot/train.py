@@ -9,7 +9,9 @@ the device (fused AdamW's ``found_inf``), are counted, and stop the run after
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -27,9 +29,11 @@ from .logger import MetricsWriter, Progress, setup_logging
 from .loss import LossSpec
 from .models.attention import resolve_backend
 from .models.ibot import build_model
+from .resume import RunState
 from .rundir import claim
 from .kernels import resolve_impl
 from .optim import GradBuffer, IBOTAdamW, LossScaler
+from .parallel import ParallelError, ShardedGrads, build_mesh, compile_blocks, gather_full, shard_model, shard_size
 from .runtime import Runtime, StopSignals, TrainingError, init_runtime, resolve_switch, seed_everything
 from .step import TrainStep
 from .teacher import EMA, Centers, Schedules
@@ -39,7 +43,7 @@ __all__ = ["Runtime", "Trainer", "TrainingError", "init_runtime", "train"]
 log = logging.getLogger("fastibot")
 
 
-class Trainer:
+class Trainer(RunState):
     def __init__(self, cfg: Config, rt: Runtime, resume: Optional[str] = None):
         self.cfg, self.rt = cfg, rt
         self.out = Path(cfg.runtime.output_dir)
@@ -57,7 +61,7 @@ class Trainer:
         self.step = 0
         self.writer = MetricsWriter(self.out, cfg.runtime.tensorboard, enabled=rt.is_main)
         if resume is not None:
-            self.load(ckpt.resolve_resume(resume, cfg.runtime.output_dir))
+            self.load(self.agree_on_resume(resume))
         self._last = (self.step, self._metric_values(), time.perf_counter())
 
     def _build(self) -> None:
@@ -74,6 +78,10 @@ class Trainer:
             m.backbone.set_attention_backend(self.attention)
         self.compile = resolve_switch("runtime.compile", cfg.runtime.compile, rt.device, runs_on_cpu=True)
         self.cuda_graph = resolve_switch("runtime.cuda_graph", cfg.runtime.cuda_graph, rt.device, runs_on_cpu=False)
+        if self.cuda_graph and cfg.runtime.parallel != "ddp":  # auto on CUDA (true is refused by the config check)
+            log.info("runtime.cuda_graph=auto: off under runtime.parallel=%s (FSDP2 gathers and frees parameters "
+                     "from Python hooks around every unit, which a captured graph cannot replay)", cfg.runtime.parallel)
+            self.cuda_graph = False
         if self.compile:
             # the min-cut partitioner recomputes until the saved activations fit the budget; dynamo's cache
             # is per code object, so a step compiled earlier in this process (another budget) must not be reused
@@ -81,12 +89,25 @@ class Trainer:
             torch._dynamo.reset()
         elif cfg.runtime.activation_memory < 1.0:
             student.backbone.set_recompute(cfg.runtime.activation_memory)
+        replicas = 1
+        if cfg.runtime.parallel != "ddp":
+            try:  # shards every unit in place: before the EMA, the optimizer and the gradients see the parameters
+                mesh = build_mesh(cfg, rt)
+                for model, is_teacher in ((student, False), (teacher, True)):
+                    if self.compile:
+                        compile_blocks(model)
+                    shard_model(model, mesh, rt.amp_dtype, cfg.runtime.fsdp_reduce_dtype, teacher=is_teacher)
+                replicas = rt.world // shard_size(cfg, rt)
+            except ParallelError as e:
+                raise TrainingError(str(e)) from None
         self.student, self.teacher = student, teacher
         # the triton EMA moves parameters into flat buffers: before the optimizer and the gradients see them
         self.ema_impl = self._kernel_impl("ema", "foreach")
+        if self.ema_impl == "triton" and cfg.runtime.parallel != "ddp":  # auto on CUDA; true is refused by the config
+            self.ema_impl = "foreach"  # FSDP2 owns the shards' storage: the EMA runs on each rank's local shards
         self.ema = EMA(student, teacher, self.ema_impl)
         params = [p for p in student.parameters() if p.requires_grad]
-        self.grads = GradBuffer(params)
+        self.grads = GradBuffer(params) if cfg.runtime.parallel == "ddp" else ShardedGrads(params, replicas)
         self.centers = Centers(cfg.model.out_dim, cfg.model.patch_out_dim, cfg.ibot.center_momentum,
                                cfg.ibot.center_momentum2).to(rt.device)
         self.opt = IBOTAdamW(student, cfg.optim.betas)
@@ -94,13 +115,14 @@ class Trainer:
         self.loss_impl = self._kernel_impl("loss", "reference")
         self.stepper = TrainStep(cfg, student, teacher, self.centers, self.ema, self.opt, self.grads, self.scaler,
                                     LossSpec.from_config(cfg, self.loss_impl), self.sched, rt.device, rt.amp_dtype,
-                                    compile=self.compile)
+                                    compile=self.compile and cfg.runtime.parallel == "ddp")
         self.run_step = CapturedStep(self.stepper, rt.device) if self.cuda_graph else self.stepper
         log.info("fastibot: %s/%d, %s, data=%s, attention=%s, packed=%s, loss=%s, ema=%s, precision=%s, "
-                 "compile=%s, cuda_graph=%s, masked rows per batch=%d, world=%d",
+                 "compile=%s, cuda_graph=%s, masked rows per batch=%d, world=%d, parallel=%s%s",
                  cfg.model.arch, cfg.model.patch_size, rt.device, self.data.kind, self.attention, cfg.model.packed_forward(),
                  self.loss_impl, self.ema_impl, rt.amp_dtype or "fp32", self.compile, self.cuda_graph,
-                 row_capacity(cfg), rt.world)
+                 row_capacity(cfg), rt.world, cfg.runtime.parallel,
+                 f" ({replicas} x {rt.world // replicas})" if cfg.runtime.parallel == "hsdp" else "")
 
     def _kernel_impl(self, key: str, fallback: str) -> str:
         try:
@@ -113,8 +135,15 @@ class Trainer:
         return self.stepper.metrics
 
     def _metric_values(self) -> dict:
+        """The metric sums, per-rank ones (losses, bad images) added over processes (a collective)."""
         m = self.metrics
-        return dict(zip(m.names, m.buf[:len(m.names)].tolist()))  # sync-ok: at log steps only
+        vals = dict(zip(m.names, m.buf[:len(m.names)].tolist()))  # sync-ok: at log steps only
+        if self.rt.world > 1 and m.per_rank:  # the others agree on every rank already
+            names = sorted(m.per_rank)
+            summed = torch.tensor([vals[k] for k in names], dtype=torch.float64, device=self.rt.device)
+            dist.all_reduce(summed)
+            vals.update(zip(names, summed.tolist()))  # sync-ok: at log steps only
+        return vals
 
     def train_step(self, micro_batches: List[Batch]) -> None:
         self.run_step(micro_batches)
@@ -122,7 +151,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def fit(self) -> dict:
+    def fit(self, signals: Optional[StopSignals] = None) -> dict:
+        """Train to the end, or until a stop signal or the time limit (``signals``: the caller's active
+        :class:`StopSignals`; by default fit catches them itself)."""
         cfg, spe = self.cfg, self.steps_per_epoch
         if self.step >= self.total_steps:
             log.info("the run is already complete at step %d of %d: nothing to do (raise optim.epochs or "
@@ -137,7 +168,7 @@ class Trainer:
         summary = {}
         self._started = time.perf_counter()
         self.stop_reason = None
-        with StopSignals() as signals:
+        with contextlib.nullcontext(signals) if signals is not None else StopSignals() as signals:
             try:
                 while self.step < self.total_steps and self.stop_reason is None:
                     epoch, pos = divmod(self.step, spe)
@@ -174,25 +205,29 @@ class Trainer:
                              self.stop_reason, self.step, self.total_steps)
                 if not cfg.runtime.ckpt_every or self.step % cfg.runtime.ckpt_every != 0:
                     self.save()
+                if self.rt.world > 1:  # leave together: under torchrun the first to exit makes it signal the rest
+                    dist.barrier()
             finally:
                 progress.close()
                 self.writer.close()
         return summary
 
     def _stop_reason(self, signal_name: Optional[str], at_log: bool) -> Optional[str]:
-        """Why to stop after this step, if at all: a SIGINT/SIGTERM, or ``runtime.max_minutes`` spent.
+        """Why to stop after this step, if at all: a SIGINT/SIGTERM/SIGUSR1, or ``runtime.max_minutes`` spent.
 
         One process acts on a signal after the current step. Several processes agree at log steps (a max
-        all-reduce, so any rank's signal or clock stops all of them at the same step)."""
+        all-reduce of the clock flag and the signal number, so any rank's signal or clock stops all of them
+        at the same step, each naming the signal: a scheduler may signal some nodes only)."""
         limit = self.cfg.runtime.max_minutes
         late = at_log and limit > 0 and time.perf_counter() - self._started >= 60.0 * limit
         if self.rt.world > 1:
             if not at_log:
                 return None
-            flags = torch.tensor([float(late), float(signal_name is not None)], device=self.rt.device)
+            signum = int(getattr(signal, signal_name)) if signal_name else 0
+            flags = torch.tensor([float(late), float(signum)], device=self.rt.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            late, signalled = (bool(v) for v in flags.tolist())  # sync-ok: only at log steps
-            signal_name = (signal_name or "a stop signal on another rank") if signalled else None
+            late, signum = bool(flags[0]), int(flags[1])  # sync-ok: only at log steps
+            signal_name = signal.Signals(signum).name if signum else None
         if signal_name is not None:
             return signal_name
         return f"runtime.max_minutes={limit:g} reached" if late else None
@@ -203,9 +238,17 @@ class Trainer:
         if not e.every_n_steps or self.step % e.every_n_steps != 0:
             return {}
         res = {}
+        backbone = self.teacher.backbone
+        if self.cfg.runtime.parallel != "ddp":  # a whole copy for the main process (every rank gathers)
+            whole = {k: gather_full(v) for k, v in backbone.state_dict().items()}
+            backbone = None
+            if self.rt.is_main:
+                backbone = build_model(self.cfg, student=False).backbone.to(self.rt.device)
+                backbone.load_state_dict(whole)
+                backbone.set_attention_backend(self.attention)
         if self.rt.is_main:
             from .eval.knn import run_knn
-            knn = run_knn(self.teacher.backbone, e.train_path, e.val_path, e.k, e.temperature, e.image_size,
+            knn = run_knn(backbone, e.train_path, e.val_path, e.k, e.temperature, e.image_size,
                           e.batch_size, e.max_images, self.rt.device, num_workers=min(4, self.cfg.data.num_workers))
             res = {"knn_top1": knn["top1"], "knn_top5": knn["top5"]}
             log.info("step %d: k-NN top-1 %.2f top-5 %.2f", self.step, knn["top1"], knn["top5"])
@@ -216,11 +259,6 @@ class Trainer:
     def log_metrics(self, extra: Optional[dict] = None) -> dict:
         now = time.perf_counter()
         vals = self._metric_values()
-        if self.rt.world > 1:  # per-rank sums (losses, bad images) over ranks; the others agree already
-            names = sorted(self.metrics.per_rank)
-            summed = torch.tensor([vals[k] for k in names], dtype=torch.float64, device=self.rt.device)
-            dist.all_reduce(summed)
-            vals.update(zip(names, summed.tolist()))  # sync-ok: at log steps only
         step0, prev, t0 = self._last
         self._last = (self.step, vals, now)
         d = {k: v - prev.get(k, 0.0) for k, v in vals.items()}
@@ -257,74 +295,11 @@ class Trainer:
                 f"{int(run)} steps in a row had a non-finite loss or gradient (by step {self.step}); "
                 f"the run has diverged. Lower optim.lr, raise optim.warmup_epochs, or use runtime.precision=bf16/fp32,"
                 f" and {where}")
-        seen = self.step * self.accum * self.cfg.data.batch_size
-        bad = vals.get("bad_images", 0.0)
+        seen = self.step * self.accum * self.cfg.data.batch_size * self.rt.world
+        bad = vals.get("bad_images", 0.0)  # summed over processes
         if bad > self.cfg.data.max_bad_fraction * max(seen, 1) and bad >= 10:
             raise TrainingError(f"{int(bad)} of {seen} images could not be read "
                                 f"(more than data.max_bad_fraction={self.cfg.data.max_bad_fraction}); check data.path")
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def state(self) -> dict:
-        rng = ckpt.rng_state(self.rt.device)
-        if self.rt.world > 1:
-            gathered = [None] * self.rt.world
-            dist.all_gather_object(gathered, rng)
-            rng = gathered
-        else:
-            rng = [rng]
-        return {"step": self.step, "student": self.student.state_dict(),
-                "teacher": self.teacher.state_dict(), "centers": self.centers.state_dict(),
-                "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
-                "metrics": self.metrics.state_dict(), "rng": rng, "config": self.cfg.to_dict()}
-
-    def save(self) -> Optional[Path]:
-        state = self.state()  # collective under several processes: every rank gathers
-        if not self.rt.is_main:
-            return None
-        # finite steps since the previous checkpoint make it known good; until the run completes, rotation keeps
-        # the newest known-good checkpoint, the one to resume from if the run diverges
-        nonfinite = self._nonfinite_steps()
-        finite = nonfinite == getattr(self, "_nonfinite_at_save", 0)
-        self._nonfinite_at_save = nonfinite
-        path = ckpt.save_checkpoint(self.out, self.step, state, self.cfg.runtime.keep_last, finite=finite,
-                                    keep_good=self.step < self.total_steps)
-        log.info("saved %s%s", path, "" if finite else " (after non-finite steps)")
-        return path
-
-    def _nonfinite_steps(self) -> int:
-        """Optimizer steps skipped as non-finite since the start of the run (reads the device)."""
-        return int(self.metrics.get("nonfinite_steps").item())  # sync-ok: checkpoints and start only
-
-    def load(self, path: Path) -> None:
-        """Restore in place (every tensor keeps its storage: a captured step reads these buffers)."""
-        state = ckpt.load_checkpoint(path, verify=False)  # resolve_resume has just verified it
-        _warn_config_changes(state.get("config", {}), self.cfg.to_dict())
-        self.student.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.centers.load_state_dict(state["centers"])
-        self.opt.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.metrics.load_state_dict(state["metrics"])
-        self.step = int(state["step"])
-        self.stepper.step_t.fill_(self.step)
-        rng = state["rng"][self.rt.rank] if len(state["rng"]) > self.rt.rank else state["rng"][0]
-        ckpt.set_rng_state(rng, self.rt.device)
-        if self.rt.is_main:
-            ckpt.set_aside_after(self.out, self.step)
-        self.writer.truncate_after(self.step)
-        log.info("resumed from %s at step %d", path, self.step)
-
-
-def _warn_config_changes(old: dict, new: dict, prefix: str = "") -> None:
-    for k, v in new.items():
-        if k not in old or prefix == "" and k == "runtime":
-            continue
-        if isinstance(v, dict):
-            _warn_config_changes(old[k], v, f"{prefix}{k}.")
-        elif old[k] != v:
-            log.warning("resume: %s%s changed from %r to %r", prefix, k, old[k], v)
 
 
 def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> dict:
@@ -333,17 +308,21 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
     rt = init_runtime(cfg)
     setup_logging(rt.is_main)
     lock = trainer = None
+    stack = contextlib.ExitStack()
     try:
         lock = claim(cfg.runtime.output_dir, rt, resume, overwrite)
         trainer = Trainer(cfg, rt, resume)
-        summary = {**trainer.fit(), "rank": rt.rank}
+        # from here to the end of the clean-up a stop signal only asks to stop: under torchrun the first worker
+        # to exit makes the launcher SIGTERM the others, which must not die in their own clean-up
+        summary = {**trainer.fit(stack.enter_context(StopSignals())), "rank": rt.rank}
         if getattr(trainer, "stop_reason", None):
             summary["stopped"] = trainer.stop_reason
         return summary
     finally:
-        if trainer is not None:  # persistent loader workers ignore SIGTERM: end them here, on every exit path
-            stop_workers(getattr(trainer.data, "loader", None))
-        if lock is not None:
-            lock.release()
-        if rt.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        with stack:
+            if trainer is not None:  # persistent loader workers ignore SIGTERM: end them here, on every exit path
+                stop_workers(getattr(trainer.data, "loader", None))
+            if lock is not None:
+                lock.release()
+            if (rt.world > 1 or rt.owns_group) and dist.is_initialized():
+                dist.destroy_process_group()

@@ -1,10 +1,12 @@
-"""A scheduler's preemption: SIGTERM to the whole process group of a run with loader workers."""
+"""A scheduler's stop signals to the whole process group of a run with loader workers."""
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from fastibot.checkpoint import checkpoints
 from fastibot.data.synthetic import synthetic_image
@@ -13,7 +15,9 @@ from conftest import tiny_overrides
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_sigterm_to_the_process_group_checkpoints_and_exits_143(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_to_the_process_group_checkpoints_and_exits(tmp_path, sig):
+    """SIGTERM (preemption) or SIGUSR1 (SLURM, ahead of the time limit) to the run and its loader workers."""
     images = tmp_path / "images"
     for i in range(24):
         (images / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
@@ -29,12 +33,12 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143(tmp_path):
         while not (run / "metrics.csv").exists() or len((run / "metrics.csv").read_text().splitlines()) < 3:
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGTERM)  # main process and loader workers alike
+        os.killpg(proc.pid, sig)  # main process and loader workers alike
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert proc.returncode == 128 + sig, err[-2000:]
     assert "--resume" in err
     saved = [s for s, _ in checkpoints(run)]
     assert len(saved) == 1 and 2 <= saved[0] < 500

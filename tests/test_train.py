@@ -123,8 +123,11 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
         train(tiny_config(tmp_path / "empty"), resume=str(tmp_path))
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGUSR1"])
 def test_signal_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch, sig):
+    """SIGTERM (preemption), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's warning before the time limit) all stop after
+    the step with a checkpoint; a scheduler's SIGTERM or SIGUSR1 may arrive twice (to the process directly and
+    forwarded by torchrun), and the second must not kill the process before it has saved."""
     import os
     import signal
     before = signal.getsignal(getattr(signal, sig))
@@ -134,6 +137,8 @@ def test_signal_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch, si
         step(self, micro)
         if self.step == 2:
             os.kill(os.getpid(), getattr(signal, sig))  # as a scheduler's preemption or Ctrl-C would
+            if sig != "SIGINT":
+                os.kill(os.getpid(), getattr(signal, sig))
 
     monkeypatch.setattr(Trainer, "train_step", step_then_signal)
     cfg = tiny_config(tmp_path, **{"runtime.max_steps": 6, "runtime.log_every": 4})
@@ -145,15 +150,17 @@ def test_signal_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch, si
     assert train(cfg, resume=str(tmp_path))["step"] == 6
 
 
-def test_cli_exit_code_after_a_signal(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_cli_exit_code_after_a_signal(tmp_path, monkeypatch, capsys, sig):
     import os
     import signal
     step = Trainer.train_step
+    signum = getattr(signal, sig)
 
     def step_then_signal(self, micro):
         step(self, micro)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(Trainer, "train_step", step_then_signal)
-    assert main(["train"] + tiny_overrides(tmp_path, **{"runtime.max_steps": 5})) == 128 + signal.SIGTERM
+    assert main(["train"] + tiny_overrides(tmp_path, **{"runtime.max_steps": 5})) == 128 + signum
     assert "--resume" in capsys.readouterr().err

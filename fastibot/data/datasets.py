@@ -4,7 +4,8 @@ Determinism: the sampler yields ``(epoch, index)`` pairs; the dataset seeds
 torch's and Python's generators from ``(seed, epoch, index)`` for each sample,
 so crops and masks do not depend on worker count or order, and a run resumed
 at step ``s`` of epoch ``e`` sees exactly the batches an uninterrupted run
-would.
+would. The sampler cuts each global batch into per-rank slices in rank order,
+so the global batch of a step does not depend on the number of processes.
 
 Bad images (unreadable, truncated, not an image) are skipped: the dataset
 warns once per file, counts them, and serves the next readable image in
@@ -224,7 +225,7 @@ _LOADERS = weakref.WeakSet()
 def stop_workers(loader) -> None:
     """End the worker processes of ``loader`` now.
 
-    Its workers are persistent and ignore SIGINT/SIGTERM (``_worker_init``), so an exit that leaves them
+    Its workers are persistent and ignore SIGINT/SIGTERM/SIGUSR1 (``_worker_init``), so an exit that leaves them
     to multiprocessing's exit handler (which signals, then waits) would wait forever; after an error the
     loader may also still be referenced from the traceback. Idle workers leave on the usual shutdown
     message; any still running after it are killed."""
@@ -252,10 +253,11 @@ def _stop_all_workers() -> None:
 def _worker_init(_):
     # one intra-op thread per worker: the workers are the parallelism
     torch.set_num_threads(1)
-    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the main process finishes its step and
-    # writes a checkpoint, so the workers must keep serving it rather than die under it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C and a scheduler's SIGTERM (preemption) or SIGUSR1 (time limit ahead) reach the whole process group:
+    # the main process finishes its step and writes a checkpoint, so the workers must keep serving it rather than
+    # die under it
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def build_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False):
@@ -270,7 +272,10 @@ def build_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False):
     dataset = MultiCropDataset(
         source, MultiCropAugmentation.from_config(cfg.crops),
         MaskGenerator(m.pred_ratio, m.pred_ratio_var, m.aspect_ratio, m.shape),
-        prediction_size(cfg), cfg.crops.n_global, seed=cfg.runtime.seed + rank, mask_start_epoch=m.start_epoch)
+        # the base seed on every rank: a sample's crops and masks follow from (seed, epoch, index) alone, so the
+        # global batch of a step is the same images, crops and masks at any world size (a resume at another
+        # world size, or 1 process against N, sees the same data)
+        prediction_size(cfg), cfg.crops.n_global, seed=cfg.runtime.seed, mask_start_epoch=m.start_epoch)
     sampler = ResumableBatchSampler(len(source), cfg.data.batch_size, rank, world, cfg.runtime.seed)
     workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(
