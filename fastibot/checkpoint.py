@@ -231,7 +231,8 @@ def latest_checkpoint(folder) -> Optional[Path]:
 
 def _load_failure(e: Exception) -> str:
     if isinstance(e, pickle.UnpicklingError):
-        # torch's message suggests weights_only=False, i.e. running the file's code: keep only the finding
+        # torch's message suggests turning the weights-only load off, i.e. running the file's code: keep only
+        # the finding
         found = [ln.strip() for ln in str(e).splitlines() if "global" in ln.lower() or "unsupported" in ln.lower()]
         detail = f" ({found[0]})" if found else ""
         return (f"holds objects other than tensors and plain data{detail}; refused without running any of it "

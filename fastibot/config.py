@@ -317,13 +317,21 @@ def _bounds_text(bounds: dict) -> str:
     return " and ".join(f"{_BOUNDS[op]} {v if isinstance(v, int) else format(v, 'g')}" for op, v in bounds.items())
 
 
-def _check_bounds(node, prefix: str = "") -> None:
-    """Every number is finite and within its field's bounds (each item of a list of numbers)."""
+def leaves(node=None, prefix: str = ""):
+    """(dotted key, dataclass field, value, annotated type) of every leaf of a config tree, in order."""
+    node = node if node is not None else Config()
+    hints = typing.get_type_hints(type(node))
     for f in dataclasses.fields(node):
-        key, value = f"{prefix}{f.name}", getattr(node, f.name)
+        value = getattr(node, f.name)
         if dataclasses.is_dataclass(value):
-            _check_bounds(value, key + ".")
-            continue
+            yield from leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, value, hints[f.name]
+
+
+def _check_bounds(node) -> None:
+    """Every number is finite and within its field's bounds (each item of a list of numbers)."""
+    for key, f, value, _ in leaves(node):
         items = value if isinstance(value, list) else [value]
         for i, v in enumerate(items):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -445,16 +453,11 @@ def load_config(path=None, overrides: Optional[List[str]] = None) -> Config:
     return validate(cfg)
 
 
-def describe(node=None, prefix: str = "") -> List[str]:
+def describe(node=None) -> List[str]:
     """One line per key: name, default, doc (for ``fastibot train --help-config``)."""
-    node = node if node is not None else Config()
     lines = []
-    for f in dataclasses.fields(node):
-        v = getattr(node, f.name)
-        if dataclasses.is_dataclass(v):
-            lines += describe(v, f"{prefix}{f.name}.")
-        else:
-            ch, bounds = f.metadata.get("choices"), f.metadata.get("bounds")
-            extra = f" [{'|'.join(ch)}]" if ch else f" [{_bounds_text(bounds)}]" if bounds else ""
-            lines.append(f"{prefix}{f.name} = {v!r}{extra}  # {f.metadata.get('doc', '')}")
+    for key, f, v, _ in leaves(node):
+        ch, bounds = f.metadata.get("choices"), f.metadata.get("bounds")
+        extra = f" [{'|'.join(ch)}]" if ch else f" [{_bounds_text(bounds)}]" if bounds else ""
+        lines.append(f"{key} = {v!r}{extra}  # {f.metadata.get('doc', '')}")
     return lines

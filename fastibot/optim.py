@@ -45,13 +45,6 @@ class GradBuffer:
     def zero_(self) -> None:
         self.flat.zero_()
 
-    def reattach(self) -> None:
-        """Point every .grad back at its view (after something set them to None)."""
-        offset = 0
-        for p in self.params:
-            p.grad = self.flat[offset: offset + p.numel()].view_as(p)
-            offset += p.numel()
-
     def all_reduce_(self, local_flag: torch.Tensor) -> torch.Tensor:
         """Average gradients over processes; returns the flag summed over processes (0 when no rank set it)."""
         self.flag.copy_(local_flag.reshape(1).float())

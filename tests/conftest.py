@@ -76,3 +76,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 # before any kernel module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (torchrun's rendezvous in the multi-process tests)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def metrics_rows(folder):
+    """A run folder's metrics.csv as a list of dicts (strings, as written)."""
+    import csv
+    with open(Path(folder) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))

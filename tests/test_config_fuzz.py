@@ -1,6 +1,5 @@
 """Bad configs are ConfigErrors naming the key: empty files, out-of-range numbers, unread paths, and
 property-based abuse of every key (hypothesis)."""
-import dataclasses
 import math
 import tempfile
 import typing
@@ -12,21 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastibot.cli import main
-from fastibot.config import Config, ConfigError, load_config, packaged_config
+from fastibot.config import Config, ConfigError, leaves, load_config, packaged_config
 
 
-def _keys(node=None, prefix=""):
+def _keys():
     """(dotted key, type, choices) of every leaf of the config tree."""
-    node = node if node is not None else Config()
-    hints = typing.get_type_hints(type(node))
-    out = []
-    for f in dataclasses.fields(node):
-        v = getattr(node, f.name)
-        if dataclasses.is_dataclass(v):
-            out += _keys(v, f"{prefix}{f.name}.")
-        else:
-            out.append((f"{prefix}{f.name}", hints[f.name], f.metadata.get("choices")))
-    return out
+    return [(key, typ, f.metadata.get("choices")) for key, f, _, typ in leaves()]
 
 
 KEYS = _keys()

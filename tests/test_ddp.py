@@ -2,13 +2,13 @@
 (gradients averaged by one all-reduce of the flat gradient buffer)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from conftest import free_port
 
 HERE = Path(__file__).resolve().parent
 
@@ -16,16 +16,10 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available in this build")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(out_dir: Path, *overrides: str) -> list:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(HERE / "ddp_worker.py"), str(out_dir), *overrides]
+           f"--master_port={free_port()}", str(HERE / "ddp_worker.py"), str(out_dir), *overrides]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]

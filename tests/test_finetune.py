@@ -1,5 +1,4 @@
 """fastibot finetune: per-layer learning rates, a tiny run that learns, exact resume, sources and subsets."""
-import csv
 import json
 from pathlib import Path
 
@@ -12,16 +11,11 @@ from fastibot.data import classification
 from fastibot.finetune import build_optimizer, build_scheduler
 from fastibot.models.classifier import build_classifier, load_source
 from fastibot.train import train
-from conftest import labelled_folder, tiny_config
+from conftest import labelled_folder, metrics_rows, tiny_config
 
 timm = pytest.importorskip("timm")
 
 CLASSES = ("n01440764", "n02102040", "n02979186")
-
-
-def _rows(folder):
-    with open(folder / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture
@@ -93,7 +87,7 @@ def test_tiny_run_learns(small_folder, tmp_path):
         "--epochs": 40, "--max-steps": 16, "--warmup-epochs": 1, "--lr": 0.1, "--scale": "1 1", "--mixup": 0,
         "--cutmix": 0, "--aa": "", "--reprob": 0, "--smoothing": 0, "--drop-path": 0})
     assert main(args) == 0
-    rows = _rows(out)
+    rows = metrics_rows(out)
     assert [int(r["epoch"]) for r in rows] == list(range(1, 17))
     first, late = rows[0], rows[-4:]
     # measured: val loss 0.695 -> 0.41-0.53 over the last four epochs, top-1 56 -> 81-88
@@ -111,7 +105,7 @@ def test_resume_is_exact(tmp_path):
     assert main(_args("random:vit_tiny", images, images, part, **common, **{"--workers": 1})) == 1  # not --resume
     assert main(_args("random:vit_tiny", images, images, part, **common, **{"--workers": 1},
                       **{"--resume": True})) == 0  # another worker count: augmentations are seeded per sample
-    a, b = _rows(full), _rows(part)
+    a, b = metrics_rows(full), metrics_rows(part)
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):
         for k in ("step", "train_loss", "lr", "val_top1", "val_top5", "val_loss"):
@@ -171,4 +165,4 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
     assert [s for s, _ in checkpoints(out)] == [2]
     monkeypatch.setattr(Finetuner, "train_step", step)
     assert main(args + ["--resume"]) == 0
-    assert [int(r["step"]) for r in _rows(out)] == [3, 6]
+    assert [int(r["step"]) for r in metrics_rows(out)] == [3, 6]

@@ -2,10 +2,8 @@
 training the same global batch: losses, gradient norms and weights agree step by step; sharded checkpoints
 written by 4 processes resume on 2 processes (FSDP) and on 1 (DDP), and one process's single-file checkpoint on
 2 FSDP processes, each continuing the same curve; a NaN loss on one rank skips the step on every rank."""
-import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +14,7 @@ import torch.distributed as dist
 
 from fastibot.checkpoint import checkpoints, load_checkpoint
 from fastibot.train import train
-from conftest import labelled_folder, tiny_config
+from conftest import free_port, labelled_folder, metrics_rows, tiny_config
 
 HERE = Path(__file__).resolve().parent
 
@@ -28,16 +26,10 @@ COMMON = {"runtime.device": "cpu", "model.depth": 1, "model.drop_path": 0.0, "ru
           "runtime.ckpt_every": 2, "runtime.keep_last": 3}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(nproc: int, runs: list) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(HERE / "fsdp_worker.py"), json.dumps(runs)]
+           f"--master_port={free_port()}", str(HERE / "fsdp_worker.py"), json.dumps(runs)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -45,11 +37,6 @@ def torchrun(nproc: int, runs: list) -> None:
 def run(out: Path, batch: int, parallel: str = "fsdp", resume=None, nan_on_rank=None, **extra) -> dict:
     return {"out": str(out), "resume": resume and str(resume), "nan_on_rank": nan_on_rank,
             "overrides": {**COMMON, "data.batch_size": batch, "runtime.parallel": parallel, **extra}}
-
-
-def rows(folder: Path) -> list:
-    with open(folder / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def assert_same_curve(got: list, want: list, steps) -> None:
@@ -88,17 +75,17 @@ def test_fsdp_equals_one_process_and_resumes_at_other_world_sizes(tmp_path):
     assert not list(w4.glob(".*.tmp"))  # written in a temporary folder, then renamed
     reference = load_checkpoint(ref / "checkpoint_00000004.pt")
     for folder in (w4, w2):  # 4 and 2 processes from scratch
-        assert_same_curve(rows(folder), rows(ref), range(1, 5))
+        assert_same_curve(metrics_rows(folder), metrics_rows(ref), range(1, 5))
         assert_same_weights(reference, load_checkpoint(folder / "checkpoint_00000004.dcp"))
-    assert_same_curve(rows(dense), rows(dense_ref), range(1, 3))  # the dense path calls the head twice per step
+    assert_same_curve(metrics_rows(dense), metrics_rows(dense_ref), range(1, 3))  # the dense path calls the head twice per step
     # periodic k-NN on the main process, of a teacher every rank gathered whole (the memory bank as queries, k=1)
-    assert [(r["step"], r["knn_top1"]) for r in rows(w2) if r.get("knn_top1")] == [("2", "100.0"), ("4", "100.0")]
+    assert [(r["step"], r["knn_top1"]) for r in metrics_rows(w2) if r.get("knn_top1")] == [("2", "100.0"), ("4", "100.0")]
     # the world-4 checkpoint of step 2 continues on 2 FSDP processes and on 1 DDP process
-    assert_same_curve(rows(w2r), rows(ref), range(3, 5))
+    assert_same_curve(metrics_rows(w2r), metrics_rows(ref), range(3, 5))
     assert_same_weights(reference, load_checkpoint(w2r / "checkpoint_00000004.dcp"))
-    assert_same_curve(rows(w1r), rows(ref), range(3, 5))
+    assert_same_curve(metrics_rows(w1r), metrics_rows(ref), range(3, 5))
     # and one process's single-file checkpoint continues on 2 FSDP processes (each cuts its shards from it)
-    assert_same_curve(rows(w2f), rows(ref), range(3, 5))
+    assert_same_curve(metrics_rows(w2f), metrics_rows(ref), range(3, 5))
     assert_same_weights(reference, load_checkpoint(w2f / "checkpoint_00000004.dcp"))
     assert_same_weights(reference, load_checkpoint(w1r / "checkpoint_00000004.pt"))
     views = [json.loads((w2r / f"rank{r}.json").read_text()) for r in range(2)]

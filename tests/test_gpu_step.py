@@ -1,23 +1,17 @@
 """The default GPU step (compiled whole, replayed as a CUDA graph) against the eager step, resume with
 graphs on, and no host syncs in the step. CUDA only: the CPU counterparts (compiled == eager, no
 recompiles, exact resume) are in tests/test_step.py and tests/test_train.py."""
-import csv
 
 import pytest
 import torch
 
 from fastibot.train import Trainer, init_runtime, train
-from conftest import tiny_config
+from conftest import metrics_rows, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the GPU step need a GPU")
 
 GPU = {"runtime.device": "cuda", "runtime.precision": "bf16", "data.loader": "synthetic", "model.depth": 2,
        "data.synthetic_size": 128, "data.batch_size": 8, "optim.epochs": 4}
-
-
-def _rows(folder):
-    with open(folder / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_graph_replayed_step_equals_the_eager_step_over_20_steps(tmp_path):
@@ -26,7 +20,7 @@ def test_graph_replayed_step_equals_the_eager_step_over_20_steps(tmp_path):
     graph = tiny_config(tmp_path / "graph", **extra)  # the defaults: compiled, captured
     train(eager)
     train(graph)
-    a, b = _rows(tmp_path / "eager"), _rows(tmp_path / "graph")
+    a, b = metrics_rows(tmp_path / "eager"), metrics_rows(tmp_path / "graph")
     assert len(a) == len(b) == 20
     for ra, rb in zip(a, b):
         for k in ("loss", "cls", "patch"):
@@ -40,7 +34,7 @@ def test_resume_with_graphs_on(tmp_path):
     train(tiny_config(tmp_path / "split", **extra, **{"runtime.max_steps": 6}))
     summary = train(tiny_config(tmp_path / "split", **extra, **{"runtime.max_steps": 12}), resume="auto")
     assert summary["step"] == 12
-    a, b = _rows(tmp_path / "whole"), _rows(tmp_path / "split")
+    a, b = metrics_rows(tmp_path / "whole"), metrics_rows(tmp_path / "split")
     assert [r["step"] for r in b] == [str(i) for i in range(1, 13)]
     for ra, rb in zip(a[6:], b[6:]):
         assert float(rb["loss"]) == pytest.approx(float(ra["loss"]), rel=1e-2), ra["step"]

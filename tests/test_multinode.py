@@ -3,11 +3,9 @@ c10d rendezvous, each starting 2 workers of ``python -m fastibot.cli train`` wit
 (shard groups of one node's processes, replicated across the nodes). SIGUSR1 to one node's torchrun (as
 SLURM sends it ahead of the time limit) stops the workers of both nodes at the same step with one sharded
 checkpoint, which one DDP process then continues."""
-import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +16,7 @@ import torch.distributed as dist
 
 from fastibot.checkpoint import checkpoints
 from fastibot.train import train
-from conftest import tiny_config, tiny_overrides
+from conftest import free_port, metrics_rows, tiny_config, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,21 +27,10 @@ COMMON = {"runtime.device": "cpu", "model.depth": 1, "model.drop_path": 0.0, "op
           "runtime.max_steps": 40, "runtime.ckpt_every": 0}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rows(folder):
-    with open(folder / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def test_two_nodes_train_hsdp_and_stop_together_on_sigusr1(tmp_path):
     run = tmp_path / "run"
     args = tiny_overrides(run, **COMMON, **{"runtime.parallel": "hsdp", "data.batch_size": 2})
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     nodes = []
     for node in range(2):
@@ -56,7 +43,7 @@ def test_two_nodes_train_hsdp_and_stop_together_on_sigusr1(tmp_path):
                                       text=True, start_new_session=True))
     try:
         deadline = time.time() + 300
-        while not (run / "metrics.csv").exists() or len(_rows(run)) < 3:
+        while not (run / "metrics.csv").exists() or len(metrics_rows(run)) < 3:
             assert all(p.poll() is None for p in nodes) and time.time() < deadline, nodes[0].communicate()[0][-3000:]
             time.sleep(0.2)
         nodes[0].send_signal(signal.SIGUSR1)  # node 0's torchrun only; it forwards the signal to its workers
@@ -82,8 +69,8 @@ def test_two_nodes_train_hsdp_and_stop_together_on_sigusr1(tmp_path):
     one = {**COMMON, "data.batch_size": 8, "runtime.max_steps": stop + 1}
     train(tiny_config(ref, **one))
     train(tiny_config(cont, **one), resume=str(run / f"checkpoint_{stop:08d}.dcp"))
-    want = {r["step"]: r for r in _rows(ref)}
-    got = _rows(run) + _rows(cont)
+    want = {r["step"]: r for r in metrics_rows(ref)}
+    got = metrics_rows(run) + metrics_rows(cont)
     assert [int(r["step"]) for r in got] == list(range(1, stop + 2))
     for r in got:
         for k in ("loss", "grad_norm"):

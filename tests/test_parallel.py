@@ -1,7 +1,6 @@
 """runtime.parallel=fsdp|hsdp in one process (FSDP2 over a one-process group) and its sharded checkpoints:
 the same numbers as ddp, compiled blocks, combinations that cannot run, and sharded checkpoints that are
 atomic, verified, refused when hostile, skipped when broken and read by export."""
-import csv
 import json
 import os
 import pickle
@@ -15,7 +14,7 @@ from fastibot.cli import main
 from fastibot.config import ConfigError
 from fastibot.rundir import RunFolderError
 from fastibot.train import TrainingError, train
-from conftest import tiny_config, tiny_overrides
+from conftest import metrics_rows, tiny_config, tiny_overrides
 
 SMALL = {"runtime.device": "cpu", "model.depth": 1, "model.drop_path": 0.0, "runtime.max_steps": 2,
          "runtime.ckpt_every": 1}
@@ -23,11 +22,6 @@ SMALL = {"runtime.device": "cpu", "model.depth": 1, "model.drop_path": 0.0, "run
 
 def cfg(out, **extra):
     return tiny_config(out, **{**SMALL, **extra})
-
-
-def _rows(folder):
-    with open(folder / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +40,7 @@ def test_fsdp_trains_the_same_numbers_as_ddp(tmp_path, packed):
     for parallel in ("ddp", "fsdp"):
         train(cfg(tmp_path / parallel, **{"runtime.parallel": parallel, "model.packed": packed,
                                                           "runtime.max_steps": 3}))
-        runs[parallel] = _rows(tmp_path / parallel)
+        runs[parallel] = metrics_rows(tmp_path / parallel)
     for a, b in zip(runs["ddp"], runs["fsdp"]):
         for k in ("loss", "cls", "patch", "grad_norm"):
             assert float(b[k]) == pytest.approx(float(a[k]), rel=1e-6), (a["step"], k)
@@ -66,7 +60,7 @@ def test_a_swin_under_fsdp_trains_the_same_numbers_as_ddp(tmp_path, monkeypatch)
     runs = {}
     for parallel in ("ddp", "fsdp"):
         train(cfg(tmp_path / parallel, **extra, **{"runtime.parallel": parallel}))
-        runs[parallel] = _rows(tmp_path / parallel)
+        runs[parallel] = metrics_rows(tmp_path / parallel)
     for a, b in zip(runs["ddp"], runs["fsdp"]):
         for k in ("loss", "grad_norm"):
             assert float(b[k]) == pytest.approx(float(a[k]), rel=1e-6), (a["step"], k)
@@ -79,7 +73,7 @@ def test_compiled_blocks_under_fsdp_train_the_same_numbers_without_recompiling(t
         counters.clear()
         train(cfg(tmp_path / compile_, **{"runtime.parallel": "fsdp", "runtime.compile": compile_,
                                                           "runtime.max_steps": 3, "model.depth": 2}))
-        runs[compile_] = _rows(tmp_path / compile_)
+        runs[compile_] = metrics_rows(tmp_path / compile_)
     assert counters["stats"]["unique_graphs"] == 2  # one block graph for the student, one for the teacher
     for a, b in zip(runs["false"], runs["true"]):
         assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5)

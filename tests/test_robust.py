@@ -1,5 +1,4 @@
 """Abuse: hostile and broken checkpoints, shared run folders, divergence, and errors that must end the process."""
-import csv
 import hashlib
 import json
 import os
@@ -21,15 +20,10 @@ from fastibot.cli import main
 from fastibot.data.synthetic import synthetic_image
 from fastibot.rundir import RunFolderError, RunLock
 from fastibot.train import TrainingError, train
-from conftest import tiny_config, tiny_overrides
+from conftest import metrics_rows, tiny_config, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
-def _rows(folder):
-    with open(folder / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _digest(path) -> str:
@@ -135,7 +129,7 @@ def test_a_fresh_run_does_not_touch_an_older_run(base_run, tmp_path, capsys):
     # --overwrite deletes that run's own files and nothing else
     assert main(["train", *tiny_overrides(run, **{"runtime.max_steps": 1}), "--overwrite"]) == 0
     assert [s for s, _ in ckpt.checkpoints(run)] == [1]
-    assert [r["step"] for r in _rows(run)] == ["1"]
+    assert [r["step"] for r in metrics_rows(run)] == ["1"]
     assert (run / "notes.txt").read_text() == "mine"
 
 
@@ -237,7 +231,7 @@ def test_resume_skips_a_broken_newest_checkpoint_and_keeps_it(base_run, tmp_path
     kept = run / "checkpoint_00000002.pt.superseded"
     assert _digest(kept) == broken  # the broken file is kept as it was, out of the way of rotation
     assert ckpt.load_checkpoint(newest)["step"] == 2  # written again by the resumed run
-    assert [r["step"] for r in _rows(run)] == ["1", "2"]
+    assert [r["step"] for r in metrics_rows(run)] == ["1", "2"]
     assert not (tmp_path / "MARKER").exists()
 
 
@@ -261,7 +255,7 @@ def test_divergence_stop_names_a_checkpoint_that_resumes(tmp_path):
     extra = {"runtime.max_steps": 8, "runtime.ckpt_every": 1, "runtime.keep_last": 1, "runtime.max_nonfinite": 2}
     with pytest.raises(TrainingError) as e:
         train(tiny_config(tmp_path, **{**extra, "optim.lr": 1e30}))
-    rows = _rows(tmp_path)
+    rows = metrics_rows(tmp_path)
     bad = [r for r in rows if int(r["nonfinite_steps"]) > 0]
     assert [int(r["nonfinite_steps"]) for r in bad] == [1, 2]
     assert all(r["loss"] == r["cls"] == r["patch"] == "nan" for r in bad)  # skipped steps are not a loss of 0

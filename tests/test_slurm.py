@@ -3,7 +3,6 @@ names this host and records a requeue, scancel passes the signal to the job step
 torch.distributed.run): SIGUSR1 to the batch
 script, as SLURM sends it ahead of the time limit, stops the run with a checkpoint and requeues the job; the
 requeued start resumes and completes without asking for another."""
-import csv
 import os
 import signal
 import stat
@@ -16,7 +15,7 @@ import pytest
 import torch.distributed as dist
 
 from fastibot.checkpoint import checkpoints
-from conftest import tiny_overrides
+from conftest import free_port, metrics_rows, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,27 +31,15 @@ SHIMS = {
 }
 
 
-def _rows(folder):
-    with open(folder / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _sbatch(tmp_path, run, *args):
     path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
     env = {**os.environ, "PATH": path, "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "fastibot", "SLURM_NNODES": "1",
            "SLURM_JOB_NODELIST": "localhost", "SLURM_GPUS_ON_NODE": "2", "RUN": str(run),
            "STEP_PID": str(tmp_path / "step.pid"), "REQUEUED": str(tmp_path / "requeued"),
-           "PORT": str(_free_port())}
+           "PORT": str(free_port())}
     return subprocess.Popen(["bash", str(REPO / "examples" / "slurm.sbatch"), *args], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_slurm_script_requeues_at_the_time_limit_and_resumes(tmp_path):
@@ -67,7 +54,7 @@ def test_the_slurm_script_requeues_at_the_time_limit_and_resumes(tmp_path):
     job = _sbatch(tmp_path, run, *args, "runtime.max_steps=40", "runtime.ckpt_every=0")
     try:
         deadline = time.time() + 240
-        while not (run / "metrics.csv").exists() or len(_rows(run)) < 2:
+        while not (run / "metrics.csv").exists() or len(metrics_rows(run)) < 2:
             assert job.poll() is None and time.time() < deadline, job.communicate()[0][-3000:]
             time.sleep(0.2)
         job.send_signal(signal.SIGUSR1)  # SLURM's --signal=B:USR1@300, to the batch script
@@ -84,5 +71,5 @@ def test_the_slurm_script_requeues_at_the_time_limit_and_resumes(tmp_path):
     out = done.communicate(timeout=240)[0]
     assert done.returncode == 0, out[-3000:]
     assert f"resumed from {run / f'checkpoint_{saved[0]:08d}.pt'}" in out
-    assert [int(r["step"]) for r in _rows(run)] == list(range(1, saved[0] + 3))
+    assert [int(r["step"]) for r in metrics_rows(run)] == list(range(1, saved[0] + 3))
     assert (tmp_path / "requeued").read_text().split() == ["4242"]

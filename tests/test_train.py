@@ -1,5 +1,4 @@
 """End-to-end training on the CPU: checkpoints, exact resume, non-finite steps, real JPEGs, the CLI."""
-import csv
 
 import pytest
 import torch
@@ -7,12 +6,7 @@ import torch
 from fastibot.checkpoint import checkpoints, load_checkpoint
 from fastibot.cli import main
 from fastibot.train import Runtime, Trainer, TrainingError, train
-from conftest import tiny_config, tiny_overrides
-
-
-def _rows(folder):
-    with open(folder / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
+from conftest import metrics_rows, tiny_config, tiny_overrides
 
 
 def test_synthetic_run_writes_checkpoints_and_metrics(tmp_path):
@@ -22,7 +16,7 @@ def test_synthetic_run_writes_checkpoints_and_metrics(tmp_path):
     assert summary["step"] == 4
     assert [s for s, _ in checkpoints(tmp_path)] == [4]  # keep_last=1 removed step 2
     assert not list(tmp_path.glob(".*.tmp"))
-    rows = _rows(tmp_path)
+    rows = metrics_rows(tmp_path)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert all(float(r["loss"]) > 0 for r in rows)
     assert (tmp_path / "config.yaml").is_file() and list((tmp_path / "tb").iterdir())
@@ -49,7 +43,7 @@ def test_resume_is_bit_exact(tmp_path, packed):
     part = tmp_path / "part"
     train(tiny_config(part, **{**extra, "runtime.max_steps": 4}))
     train(tiny_config(part, **extra), resume="auto")
-    a, b = _rows(full), _rows(part)
+    a, b = metrics_rows(full), metrics_rows(part)
     assert [r["step"] for r in b] == [str(i) for i in range(1, 9)]
     for ra, rb in zip(a, b):
         for k in ("loss", "cls", "patch", "lr", "momentum", "grad_norm"):

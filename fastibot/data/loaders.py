@@ -60,8 +60,9 @@ class SyntheticTensorData:
                         "masks": gen.batch(c.n_global, gh, gw, rng), "label": 0, "n_bad": 0} for _ in range(b)]
             batch = collate_multicrop(samples, c.n_global, cap).to(device)
             self.pool.append(batch)
-            self.unmasked.append(make_batch(batch.globals, batch.locals, torch.zeros_like(batch.masks), c.n_global,
-                                            cap, labels=batch.labels))
+            if m.start_epoch > 0:  # the same crops with no masks, for the epochs before masking starts
+                self.unmasked.append(make_batch(batch.globals, batch.locals, torch.zeros_like(batch.masks),
+                                                c.n_global, cap, labels=batch.labels))
         self.position = 0
 
     def set_position(self, epoch: int, step: int) -> None:

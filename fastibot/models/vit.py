@@ -2,7 +2,7 @@
 
 Parameter names match timm's ``VisionTransformer`` (``patch_embed.proj``,
 ``cls_token``, ``pos_embed``, ``blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``,
-``norm``), so :func:`timm_state_dict` is a plain filter. The one extra
+``norm``), so ``models.backbones.timm_state_dict`` is a plain filter. The one extra
 parameter is ``masked_embed``, the learned token that replaces masked patch
 embeddings before the position embedding is added.
 
@@ -266,8 +266,3 @@ def timm_create_kwargs(arch: str, patch_size: int, img_size: int, depth: int = 0
     if depth and depth != ARCHS[arch]["depth"]:
         kwargs["depth"] = depth
     return name, kwargs
-
-
-def timm_state_dict(backbone: VisionTransformer) -> dict:
-    """The backbone's weights as timm's ``VisionTransformer(num_classes=0)`` names them."""
-    return {k: v.detach().clone() for k, v in backbone.state_dict().items() if k != "masked_embed"}
