@@ -40,7 +40,7 @@ setup(
     ],
     extras_require={
         # the DALI tests run DALI's CPU operators; its wheels exist for x86-64 Linux
-        "dev": ["pytest>=8", "scipy", "hypothesis>=6",
+        "dev": ["pytest>=8", "pytest-timeout>=2.1", "scipy", "hypothesis>=6",
                 "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "dali": ["nvidia-dali-cuda130"],
         "xformers": ["xformers"],

@@ -4,7 +4,7 @@
     for each micro-batch:
         t      = teacher(batch)                 # [CLS] logits, masked-row logits, patch center statistic
         terms  = student_terms(batch, t, h)     # student forward + the named loss terms (one compiled graph)
-        backward(Σ terms); centers.update()
+        start the centers' all-reduce; backward(Σ terms); move the centers
     all-reduce gradients (+ the skip flag); clip; AdamW(lr, wd); EMA(m); metrics; step += 1
 
 Nothing here reads a tensor on the host or depends on how many patches a batch masks (the rows of
@@ -135,11 +135,12 @@ class TrainStep:
         self.mark("student forward + loss")
         loss = sum(terms.values())
         scaled = loss / self.accum
+        centers = self.centers.start(cls_mean, t.patch_mean)  # their all-reduce runs under the backward
         (scaled * self.scaler.scale if self.scaler is not None else scaled).backward()
         self.mark("backward")
         # after backward: a compiled backward that recomputes the loss (runtime.activation_memory < 1) reads
         # the centers this step used, so they must not change under it
-        self.centers.update(cls_mean, t.patch_mean)
+        self.centers.finish(centers)
         ok = torch.isfinite(loss.detach())
         m = self.metrics
         for name, value in (("loss", loss), *terms.items()):

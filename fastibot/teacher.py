@@ -111,16 +111,30 @@ class Centers(nn.Module):
         self.momentum, self.momentum2 = momentum, momentum2
 
     @torch.no_grad()
-    def update(self, cls_mean: torch.Tensor, patch_mean: torch.Tensor) -> None:
-        """cls_mean (K,), patch_mean (K,): this process's batch means of the teacher logits."""
+    def start(self, cls_mean: torch.Tensor, patch_mean: torch.Tensor) -> Tuple[torch.Tensor, object]:
+        """Begin the update with this process's batch means of the teacher logits, cls_mean (K,) and patch_mean
+        (K2,): their all-reduce over processes is started here and runs under the backward (as DINOv2 overlaps
+        it); :meth:`finish` waits for it and moves the centers."""
         stats = torch.cat([cls_mean.float().reshape(-1), patch_mean.float().reshape(-1)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
-            stats /= dist.get_world_size()
+        work = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            work = dist.all_reduce(stats, async_op=True)
+        return stats, work
+
+    @torch.no_grad()
+    def finish(self, pending: Tuple[torch.Tensor, object]) -> None:
+        stats, work = pending
+        if work is not None:
+            work.wait()
+            stats = stats / dist.get_world_size()
         k = self.center.shape[1]
         for buf, new, m in ((self.center, stats[:k], self.momentum), (self.center2, stats[k:], self.momentum2)):
             ok = torch.isfinite(new).all()
             buf.copy_(torch.where(ok, buf * m + new[None] * (1 - m), buf))
+
+    def update(self, cls_mean: torch.Tensor, patch_mean: torch.Tensor) -> None:
+        """The whole update at once: c <- m*c + (1-m)*mean over processes of the batch means."""
+        self.finish(self.start(cls_mean, patch_mean))
 
 
 # ------------------------------------------------------------------------------ EMA

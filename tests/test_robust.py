@@ -284,13 +284,18 @@ def _run_cli(argv, cwd, timeout=240, prelude=""):
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"no exit within {timeout} s: {err[-2000:]}")
-    try:
-        os.killpg(proc.pid, 0)
-    except ProcessLookupError:
-        pass
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("loader workers outlived the process")
+    # helpers end with it: the workers at once, the forkserver they start from when it sees the process gone
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            left = subprocess.run(["ps", "-o", "pid,args", "-g", str(proc.pid)], capture_output=True, text=True)
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"processes outlived the process: {left.stdout}")
+        time.sleep(0.1)
     return proc.returncode, out, err
 
 

@@ -111,6 +111,50 @@ def test_each_center_follows_its_own_teacher_statistic(tmp_path):
     torch.testing.assert_close(c.center2.double()[0], 0.4 * patch_mean, rtol=1e-4, atol=1e-6)
 
 
+def test_the_centers_all_reduce_runs_under_the_backward(tmp_path, monkeypatch):
+    """With several processes the center statistics are all-reduced asynchronously: started before the
+    backward, waited for after it (as DINOv2 overlaps it), and the centers then move by the mean over
+    processes. Two processes are played by a fake collective whose other rank sends the same statistics
+    plus one, so the mean is this rank's statistic + 0.5."""
+    import torch.distributed as dist
+
+    tr = _trainer(tmp_path)
+    b = _batches(tr, 1)[0]
+    events = []
+
+    class Work:
+        def __init__(self, t):
+            self.t = t
+
+        def wait(self):
+            events.append("wait")
+            self.t.mul_(2).add_(1)  # this rank's + the other rank's (the same + 1)
+            return True
+
+    def all_reduce(t, op=None, group=None, async_op=False):
+        if t.numel() == tr.centers.center.numel() + tr.centers.center2.numel():
+            events.append(f"centers all-reduce, async={async_op}")
+            return Work(t) if async_op else Work(t).wait()
+        return None  # the gradient buffer: leaves it as it is (the other rank has the same gradients)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    first = next(p for p in tr.student.parameters() if p.requires_grad)
+    first.register_post_accumulate_grad_hook(lambda p: events.append("backward"))
+    m, m2 = tr.centers.momentum, tr.centers.momentum2
+    seen = {}
+    real_start = tr.centers.start
+    monkeypatch.setattr(tr.centers, "start", lambda c, p: seen.setdefault("stats", (c.clone(), p.clone()))
+                        and real_start(c, p))
+    tr.train_step([b])
+    assert events == ["centers all-reduce, async=True", "backward", "wait"]
+    cls_mean, patch_mean = seen["stats"]
+    torch.testing.assert_close(tr.centers.center[0], (1 - m) * (cls_mean.float() + 0.5), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(tr.centers.center2[0], (1 - m2) * (patch_mean.float() + 0.5), rtol=1e-5,
+                               atol=1e-7)
+
+
 def test_accumulated_micro_batches_average_their_gradients(tmp_path):
     """Two identical micro-batches give the gradient of one (each is divided by accum_steps); without the
     division the logged gradient norm would double."""

@@ -15,7 +15,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-from .datasets import DataError, ResumableBatchSampler, _worker_init, load_rgb, sample_seed
+from .datasets import DataError, ResumableBatchSampler, load_rgb, sample_seed, worker_options
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 log = logging.getLogger("fastibot")
@@ -92,8 +92,7 @@ def train_loader(dataset: ClassificationDataset, batch_size: int, rank: int, wor
     """(resumable sampler, DataLoader) of shuffled full batches sharded by rank."""
     sampler = ResumableBatchSampler(len(dataset), batch_size, rank, world, seed)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
-        persistent_workers=workers > 0, worker_init_fn=_worker_init if workers > 0 else None,
+        dataset, batch_sampler=sampler, **worker_options(workers), collate_fn=_collate, pin_memory=pin_memory,
         # its own generator: starting an epoch must not consume the training RNG stream (drop path)
         generator=torch.Generator().manual_seed(seed))
     return sampler, loader
@@ -103,6 +102,6 @@ def val_loader(samples: List[Tuple[str, int]], image_size: int, batch_size: int,
                workers: int, pin_memory: bool):
     """Every ``world``-th validation image from ``rank`` on, center-cropped, in order (no augmentation)."""
     ds = ClassificationDataset(samples[rank::world], eval_transform(image_size))
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                                       pin_memory=pin_memory, worker_init_fn=_worker_init if workers > 0 else None)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=_collate, pin_memory=pin_memory,
+                                       **worker_options(workers, persistent=False))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing
 import random
 import signal
 import weakref
@@ -250,6 +251,24 @@ def _stop_all_workers() -> None:
         stop_workers(loader)
 
 
+def worker_options(workers: int, persistent: bool = True) -> dict:
+    """DataLoader arguments for ``workers`` processes (none: load in this process).
+
+    Workers start from a forkserver, a clean process that imported torch and fastibot once, never by forking
+    this one: a fork copies a process whose other threads (CUDA, NCCL or gloo, the compiler's pools, the
+    TensorBoard writer) may hold a lock that the child then waits on forever, and it would inherit the open
+    files (the run folder's lock among them)."""
+    if workers == 0:
+        return {"num_workers": 0}
+    ctx = None
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["fastibot.data.datasets", "fastibot.data.transforms",
+                                    "fastibot.data.classification"])
+    return {"num_workers": workers, "multiprocessing_context": ctx, "worker_init_fn": _worker_init,
+            "persistent_workers": persistent}
+
+
 def _worker_init(_):
     # one intra-op thread per worker: the workers are the parallelism
     torch.set_num_threads(1)
@@ -279,11 +298,9 @@ def build_loader(cfg, rank: int = 0, world: int = 1, pin_memory: bool = False):
     sampler = ResumableBatchSampler(len(source), cfg.data.batch_size, rank, world, cfg.runtime.seed)
     workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers,
+        dataset, batch_sampler=sampler, **worker_options(workers),
         collate_fn=partial(collate_multicrop, n_global=cfg.crops.n_global, capacity=row_capacity(cfg)),
-        pin_memory=pin_memory,
-        persistent_workers=workers > 0, worker_init_fn=_worker_init if workers > 0 else None,
-        prefetch_factor=4 if workers > 0 else None,
+        pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None,
         # its own generator: starting an epoch's iterator must not consume the training RNG stream,
         # or a resumed run would draw different drop-path masks
         generator=torch.Generator().manual_seed(cfg.runtime.seed))

@@ -8,7 +8,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..data.datasets import ImageFolderSource, load_rgb
+from ..data.datasets import ImageFolderSource, load_rgb, worker_options
 from ..data.transforms import eval_transform
 
 log = logging.getLogger("fastibot")
@@ -59,7 +59,8 @@ def extract(fn: Callable[[torch.Tensor], torch.Tensor], root, image_size: int = 
     """Apply ``fn`` (images (B, 3, S, S) on ``device`` -> (B, F)) to every image, or to those of ``subset``
     ((samples, classes), e.g. a label fraction): (features fp32 CPU, labels, classes)."""
     ds = LabelledFolder(root, image_size, max_images, subset=subset)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=_collate,
+                                         **worker_options(num_workers, persistent=False))
     device = device or torch.device("cpu")
     feats, labels = [], []
     it = loader
