@@ -23,7 +23,8 @@ local shards, and the CUDA graph of ``default`` is off (FSDP2 gathers from Pytho
 ``--phases`` adds CUDA-event phase times for the uncaptured variants; ``--profile`` adds, per variant,
 kernels per step, GPU busy share and GPU time by kind (GEMM, attention, fastibot's Triton kernels,
 compiler-generated Triton, other), and recompiles after warm-up; ``--memory-sweep`` runs the default
-at several ``runtime.activation_memory`` budgets and prints img/s against peak memory. Peak memory is
+at several ``runtime.activation_memory`` budgets (``A/R``: with ``runtime.recompute_blocks`` R) and prints
+img/s against peak memory. Peak memory is
 the allocator's peak over the whole variant (warm-up and capture included), and what it reserved.
 """
 from __future__ import annotations
@@ -262,6 +263,15 @@ class _SyncDebug:
         torch.cuda.set_sync_debug_mode(self.old)
 
 
+def sweep_point(spec: str):
+    """``A`` or ``A/R`` -> (name, overrides): runtime.activation_memory A (and runtime.recompute_blocks R)."""
+    a, _, r = spec.partition("/")
+    if not r:
+        return f"default, activation_memory={a}", {"runtime.activation_memory": float(a)}
+    return (f"default, activation_memory={a}, recompute_blocks={r}",
+            {"runtime.activation_memory": float(a), "runtime.recompute_blocks": float(r)})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "vit_small_16.yaml"))
@@ -278,7 +288,8 @@ def main(argv=None):
     ap.add_argument("--phases", action="store_true", help="CUDA-event phase times of the uncaptured variants")
     ap.add_argument("--profile", action="store_true", help="kernels per step and GPU time by kind")
     ap.add_argument("--memory-sweep", default="", help="comma-separated runtime.activation_memory values for the "
-                                                       "default variant, e.g. 1,0.5,0.2")
+                                                       "default variant, e.g. 1,0.5,0.2; A/R also sets "
+                                                       "runtime.recompute_blocks=R, e.g. 1/0.75")
     ap.add_argument("--patch-embed", action="store_true", help="time the patch embedding's two forms first")
     ap.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp", "hsdp"),
                     help="runtime.parallel (under torchrun: --batch is per GPU)")
@@ -305,8 +316,7 @@ def main(argv=None):
     if unknown:
         sys.exit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     runs = [(n, VARIANTS[n]) for n in names]
-    runs += [(f"default, activation_memory={a}", {"runtime.activation_memory": float(a)})
-             for a in args.memory_sweep.split(",") if a]
+    runs += [sweep_point(a) for a in args.memory_sweep.split(",") if a]
     results = []
     for n, o in runs:
         try:

@@ -188,6 +188,10 @@ class RuntimeConfig:
                                        "eager: that share of blocks keep theirs, the rest recompute). 0.4: ViT-S/16 at "
                                        "half the official step's memory; 1: about 20% faster, about 30% more memory",
                                   gt=0, le=1)
+    recompute_blocks: float = _f(0.0, "share of the student's blocks that recompute their activations in the backward "
+                                      "(activation checkpointing, compiled or eager), on top of "
+                                      "runtime.activation_memory: the leanest memory (1: every block) for one more "
+                                      "forward of those blocks", ge=0, le=1)
 
 
 @dataclass

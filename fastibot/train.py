@@ -87,8 +87,7 @@ class Trainer(RunState):
             # is per code object, so a step compiled earlier in this process (another budget) must not be reused
             torch._functorch.config.activation_memory_budget = cfg.runtime.activation_memory
             torch._dynamo.reset()
-        elif cfg.runtime.activation_memory < 1.0:
-            student.backbone.set_recompute(cfg.runtime.activation_memory)
+        student.backbone.set_recompute(recomputed_blocks(cfg, len(student.backbone.blocks), self.compile))
         replicas = 1
         if cfg.runtime.parallel != "ddp":
             try:  # shards every unit in place: before the EMA, the optimizer and the gradients see the parameters
@@ -300,6 +299,16 @@ class Trainer(RunState):
         if bad > self.cfg.data.max_bad_fraction * max(seen, 1) and bad >= 10:
             raise TrainingError(f"{int(bad)} of {seen} images could not be read "
                                 f"(more than data.max_bad_fraction={self.cfg.data.max_bad_fraction}); check data.path")
+
+
+def recomputed_blocks(cfg: Config, n_blocks: int, compiled: bool) -> int:
+    """How many of the student's first blocks recompute their activations in the backward:
+    ``runtime.recompute_blocks`` of them, and uncompiled also those beyond the share
+    ``runtime.activation_memory`` keeps (compiled, that share is the partitioner's budget instead)."""
+    n = int(round(cfg.runtime.recompute_blocks * n_blocks))
+    if not compiled:
+        n = max(n, n_blocks - int(round(cfg.runtime.activation_memory * n_blocks)))
+    return n
 
 
 def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> dict:

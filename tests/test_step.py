@@ -212,6 +212,47 @@ def test_compiled_step_with_the_leanest_activation_budget_trains(tmp_path):
     assert row["nonfinite_steps"] == 0 and np.isfinite(row["loss"])
 
 
+def _saved_bytes(tr, batch) -> int:
+    """Bytes one step keeps for its backward (compiled graphs' saved tensors included)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        tr.train_step([batch])
+    return total[0]
+
+
+def test_compiled_step_recomputes_blocks_keeps_less_and_trains_the_same(tmp_path):
+    """runtime.recompute_blocks=1 checkpoints every student block inside the compiled graph (the
+    recompute is forced there, matmuls and attention included, whatever the partitioner would choose):
+    the same numbers as keeping them, far fewer bytes saved for the backward, nothing compiled twice."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+    runs, saved = {}, {}
+    for share in (0.0, 1.0):
+        torch.manual_seed(0)
+        tr = _trainer(tmp_path / str(share), **{"model.depth": 2, "model.drop_path": 0.2, "runtime.compile": "true",
+                                                 "runtime.activation_memory": 1.0, "runtime.recompute_blocks": share})
+        assert tr.student.backbone.recompute == int(2 * share)
+        batches = _batches(tr, 3)
+        with inductor_config.patch(fallback_random=True):
+            torch.manual_seed(1)
+            tr.train_step([batches[0]])
+            graphs = counters["stats"]["unique_graphs"]
+            tr.train_step([batches[1]])
+            saved[share] = _saved_bytes(tr, batches[2])
+            assert counters["stats"]["unique_graphs"] == graphs
+        runs[share] = _snapshot(tr)
+    assert saved[1.0] < 0.6 * saved[0.0]
+    for part in ("student", "teacher", "centers"):
+        for k, v in runs[0.0][part].items():
+            torch.testing.assert_close(runs[1.0][part][k], v, rtol=1e-4, atol=1e-5, msg=f"{part}.{k}")
+    torch.testing.assert_close(runs[1.0]["metrics"], runs[0.0]["metrics"], rtol=1e-4, atol=1e-5)
+
+
 def test_eager_activation_budget_recomputes_blocks_and_trains_the_same(tmp_path):
     """Uncompiled, runtime.activation_memory keeps that share of the blocks' activations and recomputes the
     others in backward (drop-path draws replayed): the same numbers as keeping all of them."""

@@ -78,6 +78,29 @@ def test_windows_that_do_not_tile_the_map_pad_before_the_shift():
         assert m.forward_features(torch.randn(1, 3, 96, 96)).shape == (1, 1 + 9, 128)
 
 
+def test_recomputed_blocks_give_the_same_gradients_and_keep_less():
+    """set_recompute(n) checkpoints the first n blocks over all stages (drop-path draws replayed): the same
+    output and gradients as keeping every activation, with fewer bytes saved for the backward."""
+    x = torch.randn(2, 3, 64, 64)
+    mask = torch.rand(2, 4) < 0.5
+    runs = {}
+    for n in (0, 5, 8):
+        m = _small(drop_path_rate=0.3).train()
+        m.set_recompute(n)
+        assert [s.recompute for s in m.layers] == [min(2, max(0, n - 2 * i)) for i in range(4)]
+        saved = []
+        torch.manual_seed(3)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = m.forward_features(x, mask)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        runs[n] = out.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}, sum(saved)
+    for n in (5, 8):
+        torch.testing.assert_close(runs[n][0], runs[0][0])
+        for k, g in runs[0][1].items():
+            torch.testing.assert_close(runs[n][1][k], g, rtol=1e-5, atol=1e-6, msg=k)
+    assert runs[0][2] > runs[5][2] > runs[8][2]
+
+
 def test_intermediate_layers_and_attention_maps():
     m = _small(img_size=64)
     with torch.no_grad():

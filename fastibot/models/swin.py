@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from timm.layers import PatchEmbed
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, window_partition, window_reverse
 
@@ -83,9 +84,13 @@ class SwinStage(nn.Module):
             SwinBlock(out_dim, (resolution, resolution), num_heads=num_heads, window_size=window_size,
                       shift_size=0 if i % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio, drop_path=drop_path[i])
             for i in range(depth)])
+        self.recompute = 0  # the first `recompute` blocks recompute their activations in backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.downsample(x))
+        x = self.downsample(x)
+        for i, blk in enumerate(self.blocks):
+            x = checkpoint(blk, x, use_reentrant=False) if i < self.recompute and torch.is_grad_enabled() else blk(x)
+        return x
 
 
 class SwinTransformer(nn.Module):
@@ -127,6 +132,12 @@ class SwinTransformer(nn.Module):
     def blocks(self) -> List[SwinBlock]:
         """Every block of every stage, in order (what ``runtime.compile`` compiles one by one)."""
         return [blk for stage in self.layers for blk in stage.blocks]
+
+    def set_recompute(self, n: int) -> None:
+        """The first ``n`` blocks (over all stages) recompute their activations in the backward."""
+        for stage in self.layers:
+            stage.recompute = max(0, min(n, len(stage.blocks)))
+            n -= stage.recompute
 
     def set_attention_backend(self, backend: str) -> None:
         """``reference``: timm's explicit softmax; anything else: SDPA with the relative-position bias

@@ -152,10 +152,10 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             blk.attn.backend = backend
 
-    def set_recompute(self, share_kept: float) -> None:
-        """Keep the activations of ``share_kept`` of the blocks for backward; the others are recomputed
-        (activation checkpointing, drop-path draws replayed)."""
-        self.recompute = len(self.blocks) - int(round(share_kept * len(self.blocks)))
+    def set_recompute(self, n: int) -> None:
+        """The first ``n`` blocks recompute their activations in the backward instead of keeping them
+        (activation checkpointing, drop-path draws replayed); compiled, the recompute is part of the graph."""
+        self.recompute = n
 
     def _run_blocks(self, t: torch.Tensor, layout: Optional[PackedLayout] = None) -> torch.Tensor:
         for i, blk in enumerate(self.blocks):
