@@ -15,4 +15,5 @@ if [[ $what == bench || $what == all ]]; then
 fi
 if [[ $what == tests || $what == all ]]; then
   timeout 150 python3 -m pytest -q -x tests/test_gpu_step.py 2>&1 | tail -25 | tee "$OUT/gpu_step_tests.log"
+  timeout 120 python3 -m pytest -q tests/test_swin.py tests/test_step.py 2>&1 | tail -15 | tee "$OUT/swin_step_tests.log"
 fi
