@@ -98,3 +98,24 @@ def test_masks_are_zero_before_the_start_epoch(tmp_path):
     assert all(not b.masks.any() and (b.row_weight == 0).all() for b in data)
     data.set_position(1, 0)
     assert any(b.masks.any() for b in data)
+
+
+@pytest.mark.parametrize("ratios, var, n_crops, n", [
+    ([0.0, 0.3], [0.0, 0.2], 32, 196), ([0.0, 0.3], [0.0, 0.2], 128, 196), ([0.0, 0.3], [0.0, 0.2], 1000, 196),
+    ([0.3], [0.2], 64, 196), ([0.1, 0.4], [0.05, 0.1], 256, 49), ([0.3], [0.1], 300, 16)])
+def test_capacity_is_the_bernstein_bound_solved_independently(ratios, var, n_crops, n):
+    """R is the smallest multiple of 128 at or above E[S] + x, where x solves Bernstein's tail
+    exp(-x² / (2(nσ² + b·x/3))) = 1e-6 (found here by root-finding), σ² the variance of one crop's target
+    (a mixture of uniforms: mean of the components' (h - l)²/12 + mean², minus the mean²) and b its largest
+    deviation above the mean; never above every crop at its largest target."""
+    from scipy.optimize import brentq
+    lo = [(r - v) * n for r, v in zip(ratios, var)]
+    hi = [(r + v) * n for r, v in zip(ratios, var)]
+    means = [(a + b) / 2 for a, b in zip(lo, hi)]
+    mean = float(np.mean(means))
+    sigma2 = float(np.mean([(b - a) ** 2 / 12 + m * m for a, b, m in zip(lo, hi, means)])) - mean * mean
+    dev = max(hi) - mean
+    tail = lambda x: -x * x / (2 * (n_crops * sigma2 + dev * x / 3)) - np.log(1e-6)  # noqa: E731
+    x = brentq(tail, 1e-9, 1e9, xtol=1e-9)
+    want = min(int(np.ceil((n_crops * mean + x) / 128)) * 128, n_crops * int(np.floor(max(hi) + 1e-9)))
+    assert row_capacity_for(ratios, var, n_crops, n) == want

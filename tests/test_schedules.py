@@ -107,3 +107,24 @@ def test_centers_ema_and_nonfinite_guard():
     c.update(torch.tensor([1.0, float("nan"), 1.0, 1.0]), torch.full((4,), 2.0))
     assert torch.allclose(c.center, torch.full((1, 4), 0.1))  # a non-finite statistic is ignored
     assert torch.allclose(c.center2, torch.full((1, 4), 1.5))
+
+
+def test_cosine_follows_the_official_formula_at_every_step():
+    """After the warm-up, value i is final + (base - final)·(1 + cos(π·i / R))/2 over the R remaining steps (the
+    last value stays just above ``final``, as officially); half-way it is exactly the midpoint."""
+    base, final, total, warmup = 1.0, 0.01, 100, 10
+    s = cosine_schedule(base, final, total, warmup)
+    rest = total - warmup
+    want = [final + 0.5 * (base - final) * (1 + np.cos(np.pi * i / rest)) for i in range(rest)]
+    np.testing.assert_allclose(s[warmup:], want, rtol=0, atol=1e-15)
+    assert s[warmup + rest // 2] == pytest.approx((base + final) / 2, abs=1e-15)
+    np.testing.assert_allclose(s[:warmup], np.arange(warmup) / (warmup - 1) * base, rtol=0, atol=1e-15)
+
+
+def test_peak_lr_scales_with_the_global_batch_accumulation_included(tmp_path):
+    """The peak lr follows the images per optimizer step: batch_size × accum_steps × processes / 256."""
+    cfg = tiny_config(tmp_path, **{"optim.epochs": 4, "optim.warmup_epochs": 1, "optim.lr": 5e-4,
+                                    "data.batch_size": 8, "optim.accum_steps": 3})
+    s = Schedules.build(cfg, steps_per_epoch=5, world=2)
+    assert s.lr.max() == pytest.approx(5e-4 * 8 * 3 * 2 / 256, rel=1e-12)
+    assert s.lr[4] == s.lr.max()  # the last warm-up step reaches it

@@ -1,0 +1,232 @@
+"""The update half of a step against independent computations: AdamW and the EMA written out in float64,
+the skip of non-finite steps (the last head layer included), the gradient all-reduce, clipping edge cases,
+the sharded norms and the metric sums."""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fastibot.optim import GradBuffer, clip_
+from fastibot.parallel import ShardedGrads
+from fastibot.runtime import Runtime
+from fastibot.step import StepMetrics
+from fastibot.train import Trainer
+from conftest import tiny_config
+
+CPU = Runtime(torch.device("cpu"))
+BETAS, EPS = (0.9, 0.999), 1e-8
+
+
+def _trainer(tmp_path, **extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return Trainer(tiny_config(tmp_path, **extra), CPU)
+
+
+def _batches(tr, n):
+    it, out = iter(tr.data), []
+    while len(out) < n:
+        out.append(next(it))
+    return out
+
+
+def _doubles(model):
+    return {n: p.detach().double().clone() for n, p in model.named_parameters()}
+
+
+def test_two_steps_equal_adamw_and_the_ema_written_out_in_float64(tmp_path):
+    """Two steps after the warm-up, clipping off (so ``p.grad`` after a step is the gradient AdamW used):
+    every student parameter follows θ ← θ·(1 − lr·wd) − lr·m̂/(√v̂ + ε) with the schedule's lr and wd at
+    that step, no decay on biases and 1-D parameters, betas (0.9, 0.999); every teacher parameter follows
+    θt ← m·θt + (1 − m)·θs with the schedule's momentum, after the student moved."""
+    tr = _trainer(tmp_path, **{"optim.lr": 0.32, "optim.weight_decay": 0.3, "optim.weight_decay_end": 0.3,
+                               "optim.clip_grad": 0.0, "optim.freeze_last_layer": 0.0})
+    assert tuple(tr.cfg.optim.betas) == BETAS
+    k = tr.steps_per_epoch + 1  # past the warm-up: lr ~1e-2, so the decay term (~lr·wd·θ) is well resolved
+    tr.stepper.step_t.fill_(k)
+    names = [n for n, p in tr.student.named_parameters() if p.requires_grad]
+    params = dict(tr.student.named_parameters())
+    theta, teacher = _doubles(tr.student), _doubles(tr.teacher)
+    exp_avg = {n: torch.zeros_like(theta[n]) for n in names}
+    exp_avg_sq = {n: torch.zeros_like(theta[n]) for n in names}
+    for i, b in enumerate(_batches(tr, 2)):
+        step = k + i
+        lr, wd, m = (float(getattr(tr.sched, r)[step]) for r in ("lr", "wd", "momentum"))
+        assert lr > 1e-3 and wd == pytest.approx(0.3) and m < 1
+        tr.train_step([b])
+        assert tr.log_metrics()["nonfinite_steps"] == 0
+        for n in names:
+            g = params[n].grad.double()
+            decay = params[n].ndim > 1 and not n.endswith(".bias")
+            exp_avg[n] = BETAS[0] * exp_avg[n] + (1 - BETAS[0]) * g
+            exp_avg_sq[n] = BETAS[1] * exp_avg_sq[n] + (1 - BETAS[1]) * g * g
+            m_hat = exp_avg[n] / (1 - BETAS[0] ** (i + 1))
+            v_hat = exp_avg_sq[n] / (1 - BETAS[1] ** (i + 1))
+            want = theta[n] * (1 - lr * wd * decay) - lr * m_hat / (v_hat.sqrt() + EPS)
+            torch.testing.assert_close(params[n].detach().double(), want, rtol=1e-5, atol=lr * 1e-4, msg=n)
+        theta = _doubles(tr.student)
+        t_now = _doubles(tr.teacher)
+        for n, t in teacher.items():
+            torch.testing.assert_close(t_now[n], m * t + (1 - m) * theta[n], rtol=1e-6, atol=1e-8, msg=n)
+        teacher = t_now
+    assert any(p.ndim == 1 and not n.endswith(".bias") for n, p in params.items())  # LayerNorm weights: no decay
+    assert any("last_layer" in n for n in names)  # the last layer decays and steps like the rest once unfrozen
+
+
+def _nan_at_call(monkeypatch, calls):
+    import fastibot.step as step_mod
+    real, count = step_mod.ibot_terms, [0]
+
+    def terms(*args, **kw):
+        out, stat = real(*args, **kw)
+        if count[0] in calls:
+            out = {k: v * float("nan") for k, v in out.items()}
+        count[0] += 1
+        return out, stat
+
+    monkeypatch.setattr(step_mod, "ibot_terms", terms)
+
+
+def test_a_nonfinite_step_leaves_the_unfrozen_last_layer_alone_and_the_logs_finite(tmp_path, monkeypatch):
+    """After the freeze period the last head layer has its own AdamW, which must skip a non-finite step as the
+    main one does (no update, no decay, no step count); the logged loss and gradient norm average the finite
+    step only."""
+    tr = _trainer(tmp_path, **{"optim.freeze_last_layer": 0.0})
+    _nan_at_call(monkeypatch, {1})
+    b = _batches(tr, 1)[0]
+    tr.stepper.step_t.fill_(tr.steps_per_epoch)  # lr and wd well above 0
+    tr.train_step([b])
+    first = tr.log_metrics()
+    before = _doubles(tr.student)
+    counts = {k: [s["step"].item() for s in opt.state.values()] for k, opt in tr.opt.optimizers.items()}
+    assert set(counts) == {"main", "last"} and counts["last"] and all(c == 1 for c in counts["last"])
+    tr.train_step([b])  # NaN loss
+    after = _doubles(tr.student)
+    for n, v in before.items():
+        assert torch.equal(v, after[n]), n
+    assert {k: [s["step"].item() for s in opt.state.values()] for k, opt in tr.opt.optimizers.items()} == counts
+    tr.train_step([b])  # finite again
+    row = tr.log_metrics()
+    assert row["nonfinite_steps"] == 1
+    assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]) and math.isfinite(row["cls"])
+    assert first["grad_norm"] > 0 and row["grad_norm"] > 0
+
+
+def test_a_nonfinite_gradient_under_a_finite_loss_skips_the_step(tmp_path):
+    """An inf gradient (an overflow inside the backward) with a finite loss: the step is skipped on the
+    device, the weights stay put, and the logged gradient norm stays finite."""
+    tr = _trainer(tmp_path, **{"optim.freeze_last_layer": 0.0})
+    b = _batches(tr, 1)[0]
+    tr.stepper.step_t.fill_(tr.steps_per_epoch)
+    pos = tr.student.backbone.pos_embed
+    handle = pos.register_hook(lambda g: g * float("inf"))
+    before = _doubles(tr.student)
+    tr.train_step([b])
+    handle.remove()
+    after = _doubles(tr.student)
+    for n, v in before.items():
+        assert torch.equal(v, after[n]), n
+    row = tr.log_metrics()
+    assert row["nonfinite_steps"] == 1 and math.isfinite(row["loss"]) and row["grad_norm"] == 0.0
+
+
+def test_the_gradient_buffer_averages_over_processes_and_sums_the_flag(monkeypatch):
+    """Two processes played by a fake all-reduce that adds the other rank's buffer: gradients are the mean,
+    the "loss not finite" flag the sum."""
+    a = torch.nn.Parameter(torch.zeros(2, 3))
+    b = torch.nn.Parameter(torch.zeros(4))
+    buf = GradBuffer([a, b])
+    mine_a, mine_b = torch.arange(6.0).reshape(2, 3), torch.tensor([1.0, -2.0, 3.0, 0.5])
+    other = torch.cat([torch.full((6,), 10.0), torch.tensor([3.0, 2.0, 1.0, 0.5]), torch.ones(1)])  # + its flag 1
+
+    def all_reduce(t, op=None, group=None, async_op=False):
+        t.add_(other)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    a.grad.copy_(mine_a)
+    b.grad.copy_(mine_b)
+    flag = buf.all_reduce_(torch.tensor(False))
+    assert flag.item() == 1.0  # this rank 0 + the other's 1
+    torch.testing.assert_close(a.grad, (mine_a + 10.0) / 2, rtol=0, atol=0)
+    torch.testing.assert_close(b.grad, (mine_b + other[6:10]) / 2, rtol=0, atol=0)
+
+
+def test_sharded_norms_count_each_element_once_and_flags_keep_their_meaning(monkeypatch):
+    """ShardedGrads.reduce under hsdp (2 replica groups of shards): the world sum of squared norms counts each
+    element once per replica, so a parameter's norm is √(sum / replicas); the first flag is "loss not finite",
+    the second the overflow (with a loss scaler)."""
+    from fastibot.optim import LossScaler
+    p = torch.nn.Parameter(torch.zeros(3))
+    q = torch.nn.Parameter(torch.zeros(2))
+    grads = ShardedGrads([p, q], replicas=2)
+    p.grad, q.grad = torch.tensor([3.0, 0.0, 4.0]), torch.tensor([1.0, 0.0])  # this rank's shards
+    others = torch.tensor([25.0 + 2 * 7.0, 1.0 + 2 * 8.0, 2.0, 0.0])  # 3 other ranks: squared norms, flags
+
+    def all_reduce(t, op=None, group=None, async_op=False):
+        t.add_(others)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    flag, overflow, norms = grads.reduce(torch.tensor(False), None)
+    assert flag.item() == 2.0 and overflow is None
+    torch.testing.assert_close(torch.stack(norms), torch.tensor([math.sqrt(64.0 / 2), math.sqrt(18.0 / 2)]))
+    scaler = LossScaler(torch.device("cpu"), init_scale=1.0)
+    p.grad, q.grad = torch.tensor([3.0, 0.0, 4.0]), torch.tensor([1.0, 0.0])
+    flag, overflow, _ = grads.reduce(torch.tensor(True), scaler)
+    assert flag.item() == 3.0 and overflow.item() == 0.0  # no rank overflowed (the last slot summed to 0)
+
+
+def test_clipping_leaves_small_gradients_and_a_zero_threshold_alone():
+    g = torch.Generator().manual_seed(0)
+    small = [torch.randn(5, 3, generator=g) * 0.01, torch.randn(7, generator=g) * 0.01]
+    for mode in ("per_param", "global"):
+        grads = [x.clone() for x in small]
+        total = clip_(grads, 3.0, mode)  # global norm ~0.04 < 3: nothing to clip
+        assert all(torch.equal(a, b) for a, b in zip(grads, small)), mode
+        big = [x * 1e4 for x in small]
+        grads = [x.clone() for x in big]
+        clip_(grads, 0.0, mode)  # optim.clip_grad=0: off
+        assert all(torch.equal(a, b) for a, b in zip(grads, big)), mode
+    want = math.sqrt(sum(float(x.double().square().sum()) for x in small))
+    assert total.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_step_metrics_accumulate_and_a_resume_on_another_rank_zeroes_only_per_rank_sums():
+    m = StepMetrics(torch.device("cpu"))
+    m.add("loss", torch.tensor(1.5), per_rank=True)
+    m.add("loss", torch.tensor(2.0), per_rank=True)
+    m.add("grad_norm", torch.tensor(0.25))
+    m.add("grad_norm", torch.tensor(0.5))
+    assert m.get("loss").item() == 3.5 and m.get("grad_norm").item() == 0.75
+    state = m.state_dict()
+    main, other = StepMetrics(torch.device("cpu")), StepMetrics(torch.device("cpu"))
+    main.load_state_dict(state, keep_per_rank=True)
+    other.load_state_dict(state, keep_per_rank=False)
+    assert main.get("loss").item() == 3.5 and main.get("grad_norm").item() == 0.75
+    assert other.get("loss").item() == 0.0  # rank 0 holds the run's total
+    assert other.get("grad_norm").item() == 0.75  # agreed by every rank: each keeps it
+    assert other.per_rank == {"loss"}
+
+
+def test_each_loss_term_gets_its_own_scheduled_temperature_and_centers(tmp_path, monkeypatch):
+    """The step hands the loss this step's [CLS] and patch teacher temperatures from the device table, and the
+    [CLS] and patch centers, each to its own argument (distinct values here, so a swap shows)."""
+    import fastibot.step as step_mod
+    tr = _trainer(tmp_path, **{"teacher.warmup_temp": 0.02, "teacher.temp": 0.05, "teacher.warmup_patch_temp": 0.03,
+                               "teacher.patch_temp": 0.09, "teacher.warmup_temp_epochs": 2, "optim.epochs": 3})
+    real, seen = step_mod.ibot_terms, {}
+
+    def terms(spec, s, t, masks, rows, row_weight, center, center2, tt, tpt):
+        seen.update(center=center, center2=center2, tt=float(tt), tpt=float(tpt))
+        return real(spec, s, t, masks, rows, row_weight, center, center2, tt, tpt)
+
+    monkeypatch.setattr(step_mod, "ibot_terms", terms)
+    k = tr.steps_per_epoch + 2
+    tr.stepper.step_t.fill_(k)
+    tr.train_step(_batches(tr, 1))
+    assert seen["tt"] == pytest.approx(float(tr.sched.teacher_temp[k]), rel=1e-7)
+    assert seen["tpt"] == pytest.approx(float(tr.sched.teacher_patch_temp[k]), rel=1e-7)
+    assert abs(seen["tt"] - seen["tpt"]) > 0.01  # distinct, so a swap would show
+    assert seen["center"] is tr.centers.center and seen["center2"] is tr.centers.center2
