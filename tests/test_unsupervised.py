@@ -56,6 +56,29 @@ def test_kmeans_recovers_known_clusters():
     assert torch.equal(assigned, kmeans(x, 3, seed=1))  # seeded
 
 
+def test_one_class_in_one_cluster_scores_one():
+    """Both partitions a single block: nothing to explain, and nothing wrong (NMI and ARI are 1 by definition)."""
+    s = cluster_scores([3, 3, 3, 3], [9, 9, 9, 9])
+    assert s["nmi"] == 1.0 and s["ari"] == 1.0 and s["acc"] == 100.0
+
+
+def test_kmeans_on_overlapping_clusters_ends_at_a_lloyd_fixed_point():
+    """Blobs that overlap need several Lloyd iterations: the result is a fixed point of cosine k-means
+    (every point at its nearest center, every center the normalised mean of its points), checked here
+    in float64 by an independent step."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 6, generator=g)[torch.arange(240) % 4] + 1.2 * torch.randn(240, 6, generator=g)
+    labels = kmeans(x, 4, iters=50, seed=3)
+    xn = torch.nn.functional.normalize(x.double(), dim=-1)
+    used = labels.unique()
+    centers = torch.stack([torch.nn.functional.normalize(xn[labels == c].mean(0), dim=0) for c in used])
+    again = used[(xn @ centers.T).argmax(1)]
+    assert torch.equal(again, labels)
+    assert len(used) == 4
+    first = kmeans(x, 4, iters=1, seed=3)
+    assert not torch.equal(first, labels)  # one iteration is not enough on this data
+
+
 def test_prototype_assignment_is_the_argmax_prototype():
     head = IBOTHead(4, 6, 6, bottleneck_dim=4, nlayers=1, norm_last_layer=True)
     with torch.no_grad():
