@@ -385,6 +385,7 @@ def validate(cfg: Config) -> Config:
     if cfg.eval.every_n_steps:
         need(bool(cfg.eval.train_path), "eval.train_path", "required when eval.every_n_steps > 0")
         need(bool(cfg.eval.val_path), "eval.val_path", "required when eval.every_n_steps > 0")
+        need(cfg.eval.image_size % p == 0, "eval.image_size", f"must be a multiple of model.patch_size ({p})")
     need(cfg.teacher.temp_warmup != "epoch" or float(cfg.teacher.warmup_temp_epochs).is_integer(),
          "teacher.warmup_temp_epochs", "must be a whole number of epochs with teacher.temp_warmup=epoch "
          "(or set teacher.temp_warmup=iteration)")

@@ -49,6 +49,9 @@ class Trainer(RunState):
         self.out = Path(cfg.runtime.output_dir)
         seed_everything(cfg.runtime.seed + rt.rank)
         self.data = build_data(cfg, rt.rank, rt.world, rt.device)
+        if cfg.eval.every_n_steps:  # at the start, not at the first k-NN hours into the run
+            from .eval.features import check_folders
+            check_folders(cfg.eval.train_path, cfg.eval.val_path, "eval.train_path", "eval.val_path")
         self.accum = cfg.optim.accum_steps
         self.steps_per_epoch = self.data.steps_per_epoch // self.accum
         if self.steps_per_epoch == 0:
