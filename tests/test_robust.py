@@ -155,6 +155,13 @@ def test_resuming_into_another_model_names_the_settings(base_run, tmp_path, caps
     assert "Traceback" not in err and not (tmp_path / "new" / "checkpoint_00000002.pt").exists()
 
 
+def test_an_unusable_output_dir_names_the_key(tmp_path, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+    assert main(["train", *tiny_overrides(tmp_path / "file" / "run", **{"runtime.max_steps": 1})]) == 1
+    err = capsys.readouterr().err
+    assert "runtime.output_dir" in err and "Not a directory" in err and "Traceback" not in err
+
+
 def test_a_second_run_in_the_same_folder_stops(tmp_path, caplog):
     run = tmp_path / "run"
     args = tiny_overrides(run, **{"optim.epochs": 1000, "runtime.max_steps": 100000})
