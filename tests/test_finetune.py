@@ -168,12 +168,15 @@ def test_a_weights_file_that_is_not_weights_is_one_message(tmp_path, capsys):
     assert not marker.exists()
 
 
-def test_too_few_images_for_a_batch_names_the_flag(tmp_path, capsys):
+def test_flag_errors_name_the_flag(tmp_path, capsys):
     images = labelled_folder(tmp_path / "images", 2, 2)  # 4 images, batches of 16
     assert main(_args("random:vit_tiny", images, images, tmp_path / "ft", **{"--model": ""})) == 1
     err = capsys.readouterr().err
     assert "4 images cannot fill one global batch of 16" in err and "lower --batch-size" in err
     assert "data.batch_size" not in err  # fastibot train's key, not a finetune flag
+    assert main(_args("random:vit_tiny", images, images, tmp_path / "new",
+                      **{"--model": "", "--resume": True, "--batch-size": 2})) == 1
+    assert f"--resume: --out {tmp_path / 'new'} holds no fine-tuning checkpoint" in capsys.readouterr().err
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
