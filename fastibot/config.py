@@ -422,6 +422,8 @@ def _validate_swin(cfg: Config, need) -> None:
     need(m.attention in ("auto", "sdpa", "reference"), "model.attention",
          f"{m.attention} serves the packed ViT path; Swin window attention runs on sdpa or reference")
     need(m.window_size >= 2, "model.window_size", "must be >= 2")
+    need(m.pos_embed_resize == "official", "model.pos_embed_resize", f"resizes a ViT's absolute position "
+         f"embeddings; {m.arch} has none (its attention uses relative position biases): leave it at official")
     need(m.depth == 0, "model.depth", f"sets a ViT's number of blocks; {m.arch} has its own stage depths, which "
          "model.depth does not change: leave model.depth=0")
     cell = m.patch_size * 8

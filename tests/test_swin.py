@@ -121,7 +121,8 @@ def test_config_checks_and_mask_grid(tmp_path):
     assert mask_grid(load_config(None, []), 224) == (14, 14)  # ViT-S/16: one cell per patch
     for extra, key in ((["model.packed=true"], "model.packed"), (["model.attention=xformers"], "model.attention"),
                        (["crops.global_size=208"], "crops.global_size"), (["model.window_size=1"], "model.window_size"),
-                       (["model.depth=2"], "model.depth")):  # a ViT-only key must not be silently ignored
+                       (["model.depth=2"], "model.depth"),  # ViT-only keys must not be silently ignored
+                       (["model.pos_embed_resize=exact"], "model.pos_embed_resize")):
         with pytest.raises(ConfigError, match=key.replace(".", "\\.")):
             load_config(None, base + extra)
 
