@@ -71,18 +71,18 @@ def _check_image_size(backbone, image_size: int) -> None:
 
 
 def _backbone(args):
-    """(backbone, name, cache tag) of a checkpoint, run folder or ``random:ARCH``; the image folders and the
-    image size checked first, so that a wrong flag stops before any feature is computed."""
+    """(backbone, name, cache tag) of a checkpoint, run folder or ``random:ARCH``; then the image folders and
+    the image size are checked, so that a wrong flag stops before any feature is computed."""
     from ..eval.features import check_folders, checkpoint_fingerprint
     from ..export import open_backbone, random_backbone
 
-    check_folders(getattr(args, "train", None), args.val if hasattr(args, "val") else None, "--train", "--val")
     if args.checkpoint.startswith("random:"):
         backbone, _ = random_backbone(args.checkpoint)
         name, tag = args.checkpoint, args.checkpoint
     else:
         backbone, _, path = open_backbone(args.checkpoint, args.which)
         name, tag = str(path), f"{checkpoint_fingerprint(path)}:{args.which}"
+    check_folders(getattr(args, "train", None), getattr(args, "val", None), "--train", "--val")
     _check_image_size(backbone, args.image_size)
     return backbone, name, tag
 
@@ -123,12 +123,12 @@ def _unsupervised(args) -> int:
 
     from .features import check_folders
 
-    check_folders(None, args.val, "--train", "--val")
     if args.checkpoint.startswith("random:"):
         (model, _), name = random_model(args.checkpoint), args.checkpoint
     else:
         path = resolve_resume(args.checkpoint, args.checkpoint)
         (model, _), name = load_model(path, args.which), str(path)
+    check_folders(None, args.val, "--train", "--val")
     _check_image_size(model.backbone, args.image_size)
     res = run_unsupervised(model, args.val, args.image_size, args.batch_size, args.max_images, _device(args.device),
                            args.workers, args.kmeans, progress=True)
