@@ -229,7 +229,8 @@ def latest_checkpoint(folder) -> Optional[Path]:
 # --------------------------------------------------------------------------- reading
 
 
-def _load_failure(e: Exception) -> str:
+def load_failure(e: Exception) -> str:
+    """Why a file that torch.load (or safetensors) refused is not usable, as the end of a sentence."""
     if isinstance(e, pickle.UnpicklingError):
         # torch's message suggests turning the weights-only load off, i.e. running the file's code: keep only
         # the finding
@@ -264,7 +265,7 @@ def problem(path, need_record: bool = True) -> Optional[str]:
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        return _load_failure(e)
+        return load_failure(e)
     return None
 
 
@@ -321,7 +322,7 @@ def load_checkpoint(path, map_location="cpu", verify: bool = True) -> dict:
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} {_load_failure(e)}") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} {load_failure(e)}") from None
     if not isinstance(state, dict) or "config" not in state:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a fastibot checkpoint (no config in it)")
     return state

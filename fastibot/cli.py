@@ -59,7 +59,7 @@ def _export(args) -> int:
 
     try:
         path, name, kwargs = export_backbone(args.checkpoint, args.out, args.which)
-    except (FileNotFoundError, RuntimeError) as e:
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"fastibot: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path}\nload it in timm:\n{timm_snippet(path, name, kwargs)}")

@@ -47,7 +47,8 @@ class ModelConfig:
     arch: str = _f("vit_small", "backbone", ("vit_tiny", "vit_small", "vit_base", "vit_large", "swin_tiny"))
     patch_size: int = _f(16, "patch size in pixels (4 for Swin)", ge=1)
     window_size: int = _f(7, "Swin attention window in tokens (7 or 14 in the paper); ViTs ignore it", ge=2)
-    depth: int = _f(0, "transformer blocks (0 = the arch's own: 12, or 24 for vit_large)", ge=0)
+    depth: int = _f(0, "ViT transformer blocks (0 = the arch's own: 12, or 24 for vit_large); a Swin keeps its "
+                    "stage depths (0 only)", ge=0)
     drop_path: float = _f(0.1, "stochastic depth rate of the student (the teacher uses 0)", ge=0, lt=1)
     attention: str = _f("auto", "attention backend; varlen needs model.packed=true (the teacher's dense pass runs "
                         "SDPA); auto takes the first that runs of a fixed order (SDPA today)",
@@ -384,6 +385,7 @@ def validate(cfg: Config) -> Config:
     if cfg.eval.every_n_steps:
         need(bool(cfg.eval.train_path), "eval.train_path", "required when eval.every_n_steps > 0")
         need(bool(cfg.eval.val_path), "eval.val_path", "required when eval.every_n_steps > 0")
+        need(cfg.eval.image_size % p == 0, "eval.image_size", f"must be a multiple of model.patch_size ({p})")
     need(cfg.teacher.temp_warmup != "epoch" or float(cfg.teacher.warmup_temp_epochs).is_integer(),
          "teacher.warmup_temp_epochs", "must be a whole number of epochs with teacher.temp_warmup=epoch "
          "(or set teacher.temp_warmup=iteration)")
@@ -420,6 +422,10 @@ def _validate_swin(cfg: Config, need) -> None:
     need(m.attention in ("auto", "sdpa", "reference"), "model.attention",
          f"{m.attention} serves the packed ViT path; Swin window attention runs on sdpa or reference")
     need(m.window_size >= 2, "model.window_size", "must be >= 2")
+    need(m.pos_embed_resize == "official", "model.pos_embed_resize", f"resizes a ViT's absolute position "
+         f"embeddings; {m.arch} has none (its attention uses relative position biases): leave it at official")
+    need(m.depth == 0, "model.depth", f"sets a ViT's number of blocks; {m.arch} has its own stage depths, which "
+         "model.depth does not change: leave model.depth=0")
     cell = m.patch_size * 8
     need(cfg.crops.global_size % cell == 0, "crops.global_size",
          f"must be a multiple of model.patch_size * 8 = {cell} for a Swin (masks are drawn on its final-stage grid, "

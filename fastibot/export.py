@@ -64,21 +64,30 @@ def random_backbone(spec: str, seed: int = 0):
     return model.backbone, cfg
 
 
+EXPORT_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
 def export_backbone(checkpoint, out_path, which: str = "teacher") -> Tuple[Path, str, dict]:
     """Write the backbone as ``.safetensors`` (or ``.pt``/``.pth``).
 
     Returns (path, timm model name, create_model kwargs); :func:`timm_snippet` is the code that loads it.
     """
+    out_path = Path(out_path)
+    if out_path.suffix not in EXPORT_SUFFIXES or out_path.is_dir():
+        raise ValueError(f"--out {str(out_path)!r}: give a file name ending in {', '.join(EXPORT_SUFFIXES)}")
     backbone, cfg = load_backbone(checkpoint, which)
     name, kwargs = timm_create_kwargs(cfg)
     sd = {k: v.contiguous() for k, v in timm_state_dict(backbone).items()}
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    if out_path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(sd, str(out_path), metadata={"timm_model": name, "timm_kwargs": repr(kwargs)})
-    else:
-        torch.save(sd, out_path)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        if out_path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            save_file(sd, str(out_path), metadata={"timm_model": name, "timm_kwargs": repr(kwargs)})
+        else:
+            torch.save(sd, out_path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed open as a RuntimeError
+        raise ValueError(f"--out {str(out_path)!r}: cannot write it ({(str(e).strip().splitlines() or [''])[0]})") \
+            from None
     return out_path, name, kwargs
 
 

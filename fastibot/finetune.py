@@ -279,6 +279,9 @@ def finetune(args) -> dict:
     if args.resume is None and ckpt.latest_checkpoint(out) is not None:
         raise FinetuneError(f"--out {out} already holds a fine-tuning run: pass --resume to continue it, "
                             "or choose another folder")
+    if args.resume is not None and ckpt.latest_checkpoint(out) is None:
+        raise FinetuneError(f"--resume: --out {out} holds no fine-tuning checkpoint to continue; leave out "
+                            "--resume to start this run there")
     setup_logging(int(os.environ.get("RANK", "0")) == 0)
     try:
         tuner = Finetuner(args, resume=args.resume is not None)

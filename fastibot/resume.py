@@ -126,7 +126,10 @@ class RunState:
             state = ckpt.load_checkpoint(path, verify=False)  # agree_on_resume has just verified it
             world = int(state.get("world", len(state["rng"])))
             self._check_resumable(state.get("config", {}), world, state.get("parallel", "ddp"))
-            self._load_file(state)
+            try:
+                self._load_file(state)
+            except (RuntimeError, ValueError) as e:  # tensors of another shape, or parameters the model lacks
+                raise self._misfit(path, state.get("config", {}), e) from None
             step, rng = int(state["step"]), state["rng"]
         self.step = step
         self.stepper.step_t.fill_(step)
@@ -156,6 +159,18 @@ class RunState:
         if old_world != self.rt.world or old_parallel != self.cfg.runtime.parallel:
             log.info("resuming a %s run of %d processes as %s on %d", old_parallel, old_world,
                      self.cfg.runtime.parallel, self.rt.world)
+
+    def _misfit(self, path: Path, old_cfg: dict, e: Exception) -> ckpt.CheckpointError:
+        """The error for a checkpoint whose tensors do not fit this run: the first mismatch, and the model and
+        crop keys (the shapes follow from them) that differ from the checkpoint's."""
+        details = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        new = self.cfg.to_dict()
+        changed = [f"{part}.{k}={old_cfg[part][k]!r} (this run: {v!r})" for part in ("model", "crops")
+                   for k, v in new[part].items() if k in old_cfg.get(part, {}) and old_cfg[part][k] != v]
+        fix = (f"resume with the checkpoint's settings: {', '.join(changed)}" if changed else
+               "resume with the config the checkpoint was trained with (config.yaml in its run folder)")
+        return ckpt.CheckpointError(f"checkpoint {str(path)!r} does not fit this run's model "
+                                    f"({details[-1] if details else type(e).__name__}); {fix}")
 
     def _load_file(self, state: dict) -> None:
         opt = self.opt

@@ -58,8 +58,12 @@ class RunLock:
         self.fd: Optional[int] = None
 
     def acquire(self) -> "RunLock":
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a RunFolderError: under several processes claim() stops all of them together
+            raise RunFolderError(f"runtime.output_dir {str(self.folder)!r} cannot be used ({e.strerror or e}: "
+                                 f"{e.filename or self.folder}); choose a folder this process can write") from None
         previous = os.read(fd, 256).decode(errors="replace").split()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

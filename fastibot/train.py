@@ -27,7 +27,7 @@ from .data.loaders import build_data
 from .graph import CapturedStep
 from .logger import MetricsWriter, Progress, setup_logging
 from .loss import LossSpec
-from .models.attention import resolve_backend
+from .models.attention import BackendUnavailable, resolve_backend
 from .models.ibot import build_model
 from .resume import RunState
 from .rundir import claim
@@ -49,6 +49,9 @@ class Trainer(RunState):
         self.out = Path(cfg.runtime.output_dir)
         seed_everything(cfg.runtime.seed + rt.rank)
         self.data = build_data(cfg, rt.rank, rt.world, rt.device)
+        if cfg.eval.every_n_steps:  # at the start, not at the first k-NN hours into the run
+            from .eval.features import check_folders
+            check_folders(cfg.eval.train_path, cfg.eval.val_path, "eval.train_path", "eval.val_path")
         self.accum = cfg.optim.accum_steps
         self.steps_per_epoch = self.data.steps_per_epoch // self.accum
         if self.steps_per_epoch == 0:
@@ -73,7 +76,10 @@ class Trainer(RunState):
             teacher = build_model(cfg, student=False).to(rt.device)
         teacher.load_state_dict(student.state_dict(), strict=False)
         teacher.requires_grad_(False).eval()
-        self.attention = resolve_backend(cfg.model.attention, rt.device.type, rt.amp_dtype or torch.float32)
+        try:
+            self.attention = resolve_backend(cfg.model.attention, rt.device.type, rt.amp_dtype or torch.float32)
+        except BackendUnavailable as e:
+            raise TrainingError(str(e)) from None
         for m in (student, teacher):
             m.backbone.set_attention_backend(self.attention)
         self.compile = resolve_switch("runtime.compile", cfg.runtime.compile, rt.device, runs_on_cpu=True)

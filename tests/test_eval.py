@@ -16,7 +16,7 @@ from fastibot.eval.knn import knn_classify
 from fastibot.eval.linear import train_linear
 from fastibot.models.vit import VisionTransformer
 from fastibot.train import train
-from conftest import labelled_folder, tiny_config
+from conftest import labelled_folder, tiny_config, tiny_overrides
 
 
 def _unit(*angles_deg):
@@ -160,6 +160,57 @@ def test_cli_random_init_baseline(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "knn", "random:vit_huge"] + common) == 1
     assert "model.arch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, bad", [
+    ("knn", ["--k", "0"]), ("knn", ["--temperature", "0"]), ("knn", ["--image-size", "0"]),
+    ("knn", ["--batch-size", "0"]), ("linear", ["--epochs", "0"]), ("linear", ["--lrs", "0.1", "-1"]),
+    ("linear", ["--n-last-blocks", "0"]), ("unsupervised", ["--kmeans", "-1"]), ("attention", ["--clusters", "0"]),
+    ("attention", ["--threshold", "2"])])
+def test_cli_flags_out_of_range_are_refused_by_name(tmp_path, capsys, kind, bad):
+    """A value that would give a silently wrong result (--k 0 votes for nobody, --temperature 0 divides by
+    zero, --epochs 0 reports untrained heads) or a traceback is refused while parsing, naming the flag."""
+    where = {"knn": ["--train", str(tmp_path), "--val", str(tmp_path)], "unsupervised": ["--val", str(tmp_path)],
+             "attention": ["--images", str(tmp_path), "--out", str(tmp_path / "maps")]}
+    args = ["eval", kind, "random:vit_tiny", *where.get(kind, where["knn"]), *bad]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and f"argument {bad[0]}" in capsys.readouterr().err
+
+
+def test_cli_folders_and_image_size_are_checked_before_any_feature(tmp_path, capsys):
+    tr = labelled_folder(tmp_path / "train", n_per_class=2, classes=2)
+    other = labelled_folder(tmp_path / "other", n_per_class=2, classes=3)
+    (tmp_path / "empty" / "c0").mkdir(parents=True)
+    common = ["--device", "cpu", "--workers", "0"]
+    for args, msg in (
+            (["knn", "--train", str(tmp_path / "nope"), "--val", str(tr)], "--train: folder"),
+            (["linear", "--train", str(tr), "--val", str(tmp_path / "empty")], "--val: no images"),
+            (["knn", "--train", str(tr), "--val", str(other)], "--train and --val have different classes"),
+            (["unsupervised", "--val", str(tmp_path / "empty")], "--val: no images"),
+            (["knn", "--train", str(tr), "--val", str(tr), "--image-size", "33"], "--image-size 33: must be a "
+                                                                                  "multiple of the backbone's patch size (16)"),
+            (["attention", "--images", str(tr), "--out", str(tmp_path / "m"), "--image-size", "40"], "--image-size 40"),
+            (["linear", "--train", str(tr), "--val", str(tr), "--image-size", "32", "--n-last-blocks", "13"],
+             "this backbone has 12 blocks")):
+        extra = common[:2] if args[0] == "attention" else common
+        assert main(["eval", args[0], "random:vit_tiny", *args[1:], *extra]) == 1, args
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, (args, err)
+
+
+def test_periodic_knn_folders_are_checked_before_the_first_step(tmp_path, capsys):
+    va = labelled_folder(tmp_path / "val", n_per_class=2, classes=2)
+    run = tmp_path / "run"
+    periodic = {"eval.every_n_steps": 1, "eval.val_path": str(va), "eval.image_size": 32, "runtime.max_steps": 1}
+    assert main(["train", *tiny_overrides(run, **periodic, **{"eval.train_path": str(tmp_path / "nope")})]) == 1
+    assert "eval.train_path: folder" in capsys.readouterr().err
+    assert not (run / "metrics.csv").exists()  # no step was trained (then lost) before the error
+    other = labelled_folder(tmp_path / "other", n_per_class=2, classes=3)
+    assert main(["train", *tiny_overrides(run, **periodic, **{"eval.train_path": str(other)})]) == 1
+    assert "eval.train_path and eval.val_path have different classes" in capsys.readouterr().err
+    assert main(["train", *tiny_overrides(run, **{**periodic, "eval.train_path": str(va), "eval.image_size": 36})]) == 2
+    assert "eval.image_size: must be a multiple of model.patch_size (8)" in capsys.readouterr().err
 
 
 def test_knn_on_real_images(tmp_path, shared_images):

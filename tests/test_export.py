@@ -25,6 +25,11 @@ def test_export_prints_a_timm_snippet_that_loads_the_backbone(tmp_path, capsys, 
     assert main(["export", str(run), "--out", str(out)]) == 0
     code = _printed_code(capsys.readouterr().out)
     assert "checkpoint_path=" in code and "img_size=32" in code
+    (tmp_path / "file").write_text("")
+    for bad in (tmp_path, tmp_path / "vit.bin", tmp_path / "file" / f"vit{suffix}"):  # a folder, a suffix, no folder
+        assert main(["export", str(run), "--out", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert f"fastibot: --out {str(bad)!r}" in err and len(err.splitlines()) == 1, err
     monkeypatch.chdir(tmp_path / "run")  # the printed path works from anywhere
     scope = {}
     exec(code, scope)  # exactly what was printed

@@ -146,6 +146,39 @@ def test_pretrained_sources_and_a_label_fraction(small_folder, tmp_path, capsys,
     assert "no such run folder" in capsys.readouterr().err
 
 
+def test_a_weights_file_that_is_not_weights_is_one_message(tmp_path, capsys):
+    """Garbage, a hostile pickle (never run) and a broken .safetensors given as the source each end with one
+    message naming the file, not a traceback."""
+    import os
+
+    images, marker = labelled_folder(tmp_path / "images", 2, 2), tmp_path / "MARKER"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (tmp_path / "garbage.pt").write_text("not a checkpoint")
+    torch.save({"w": Payload()}, tmp_path / "hostile.pt")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 16)
+    for name, why in (("garbage.pt", "refused"), ("hostile.pt", "refused"), ("broken.safetensors", "cannot be read")):
+        assert main(_args(str(tmp_path / name), images, images, tmp_path / f"out_{name}",
+                          **{"--max-steps": 1, "--batch-size": 2})) == 1
+        err = capsys.readouterr().err
+        assert name in err and why in err and "Traceback" not in err and "weights_only" not in err, err
+    assert not marker.exists()
+
+
+def test_flag_errors_name_the_flag(tmp_path, capsys):
+    images = labelled_folder(tmp_path / "images", 2, 2)  # 4 images, batches of 16
+    assert main(_args("random:vit_tiny", images, images, tmp_path / "ft", **{"--model": ""})) == 1
+    err = capsys.readouterr().err
+    assert "4 images cannot fill one global batch of 16" in err and "lower --batch-size" in err
+    assert "data.batch_size" not in err  # fastibot train's key, not a finetune flag
+    assert main(_args("random:vit_tiny", images, images, tmp_path / "new",
+                      **{"--model": "", "--resume": True, "--batch-size": 2})) == 1
+    assert f"--resume: --out {tmp_path / 'new'} holds no fine-tuning checkpoint" in capsys.readouterr().err
+
+
 def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
     import os
     import signal

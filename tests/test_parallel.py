@@ -56,7 +56,7 @@ def test_a_swin_under_fsdp_trains_the_same_numbers_as_ddp(tmp_path, monkeypatch)
     from fastibot.models import swin
     monkeypatch.setitem(swin.SWIN_ARCHS, "swin_tiny", dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4)))
     extra = {"model.arch": "swin_tiny", "model.patch_size": 4, "model.packed": False, "crops.global_size": 64,
-             "crops.local_size": 32, "data.batch_size": 4}
+             "crops.local_size": 32, "data.batch_size": 4, "model.depth": 0}  # SMALL's depth is a ViT key
     runs = {}
     for parallel in ("ddp", "fsdp"):
         train(cfg(tmp_path / parallel, **extra, **{"runtime.parallel": parallel}))

@@ -143,6 +143,25 @@ def test_resuming_a_finished_run_says_so(base_run, tmp_path, capsys):
     assert _digest(run / "metrics.csv") == metrics
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_resuming_into_another_model_names_the_settings(base_run, tmp_path, capsys, parallel):
+    """A checkpoint whose tensors do not fit the run's model (another head size) ends with one message naming
+    the keys to set back, in either parallel mode, not a load_state_dict traceback."""
+    other = {"model.out_dim": 32, "model.patch_out_dim": 32, "runtime.parallel": parallel}
+    args = ["train", *tiny_overrides(tmp_path / "new", **other), "--resume", str(base_run / "checkpoint_00000002.pt")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "does not fit this run's model" in err and "model.out_dim=64 (this run: 32)" in err
+    assert "Traceback" not in err and not (tmp_path / "new" / "checkpoint_00000002.pt").exists()
+
+
+def test_an_unusable_output_dir_names_the_key(tmp_path, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+    assert main(["train", *tiny_overrides(tmp_path / "file" / "run", **{"runtime.max_steps": 1})]) == 1
+    err = capsys.readouterr().err
+    assert "runtime.output_dir" in err and "Not a directory" in err and "Traceback" not in err
+
+
 def test_a_second_run_in_the_same_folder_stops(tmp_path, caplog):
     run = tmp_path / "run"
     args = tiny_overrides(run, **{"optim.epochs": 1000, "runtime.max_steps": 100000})

@@ -120,7 +120,9 @@ def test_config_checks_and_mask_grid(tmp_path):
     assert prediction_size(cfg) == 32 and mask_grid(cfg, 224) == (7, 7)
     assert mask_grid(load_config(None, []), 224) == (14, 14)  # ViT-S/16: one cell per patch
     for extra, key in ((["model.packed=true"], "model.packed"), (["model.attention=xformers"], "model.attention"),
-                       (["crops.global_size=208"], "crops.global_size"), (["model.window_size=1"], "model.window_size")):
+                       (["crops.global_size=208"], "crops.global_size"), (["model.window_size=1"], "model.window_size"),
+                       (["model.depth=2"], "model.depth"),  # ViT-only keys must not be silently ignored
+                       (["model.pos_embed_resize=exact"], "model.pos_embed_resize")):
         with pytest.raises(ConfigError, match=key.replace(".", "\\.")):
             load_config(None, base + extra)
 

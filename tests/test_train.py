@@ -112,6 +112,14 @@ def test_cli_missing_data_folder(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_cli_unavailable_attention_backend_is_one_message(tmp_path, capsys):
+    """An attention backend that cannot run on this device ends the run with its reason, not a traceback."""
+    args = ["train"] + tiny_overrides(tmp_path, **{"runtime.device": "cpu", "model.attention": "varlen"})
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "model.attention=varlen" in err and "CUDA" in err and "Traceback" not in err
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny_config(tmp_path / "empty"), resume=str(tmp_path))

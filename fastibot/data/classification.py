@@ -90,7 +90,7 @@ def _collate(batch: Sequence[tuple]):
 def train_loader(dataset: ClassificationDataset, batch_size: int, rank: int, world: int, seed: int, workers: int,
                  pin_memory: bool):
     """(resumable sampler, DataLoader) of shuffled full batches sharded by rank."""
-    sampler = ResumableBatchSampler(len(dataset), batch_size, rank, world, seed)
+    sampler = ResumableBatchSampler(len(dataset), batch_size, rank, world, seed, key="--batch-size")
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, **worker_options(workers), collate_fn=_collate, pin_memory=pin_memory,
         # its own generator: starting an epoch must not consume the training RNG stream (drop path)

@@ -190,12 +190,13 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
     does not fill a global batch, and gives rank ``r`` every ``world``-th batch.
     """
 
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 key: str = "data.batch_size"):
         self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
         self.steps_per_epoch = n // (batch_size * world)
-        if self.steps_per_epoch == 0:
+        if self.steps_per_epoch == 0:  # key: the setting that names the batch size (a config key or a flag)
             raise DataError(f"{n} images cannot fill one global batch of {batch_size * world} "
-                            f"(data.batch_size={batch_size} x {world} processes); lower data.batch_size")
+                            f"({key}={batch_size} x {world} processes); lower {key}")
         self.epoch, self.start_step = 0, 0
 
     def set_position(self, epoch: int, step: int = 0) -> None:

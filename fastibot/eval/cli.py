@@ -16,19 +16,42 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def number(kind=int, low=0, high=None, low_open: bool = False):
+    """An argparse type: an int or float ``kind`` in [low, high] ((low, high] with ``low_open``)."""
+    import argparse
+    import math
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or (value <= low if low_open else value < low) or \
+                (high is not None and value > high):
+            lo = f"{'>' if low_open else '>='} {low}"
+            need = f"{lo} and <= {high}" if high is not None else lo
+            raise argparse.ArgumentTypeError(f"{text!r}: need {'an integer' if kind is int else 'a number'} {need}")
+        return value
+    return parse
+
+
 def _common(p, folders: bool = True):
     p.add_argument("checkpoint", help="checkpoint file, run folder (its latest checkpoint), or random:ARCH for an "
                                       "untrained baseline (e.g. random:vit_small)")
     p.add_argument("--which", default="teacher", choices=("teacher", "student"))
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=number(int, 1), default=224, help="a multiple of the patch size")
     if folders:
         p.add_argument("--train", required=True, help="labelled image folder (class subfolders) to learn from")
         p.add_argument("--val", required=True, help="labelled image folder to evaluate on")
-        p.add_argument("--batch-size", type=int, default=128)
-        p.add_argument("--max-images", type=int, default=0, help="use at most this many images per split")
-        p.add_argument("--workers", type=int, default=4)
-        p.add_argument("--json", help="also write the result here")
+        _loading(p, "use at most this many images per split (0: all)")
+
+
+def _loading(p, max_help: str) -> None:
+    p.add_argument("--batch-size", type=number(int, 1), default=128)
+    p.add_argument("--max-images", type=number(int, 0), default=0, help=max_help)
+    p.add_argument("--workers", type=number(int, 0), default=4)
+    p.add_argument("--json", help="also write the result here")
 
 
 def _finish(result: dict, path) -> int:
@@ -40,16 +63,28 @@ def _finish(result: dict, path) -> int:
     return 0
 
 
+def _check_image_size(backbone, image_size: int) -> None:
+    p = backbone.patch_size
+    if image_size % p:
+        raise ValueError(f"--image-size {image_size}: must be a multiple of the backbone's patch size ({p}), "
+                         f"e.g. {max(p, image_size // p * p)}")
+
+
 def _backbone(args):
-    """(backbone, name, cache tag) of a checkpoint, run folder or ``random:ARCH``."""
-    from ..eval.features import checkpoint_fingerprint
+    """(backbone, name, cache tag) of a checkpoint, run folder or ``random:ARCH``; then the image folders and
+    the image size are checked, so that a wrong flag stops before any feature is computed."""
+    from ..eval.features import check_folders, checkpoint_fingerprint
     from ..export import open_backbone, random_backbone
 
     if args.checkpoint.startswith("random:"):
         backbone, _ = random_backbone(args.checkpoint)
-        return backbone, args.checkpoint, args.checkpoint
-    backbone, _, path = open_backbone(args.checkpoint, args.which)
-    return backbone, str(path), f"{checkpoint_fingerprint(path)}:{args.which}"
+        name, tag = args.checkpoint, args.checkpoint
+    else:
+        backbone, _, path = open_backbone(args.checkpoint, args.which)
+        name, tag = str(path), f"{checkpoint_fingerprint(path)}:{args.which}"
+    check_folders(getattr(args, "train", None), getattr(args, "val", None), "--train", "--val")
+    _check_image_size(backbone, args.image_size)
+    return backbone, name, tag
 
 
 def _knn(args) -> int:
@@ -86,11 +121,15 @@ def _unsupervised(args) -> int:
     from ..export import load_model, random_model
     from .unsupervised import run_unsupervised
 
+    from .features import check_folders
+
     if args.checkpoint.startswith("random:"):
         (model, _), name = random_model(args.checkpoint), args.checkpoint
     else:
         path = resolve_resume(args.checkpoint, args.checkpoint)
         (model, _), name = load_model(path, args.which), str(path)
+    check_folders(None, args.val, "--train", "--val")
+    _check_image_size(model.backbone, args.image_size)
     res = run_unsupervised(model, args.val, args.image_size, args.batch_size, args.max_images, _device(args.device),
                            args.workers, args.kmeans, progress=True)
     return _finish({"checkpoint": name, **res}, args.json)
@@ -142,17 +181,18 @@ def add_eval_parser(sub) -> None:
 
     k = kinds.add_parser("knn", help="weighted k-NN on l2-normalised teacher [CLS] features")
     _common(k)
-    k.add_argument("--k", type=int, default=20)
-    k.add_argument("--temperature", type=float, default=0.07)
+    k.add_argument("--k", type=number(int, 1), default=20, help="neighbours that vote")
+    k.add_argument("--temperature", type=number(float, 0, low_open=True), default=0.07,
+                   help="votes weigh exp(similarity / temperature)")
     k.add_argument("--cache-dir", default=None, help="cache features here (keyed by checkpoint and settings)")
     k.set_defaults(func=_guarded(_knn))
 
     lin = kinds.add_parser("linear", help="linear probe on frozen features, best of a learning-rate sweep")
     _common(lin)
-    lin.add_argument("--n-last-blocks", type=int, default=4, help="concatenate [CLS] of the last n blocks")
+    lin.add_argument("--n-last-blocks", type=number(int, 1), default=4, help="concatenate [CLS] of the last n blocks")
     lin.add_argument("--avgpool", action="store_true", help="also append the mean patch token of the last block")
-    lin.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
-    lin.add_argument("--epochs", type=int, default=100)
+    lin.add_argument("--lrs", type=number(float, 0, low_open=True), nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    lin.add_argument("--epochs", type=number(int, 1), default=100)
     add_subset_args(lin)
     lin.set_defaults(func=_guarded(_linear))
 
@@ -160,19 +200,17 @@ def add_eval_parser(sub) -> None:
                                               "assignments (and of k-means clusters)")
     _common(u, folders=False)
     u.add_argument("--val", required=True, help="labelled image folder to cluster")
-    u.add_argument("--kmeans", type=int, default=0, metavar="K", help="also score K cosine k-means clusters of "
-                                                                      "the [CLS] features (0: off)")
-    u.add_argument("--batch-size", type=int, default=128)
-    u.add_argument("--max-images", type=int, default=0, help="use at most this many images")
-    u.add_argument("--workers", type=int, default=4)
-    u.add_argument("--json", help="also write the result here")
+    u.add_argument("--kmeans", type=number(int, 0), default=0, metavar="K",
+                   help="also score K cosine k-means clusters of the [CLS] features (0: off)")
+    _loading(u, "use at most this many images (0: all)")
     u.set_defaults(func=_guarded(_unsupervised))
 
     a = kinds.add_parser("attention", help="PNG attention maps and patch clusters")
     _common(a, folders=False)
     a.add_argument("--images", nargs="+", required=True, help="image files or folders")
     a.add_argument("--out", required=True, help="output folder")
-    a.add_argument("-n", type=int, default=4, help="at most this many images")
-    a.add_argument("--threshold", type=float, default=0.6, help="attention mass kept in the outlined region")
-    a.add_argument("--clusters", type=int, default=5)
+    a.add_argument("-n", type=number(int, 0), default=4, help="at most this many images (0: all)")
+    a.add_argument("--threshold", type=number(float, 0, 1, low_open=True), default=0.6,
+                   help="attention mass kept in the outlined region")
+    a.add_argument("--clusters", type=number(int, 1), default=5, help="k-means clusters of the patch tokens")
     a.set_defaults(func=_guarded(_attention))

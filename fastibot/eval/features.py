@@ -25,6 +25,15 @@ def folder_samples(root, max_images: int = 0, seed: int = 0):
     return samples, src.classes
 
 
+def check_folders(train, val, train_key: str, val_key: str) -> None:
+    """Both labelled folders exist, hold images, and have the same classes; errors name the flag or key."""
+    from ..data.datasets import DataError, list_images
+
+    classes = [list_images(path, key)[1] for path, key in ((train, train_key), (val, val_key)) if path is not None]
+    if len(classes) == 2 and classes[0] != classes[1]:
+        raise DataError(f"{train_key} and {val_key} have different classes: {classes[0]} vs {classes[1]}")
+
+
 class LabelledFolder(torch.utils.data.Dataset):
     """(image tensor, label) with the evaluation transform; an unreadable image yields None (dropped by
     the collate function, with a warning). ``subset``: an explicit (samples, classes) pair to use instead."""

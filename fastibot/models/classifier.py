@@ -50,15 +50,20 @@ def load_source(source: str, which: str = "teacher", model_name: str = ""):
         return model_name or name, kwargs, timm_state_dict(model.backbone)
     if not path.is_file():
         raise FileNotFoundError(f"{source}: no such run folder, checkpoint or weights file")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        name, kwargs = model_name or meta.get("timm_model", ""), ast.literal_eval(meta.get("timm_kwargs", "{}"))
-        sd = load_file(str(path))
-    else:
-        name, kwargs, sd = model_name, {}, torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            name, kwargs = model_name or meta.get("timm_model", ""), ast.literal_eval(meta.get("timm_kwargs", "{}"))
+            sd = load_file(str(path))
+        else:
+            name, kwargs, sd = model_name, {}, torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a weights file (garbage, truncated, another format), or a pickle with code in it
+        raise SourceError(f"weights file {source!r} {ckpt.load_failure(e)}") from None
+    if not isinstance(sd, dict):
+        raise SourceError(f"weights file {source!r} holds a {type(sd).__name__}, not a state dict of tensors")
     if not name:
         raise SourceError(f"{source} does not say which timm model it is: pass --model (e.g. vit_small_patch16_224)")
     return name, kwargs, sd

@@ -234,6 +234,8 @@ class VisionTransformer(nn.Module):
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> List[torch.Tensor]:
         """Normalised tokens of the last ``n`` blocks, each (B, 1+N, D)."""
+        if not 1 <= n <= len(self.blocks):
+            raise ValueError(f"n_last_blocks={n}: this backbone has {len(self.blocks)} blocks")
         t = self.prepare_tokens(x)
         out = []
         for i, blk in enumerate(self.blocks):
