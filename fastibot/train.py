@@ -41,6 +41,7 @@ from .teacher import EMA, Centers, Schedules
 __all__ = ["Runtime", "Trainer", "TrainingError", "init_runtime", "train"]
 
 log = logging.getLogger("fastibot")
+PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}  # as runtime.precision spells them
 
 
 class Trainer(RunState):
@@ -125,7 +126,7 @@ class Trainer(RunState):
         log.info("fastibot: %s/%d, %s, data=%s, attention=%s, packed=%s, loss=%s, ema=%s, precision=%s, "
                  "compile=%s, cuda_graph=%s, masked rows per batch=%d, world=%d, parallel=%s%s",
                  cfg.model.arch, cfg.model.patch_size, rt.device, self.data.kind, self.attention, cfg.model.packed_forward(),
-                 self.loss_impl, self.ema_impl, rt.amp_dtype or "fp32", self.compile, self.cuda_graph,
+                 self.loss_impl, self.ema_impl, PRECISION_NAMES[rt.amp_dtype], self.compile, self.cuda_graph,
                  row_capacity(cfg), rt.world, cfg.runtime.parallel,
                  f" ({replicas} x {rt.world // replicas})" if cfg.runtime.parallel == "hsdp" else "")
 

@@ -166,3 +166,12 @@ def test_cli_exit_code_after_a_signal(tmp_path, monkeypatch, capsys, sig):
     monkeypatch.setattr(Trainer, "train_step", step_then_signal)
     assert main(["train"] + tiny_overrides(tmp_path, **{"runtime.max_steps": 5})) == 128 + signum
     assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_start_up_line_spells_the_precision_as_the_config_does(tmp_path, caplog, precision):
+    with caplog.at_level("INFO", logger="fastibot"):
+        Trainer(tiny_config(tmp_path, **{"runtime.precision": precision}),
+                Runtime(torch.device("cpu"), amp_dtype=torch.bfloat16 if precision == "bf16" else None))
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("fastibot: "))
+    assert f"precision={precision}," in line and "torch." not in line
