@@ -44,6 +44,9 @@ def _env_int(name: str, default: int) -> int:
         raise TrainingError(f"environment variable {name}={raw!r} is not an integer (set by torchrun)") from None
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # runtime.precision -> autocast dtype
+
+
 def init_runtime(cfg: Config) -> Runtime:
     """Device, rank and process group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
     ``LOCAL_WORLD_SIZE``, and ``MASTER_ADDR``/``MASTER_PORT`` for the rendezvous); one process without them.
@@ -76,7 +79,7 @@ def init_runtime(cfg: Config) -> Runtime:
     precision = cfg.runtime.precision
     if precision == "auto":
         precision = "bf16" if use_cuda else "fp32"
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    amp = AMP_DTYPES[precision]
     return Runtime(device, rank, world, local, amp, local_world, owns)
 
 

@@ -126,15 +126,11 @@ class Centers(nn.Module):
         stats, work = pending
         if work is not None:
             work.wait()
-            stats = stats / dist.get_world_size()
+            stats.div_(dist.get_world_size())
         k = self.center.shape[1]
         for buf, new, m in ((self.center, stats[:k], self.momentum), (self.center2, stats[k:], self.momentum2)):
             ok = torch.isfinite(new).all()
             buf.copy_(torch.where(ok, buf * m + new[None] * (1 - m), buf))
-
-    def update(self, cls_mean: torch.Tensor, patch_mean: torch.Tensor) -> None:
-        """The whole update at once: c <- m*c + (1-m)*mean over processes of the batch means."""
-        self.finish(self.start(cls_mean, patch_mean))
 
 
 # ------------------------------------------------------------------------------ EMA

@@ -34,14 +34,15 @@ from .rundir import claim
 from .kernels import resolve_impl
 from .optim import GradBuffer, IBOTAdamW, LossScaler
 from .parallel import ParallelError, ShardedGrads, build_mesh, compile_blocks, gather_full, shard_model, shard_size
-from .runtime import Runtime, StopSignals, TrainingError, init_runtime, resolve_switch, seed_everything
+from .runtime import (AMP_DTYPES, Runtime, StopSignals, TrainingError, init_runtime, resolve_switch,
+                      seed_everything)
 from .step import TrainStep
 from .teacher import EMA, Centers, Schedules
 
 __all__ = ["Runtime", "Trainer", "TrainingError", "init_runtime", "train"]
 
 log = logging.getLogger("fastibot")
-PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}  # as runtime.precision spells them
+PRECISION_NAMES = {dtype: name for name, dtype in AMP_DTYPES.items()}  # as runtime.precision spells them
 
 
 class Trainer(RunState):

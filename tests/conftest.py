@@ -41,6 +41,21 @@ def labelled_folder(root, n_per_class=6, classes=3, offset=0, size=48):
     return root
 
 
+def nan_loss_at(monkeypatch, calls):
+    """Make the loss terms NaN at the given (0-based) calls of the step's loss, as a diverging run would."""
+    import fastibot.step as step_mod
+    real, count = step_mod.ibot_terms, [0]
+
+    def terms(*args, **kw):
+        out, stat = real(*args, **kw)
+        if count[0] in calls:
+            out = {k: v * float("nan") for k, v in out.items()}
+        count[0] += 1
+        return out, stat
+
+    monkeypatch.setattr(step_mod, "ibot_terms", terms)
+
+
 def tiny_config(out_dir, **extra):
     return load_config(packaged_config("quickstart"), tiny_overrides(out_dir, **extra))
 

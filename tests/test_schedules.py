@@ -101,10 +101,10 @@ def test_epoch_warmup_needs_whole_epochs(tmp_path):
 
 def test_centers_ema_and_nonfinite_guard():
     c = Centers(4, 4, momentum=0.9, momentum2=0.5)
-    c.update(torch.ones(4), torch.full((4,), 2.0))
+    c.finish(c.start(torch.ones(4), torch.full((4,), 2.0)))
     assert torch.allclose(c.center, torch.full((1, 4), 0.1))
     assert torch.allclose(c.center2, torch.full((1, 4), 1.0))
-    c.update(torch.tensor([1.0, float("nan"), 1.0, 1.0]), torch.full((4,), 2.0))
+    c.finish(c.start(torch.tensor([1.0, float("nan"), 1.0, 1.0]), torch.full((4,), 2.0)))
     assert torch.allclose(c.center, torch.full((1, 4), 0.1))  # a non-finite statistic is ignored
     assert torch.allclose(c.center2, torch.full((1, 4), 1.5))
 

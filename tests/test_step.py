@@ -145,8 +145,12 @@ def test_the_centers_all_reduce_runs_under_the_backward(tmp_path, monkeypatch):
     m, m2 = tr.centers.momentum, tr.centers.momentum2
     seen = {}
     real_start = tr.centers.start
-    monkeypatch.setattr(tr.centers, "start", lambda c, p: seen.setdefault("stats", (c.clone(), p.clone()))
-                        and real_start(c, p))
+
+    def start(cls_mean, patch_mean):  # what this rank contributes
+        seen["stats"] = cls_mean.clone(), patch_mean.clone()
+        return real_start(cls_mean, patch_mean)
+
+    monkeypatch.setattr(tr.centers, "start", start)
     tr.train_step([b])
     assert events == ["centers all-reduce, async=True", "backward", "wait"]
     cls_mean, patch_mean = seen["stats"]

@@ -6,7 +6,7 @@ import torch
 from fastibot.checkpoint import checkpoints, load_checkpoint
 from fastibot.cli import main
 from fastibot.train import Runtime, Trainer, TrainingError, train
-from conftest import metrics_rows, tiny_config, tiny_overrides
+from conftest import metrics_rows, nan_loss_at, tiny_config, tiny_overrides
 
 
 def test_synthetic_run_writes_checkpoints_and_metrics(tmp_path):
@@ -55,24 +55,9 @@ def test_resume_is_bit_exact(tmp_path, packed):
     assert torch.equal(sa["centers"]["center2"], sb["centers"]["center2"])
 
 
-def _nan_at(monkeypatch, steps):
-    """Make the loss terms NaN at the given (0-based) steps, as a diverging run would."""
-    import fastibot.step as step_mod
-    real, calls = step_mod.ibot_terms, [0]
-
-    def terms(*args, **kw):
-        out, stat = real(*args, **kw)
-        if calls[0] in steps:
-            out = {k: v * float("nan") for k, v in out.items()}
-        calls[0] += 1
-        return out, stat
-
-    monkeypatch.setattr(step_mod, "ibot_terms", terms)
-
-
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, **{"runtime.max_steps": 6, "runtime.max_nonfinite": 3})
-    _nan_at(monkeypatch, {1, 3, 4, 5})
+    nan_loss_at(monkeypatch, {1, 3, 4, 5})
     trainer = Trainer(cfg, Runtime(torch.device("cpu")))
     batch = next(iter(trainer.data))
     trainer.train_step([batch])  # step 0: fine

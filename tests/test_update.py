@@ -12,7 +12,7 @@ from fastibot.parallel import ShardedGrads
 from fastibot.runtime import Runtime
 from fastibot.step import StepMetrics
 from fastibot.train import Trainer
-from conftest import tiny_config
+from conftest import nan_loss_at, tiny_config
 
 CPU = Runtime(torch.device("cpu"))
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -73,26 +73,12 @@ def test_two_steps_equal_adamw_and_the_ema_written_out_in_float64(tmp_path):
     assert any("last_layer" in n for n in names)  # the last layer decays and steps like the rest once unfrozen
 
 
-def _nan_at_call(monkeypatch, calls):
-    import fastibot.step as step_mod
-    real, count = step_mod.ibot_terms, [0]
-
-    def terms(*args, **kw):
-        out, stat = real(*args, **kw)
-        if count[0] in calls:
-            out = {k: v * float("nan") for k, v in out.items()}
-        count[0] += 1
-        return out, stat
-
-    monkeypatch.setattr(step_mod, "ibot_terms", terms)
-
-
 def test_a_nonfinite_step_leaves_the_unfrozen_last_layer_alone_and_the_logs_finite(tmp_path, monkeypatch):
     """After the freeze period the last head layer has its own AdamW, which must skip a non-finite step as the
     main one does (no update, no decay, no step count); the logged loss and gradient norm average the finite
     step only."""
     tr = _trainer(tmp_path, **{"optim.freeze_last_layer": 0.0})
-    _nan_at_call(monkeypatch, {1})
+    nan_loss_at(monkeypatch, {1})
     b = _batches(tr, 1)[0]
     tr.stepper.step_t.fill_(tr.steps_per_epoch)  # lr and wd well above 0
     tr.train_step([b])

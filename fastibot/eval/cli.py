@@ -63,17 +63,22 @@ def _finish(result: dict, path) -> int:
     return 0
 
 
-def _check_image_size(backbone, image_size: int) -> None:
-    p = backbone.patch_size
-    if image_size % p:
-        raise ValueError(f"--image-size {image_size}: must be a multiple of the backbone's patch size ({p}), "
-                         f"e.g. {max(p, image_size // p * p)}")
+def _check_inputs(args, backbone) -> None:
+    """After the checkpoint is open (a hostile one is refused first): the image folders, and --image-size on
+    the backbone's patch grid."""
+    from ..eval.features import check_folders
+
+    check_folders(getattr(args, "train", None), getattr(args, "val", None), "--train", "--val")
+    p, size = backbone.patch_size, args.image_size
+    if size % p:
+        raise ValueError(f"--image-size {size}: must be a multiple of the backbone's patch size ({p}), "
+                         f"e.g. {max(p, size // p * p)}")
 
 
 def _backbone(args):
     """(backbone, name, cache tag) of a checkpoint, run folder or ``random:ARCH``; then the image folders and
     the image size are checked, so that a wrong flag stops before any feature is computed."""
-    from ..eval.features import check_folders, checkpoint_fingerprint
+    from ..eval.features import checkpoint_fingerprint
     from ..export import open_backbone, random_backbone
 
     if args.checkpoint.startswith("random:"):
@@ -82,8 +87,7 @@ def _backbone(args):
     else:
         backbone, _, path = open_backbone(args.checkpoint, args.which)
         name, tag = str(path), f"{checkpoint_fingerprint(path)}:{args.which}"
-    check_folders(getattr(args, "train", None), getattr(args, "val", None), "--train", "--val")
-    _check_image_size(backbone, args.image_size)
+    _check_inputs(args, backbone)
     return backbone, name, tag
 
 
@@ -121,15 +125,12 @@ def _unsupervised(args) -> int:
     from ..export import load_model, random_model
     from .unsupervised import run_unsupervised
 
-    from .features import check_folders
-
     if args.checkpoint.startswith("random:"):
         (model, _), name = random_model(args.checkpoint), args.checkpoint
     else:
         path = resolve_resume(args.checkpoint, args.checkpoint)
         (model, _), name = load_model(path, args.which), str(path)
-    check_folders(None, args.val, "--train", "--val")
-    _check_image_size(model.backbone, args.image_size)
+    _check_inputs(args, model.backbone)
     res = run_unsupervised(model, args.val, args.image_size, args.batch_size, args.max_images, _device(args.device),
                            args.workers, args.kmeans, progress=True)
     return _finish({"checkpoint": name, **res}, args.json)
