@@ -54,25 +54,38 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs (both runs)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--json", help="write the table here")
+    ap.add_argument("--stage", default="all", choices=("all", "pretrain", "pretrained", "random", "table"),
+                    help="run one stage only (e.g. the random-init fine-tune on a second GPU while the "
+                         "pretraining runs); 'table' prints the table of finished stages")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fastibot = [sys.executable, "-m", "fastibot.cli"]
     workers = 4 if args.loader == "dali" else args.workers
-    stage("pretrain", out / "pretrain", fastibot + [
-        "train", "-c", str(REPO / "configs" / "vit_small_16.yaml"), f"data.path={args.train}",
-        f"data.loader={args.loader}", f"data.num_workers={workers}", "model.packed=true", "kernels.loss=triton",
-        "kernels.ema=triton", "optim.epochs=60", "optim.warmup_epochs=2", "teacher.warmup_temp_epochs=6",
-        f"runtime.max_minutes={args.minutes}", f"runtime.output_dir={out / 'pretrain'}", "runtime.progress=false"],
-        resumable=True)  # cut short: continues (its minute budget restarts)
+    run = {"pretrain": args.stage in ("all", "pretrain"), "pretrained": args.stage in ("all", "pretrained"),
+           "random": args.stage in ("all", "random")}
+    if run["pretrain"]:
+        stage("pretrain", out / "pretrain", fastibot + [
+            "train", "-c", str(REPO / "configs" / "vit_small_16.yaml"), f"data.path={args.train}",
+            f"data.loader={args.loader}", f"data.num_workers={workers}", "model.packed=true", "kernels.loss=triton",
+            "kernels.ema=triton", "optim.epochs=60", "optim.warmup_epochs=2", "teacher.warmup_temp_epochs=6",
+            f"runtime.max_minutes={args.minutes}", f"runtime.output_dir={out / 'pretrain'}", "runtime.progress=false"],
+            resumable=True)  # cut short: continues (its minute budget restarts)
     results = []
-    for name, source in (("pretrained (iBOT teacher)", str(out / "pretrain")), ("random init", "random:vit_small")):
-        folder = out / ("ft_pretrained" if source != "random:vit_small" else "ft_random")
-        stage(name, folder, fastibot + [
-            "finetune", source, "--train", args.train, "--val", args.val, "--out", str(folder),
-            "--epochs", str(args.epochs), "--warmup-epochs", str(max(1, args.epochs // 5)),
-            "--batch-size", str(args.batch), "--workers", str(args.workers), "--keep-last", "1"], resumable=True)
-        results.append({"run": name, **summary(folder)})
+    for key, name, source in (("pretrained", "pretrained (iBOT teacher)", str(out / "pretrain")),
+                              ("random", "random init", "random:vit_small")):
+        folder = out / f"ft_{key}"
+        if run[key]:
+            if not (out / "pretrain.done").exists() and key == "pretrained":
+                sys.exit(f"the pretraining stage has not finished in {out}; run --stage pretrain first")
+            stage(name, folder, fastibot + [
+                "finetune", source, "--train", args.train, "--val", args.val, "--out", str(folder),
+                "--epochs", str(args.epochs), "--warmup-epochs", str(max(1, args.epochs // 5)),
+                "--batch-size", str(args.batch), "--workers", str(args.workers), "--keep-last", "1"], resumable=True)
+        if (out / f"ft_{key}.done").exists():
+            results.append({"run": name, **summary(folder)})
+    if args.stage in ("pretrain", "pretrained", "random"):
+        return
     cols = ["run", "epochs", "best top-1", "best epoch", "last top-1", "last top-5"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in results:
