@@ -46,7 +46,8 @@ def main(argv=None):
         sys.exit("benchmarks/backbones.py needs a CUDA GPU")
     info, matmul = device_info(), matmul_tflops()
     base = argparse.Namespace(batch=args.batch, steps=args.steps, windows=args.windows, warmup=args.warmup,
-                              data="synthetic", data_path="", workers=0, phases=False, profile=False, set=args.set)
+                              data="synthetic", data_path="", workers=0, phases=False, profile=False, set=args.set,
+                              parallel="ddp", sync_debug="error")
     results = []
     for name in args.variants:
         config, arch, overrides = VARIANTS[name]
@@ -54,9 +55,13 @@ def main(argv=None):
         a.config, a.arch = str(REPO / "configs" / f"{config}.yaml"), arch
         try:
             results.append(run_variant(name, overrides, a, matmul))
+            r = results[-1]  # printed as it lands: a time limit must not cost the finished variants' numbers
+            print(f"{name}: {r['img/s']:.0f} img/s (windows {r['windows']}), peak {r['peak GiB']:.2f} GiB", flush=True)
         except Exception:  # one backbone failing must not cost the others' numbers
             import traceback
             traceback.print_exc()
+    if not results:
+        sys.exit("every variant failed (tracebacks above)")
     print_table(f"iBOT step by backbone, batch {args.batch}, {info.get('gpu')}, torch {info['torch']}", results,
                 ["variant", "compile", "cuda_graph", "img/s", "spread %", "ms/step", "peak GiB", "reserved GiB"])
     write_json(args.json, {"device": info, "args": vars(args), "results": results})

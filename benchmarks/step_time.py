@@ -352,6 +352,9 @@ def main(argv=None):
     if main_rank:
         write_json(args.json, {"device": info, "matmul_tflops": matmul, "args": vars(args),
                                "world": int(os.environ.get("WORLD_SIZE", "1")), "results": results, **extra})
+    if torch.distributed.is_initialized():  # ranks leave together (a DDP run with graphs once hung at exit)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -120,7 +120,13 @@ def compile_blocks(model: nn.Module) -> None:
     """``runtime.compile`` under fsdp|hsdp: each transformer block's forward (and through AOTAutograd its
     backward) one inductor graph. FSDP2's gather and free run as hooks around the block, outside the graph
     (dynamo does not trace them, so the whole-step graph of ddp cannot hold them)."""
-    for block in transformer_blocks(model.backbone):
+    blocks = list(transformer_blocks(model.backbone))
+    # the blocks share one code object and each bakes in its own drop-path rate (a float dynamo guards on):
+    # one compiled entry per block, more than dynamo's default limit of 8 for a 12-block ViT
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, 2 * len(blocks) + 8)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * len(blocks) + 64)
+    for block in blocks:
         block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False)
 
 

@@ -79,6 +79,17 @@ def test_compiled_blocks_under_fsdp_train_the_same_numbers_without_recompiling(t
         assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5)
 
 
+def test_compiled_blocks_under_fsdp_with_stochastic_depth_and_more_blocks_than_dynamos_limit(tmp_path):
+    """Each block bakes in its own drop-path rate, so each is its own compiled entry of one code object: a
+    12-block ViT-S passed dynamo's default recompile limit (8) and the run stopped at its first step."""
+    from torch._dynamo.utils import counters
+    counters.clear()
+    summary = train(cfg(tmp_path, **{"runtime.parallel": "fsdp", "runtime.compile": "true", "runtime.max_steps": 1,
+                                     "model.depth": 10, "model.drop_path": 0.1, "runtime.ckpt_every": 0}))
+    assert summary["step"] == 1
+    assert counters["stats"]["unique_graphs"] == 10 + 1  # 10 rates (the first 0) for the student, 1 teacher
+
+
 @pytest.mark.parametrize("override, key", [
     ({"runtime.cuda_graph": "true"}, "runtime.cuda_graph"),
     ({"kernels.ema": "triton"}, "kernels.ema"),
