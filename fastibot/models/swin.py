@@ -51,6 +51,8 @@ class SwinBlock(SwinTransformerBlock):
     def _shift_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         if not any(self.shift_size):
             return None
+        if torch.compiler.is_compiling():  # a dict filled inside the graph fails the next call's guard: recompile
+            return self.get_attn_mask(x)
         key = (x.shape[1], x.shape[2], x.device, x.dtype)
         if key not in self._shift_masks:
             self._shift_masks[key] = self.get_attn_mask(x)  # x is already padded: regions of the padded map
