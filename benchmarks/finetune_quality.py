@@ -39,7 +39,11 @@ def summary(folder: Path) -> dict:
     with open(folder / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     best = max(rows, key=lambda r: float(r["val_top1"]))
-    return {"epochs": int(rows[-1]["epoch"]), "best top-1": float(best["val_top1"]), "best epoch": int(best["epoch"]),
+    n = len(rows)  # the curve at the first epoch and each quarter: where pretraining shows first
+    marks = sorted({0, *(max(0, round(n * q) - 1) for q in (0.25, 0.5, 0.75, 1.0))})
+    curve = " / ".join(f"{float(rows[i]['val_top1']):.1f}@{rows[i]['epoch']}" for i in marks)
+    return {"epochs": int(rows[-1]["epoch"]), "top-1 by epoch": curve,
+            "best top-1": float(best["val_top1"]), "best epoch": int(best["epoch"]),
             "last top-1": float(rows[-1]["val_top1"]), "last top-5": float(rows[-1]["val_top5"])}
 
 
@@ -86,7 +90,7 @@ def main(argv=None):
             results.append({"run": name, **summary(folder)})
     if args.stage in ("pretrain", "pretrained", "random"):
         return
-    cols = ["run", "epochs", "best top-1", "best epoch", "last top-1", "last top-5"]
+    cols = ["run", "epochs", "top-1 by epoch", "best top-1", "best epoch", "last top-1", "last top-5"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in results:
         print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
