@@ -199,3 +199,29 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(Finetuner, "train_step", step)
     assert main(args + ["--resume"]) == 0
     assert [int(r["step"]) for r in metrics_rows(out)] == [3, 6]
+
+
+def test_finetune_quality_stages_and_table(tmp_path, capsys):
+    """benchmarks/finetune_quality.py: the pretrained fine-tune refuses to start before the pretraining
+    finished; the table reads each finished run's metrics.csv (best, last, and the curve at the first
+    epoch and each quarter)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("finetune_quality",
+                                                  Path(__file__).resolve().parents[1] / "benchmarks" / "finetune_quality.py")
+    fq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fq)
+    args = ["--train", "t", "--val", "v", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="run --stage pretrain first"):
+        fq.main(args + ["--stage", "pretrained"])
+    for run, top1 in (("pretrained", [30, 40, 50, 60, 70, 65, 66, 67]), ("random", [10, 20, 30, 40, 50, 55, 56, 57])):
+        folder = tmp_path / f"ft_{run}"
+        folder.mkdir()
+        rows = ["epoch,val_top1,val_top5"] + [f"{e + 1},{t},{t + 20}" for e, t in enumerate(top1)]
+        (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
+        (tmp_path / f"ft_{run}.done").write_text("ok\n")
+    fq.main(args + ["--stage", "table", "--json", str(tmp_path / "t.json")])
+    table = capsys.readouterr().out
+    assert "| pretrained (iBOT teacher) | 8 | 30.0@1 / 40.0@2 / 60.0@4 / 65.0@6 / 67.0@8 | 70.00 | 5 | 67.00 | 87.00 |" in table
+    assert "| random init | 8 | 10.0@1 / 20.0@2 / 40.0@4 / 55.0@6 / 57.0@8 | 57.00 | 8 | 57.00 | 77.00 |" in table
+    saved = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert [r["best top-1"] for r in saved] == [70.0, 57.0]
