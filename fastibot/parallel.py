@@ -122,9 +122,10 @@ def compile_blocks(model: nn.Module) -> None:
     (dynamo does not trace them, so the whole-step graph of ddp cannot hold them)."""
     blocks = list(transformer_blocks(model.backbone))
     # the blocks share one code object and each bakes in its own drop-path rate (a float dynamo guards on):
-    # one compiled entry per block, more than dynamo's default limit of 8 for a 12-block ViT
+    # one compiled entry per block, more than dynamo's default limit of 8 for a 12-block ViT; a Swin's
+    # student blocks see two crop sizes (dense path) and its teacher's one more: up to 3 per block
     cfg = torch._dynamo.config
-    cfg.recompile_limit = max(cfg.recompile_limit, 2 * len(blocks) + 8)
+    cfg.recompile_limit = max(cfg.recompile_limit, 4 * len(blocks) + 8)
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * len(blocks) + 64)
     for block in blocks:
         block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False)
