@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .data.classification import ClassificationDataset, train_loader, train_transform, val_loader
-from .data.datasets import list_images, sample_seed
+from .data.datasets import list_images, sample_seed, stop_workers
 from .logger import MetricsWriter, setup_logging
 from .models.classifier import build_classifier, default_layer_decay, load_source
 from .runtime import StopSignals
@@ -283,10 +283,13 @@ def finetune(args) -> dict:
         raise FinetuneError(f"--resume: --out {out} holds no fine-tuning checkpoint to continue; leave out "
                             "--resume to start this run there")
     setup_logging(int(os.environ.get("RANK", "0")) == 0)
+    tuner = None
     try:
         tuner = Finetuner(args, resume=args.resume is not None)
         return {**tuner.fit(), "rank": tuner.rank}
     finally:
+        if tuner is not None:  # persistent loader workers ignore SIGTERM: after an error the exit would wait on them
+            stop_workers(tuner.loader)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -324,7 +327,8 @@ def _finetune(args) -> int:
         check_args(args)
         summary = finetune(args)
     except (FinetuneError, SourceError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"fastibot finetune: {e}", file=sys.stderr)
+        from .cli import one_line
+        print(f"fastibot finetune: {one_line(e)}", file=sys.stderr)  # a worker's error: its last line
         return 1
     if summary.get("rank", 0) == 0:
         text = json.dumps(summary, indent=2)

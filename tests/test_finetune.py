@@ -225,3 +225,22 @@ def test_finetune_quality_stages_and_table(tmp_path, capsys):
     assert "| random init | 8 | 10.0@1 / 20.0@2 / 40.0@4 / 55.0@6 / 57.0@8 | 57.00 | 8 | 57.00 | 77.00 |" in table
     saved = json.loads((tmp_path / "t.json").read_text())["results"]
     assert [r["best top-1"] for r in saved] == [70.0, 57.0]
+
+
+def test_a_loader_worker_error_ends_the_process_with_one_line(tmp_path):
+    """Every training image unreadable, loaded by a (persistent, SIGTERM-ignoring) worker: the process prints the
+    worker's own message and exits, rather than a traceback and then waiting forever on the worker at exit."""
+    import subprocess
+    import sys
+
+    bad, val = tmp_path / "bad", labelled_folder(tmp_path / "val", 2, 2)
+    for c in ("c0", "c1"):
+        (bad / c).mkdir(parents=True)
+        for i in range(12):
+            (bad / c / f"{i}.png").write_text("not an image")
+    args = _args("random:vit_tiny", bad, val, tmp_path / "ft", **{"--batch-size": 2, "--workers": 1})
+    done = subprocess.run([sys.executable, "-m", "fastibot.cli", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    err = done.stderr.splitlines()[-1]
+    assert err.startswith(f"fastibot finetune: in a data loader worker: 20 unreadable images in a row from {bad}"), err
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
