@@ -323,6 +323,9 @@ def load_checkpoint(path, map_location="cpu", verify: bool = True) -> dict:
         raise
     except Exception as e:
         raise CheckpointError(f"checkpoint {str(path)!r} {load_failure(e)}") from None
+    if isinstance(state, dict) and "finetune" in state:  # fastibot finetune's checkpoints hold a timm classifier
+        raise CheckpointError(f"checkpoint {str(path)!r} is from a fine-tuning run (fastibot finetune), not a "
+                              "pretraining run: give the pretraining run folder or one of its checkpoints")
     if not isinstance(state, dict) or "config" not in state:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a fastibot checkpoint (no config in it)")
     return state

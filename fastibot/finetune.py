@@ -326,7 +326,7 @@ def _finetune(args) -> int:
     try:
         check_args(args)
         summary = finetune(args)
-    except (FinetuneError, SourceError, DataError, FileNotFoundError, ValueError) as e:
+    except (FinetuneError, SourceError, ckpt.CheckpointError, DataError, FileNotFoundError, ValueError) as e:
         from .cli import one_line
         print(f"fastibot finetune: {one_line(e)}", file=sys.stderr)  # a worker's error: its last line
         return 1

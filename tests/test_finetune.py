@@ -244,3 +244,23 @@ def test_a_loader_worker_error_ends_the_process_with_one_line(tmp_path):
     err = done.stderr.splitlines()[-1]
     assert err.startswith(f"fastibot finetune: in a data loader worker: 20 unreadable images in a row from {bad}"), err
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_source_or_resume_without_a_usable_checkpoint_is_one_message(tmp_path, capsys):
+    """A fine-tuning run given as the source, a run folder whose only checkpoint is broken, a folder with none,
+    and --resume of a run whose checkpoints are all broken: each one message naming the folder or file."""
+    images, ft = labelled_folder(tmp_path / "images", 2, 2), tmp_path / "ft"
+    small = {"--batch-size": 2, "--max-steps": 1}
+    assert main(_args("random:vit_tiny", images, images, ft, **small)) == 0
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "checkpoint_00000001.pt").write_text("cut short")
+    capsys.readouterr()
+    for src, msg in ((ft, "is from a fine-tuning run (fastibot finetune), not a pretraining run"),
+                     (tmp_path / "broken", "no usable checkpoint in"), (images, "no checkpoint_*.pt in")):
+        assert main(_args(str(src), images, images, tmp_path / "out", **small)) == 1
+        err = capsys.readouterr().err
+        assert msg in err and str(src) in err and "--resume" not in err, err
+    for _, path in checkpoints(ft):
+        path.write_bytes(path.read_bytes()[:1000])
+    assert main(_args("random:vit_tiny", images, images, ft, **small, **{"--resume": True})) == 1
+    assert f"no usable checkpoint in {str(ft)!r}" in capsys.readouterr().err

@@ -101,3 +101,15 @@ def test_cli_unsupervised(tmp_path, capsys):
         assert 0 <= res[key]["nmi"] <= 1 and 0 <= res[key]["acc"] <= 100 and -1 <= res[key]["ari"] <= 1
     assert res["kmeans"]["clusters"] <= 3
     assert np.isfinite(res["prototypes"]["ari"])
+
+
+def test_cli_unsupervised_checkpoint_errors_name_no_other_commands_flag(tmp_path, capsys):
+    """A folder without checkpoints, or with only a broken one: one message about the folder, not about a
+    --resume flag this command does not have."""
+    va = labelled_folder(tmp_path / "val", n_per_class=1)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "checkpoint_00000001.pt").write_text("cut short")
+    for src, msg in ((va, "no checkpoint_*.pt in"), (tmp_path / "broken", "no usable checkpoint in")):
+        assert main(["eval", "unsupervised", str(src), "--val", str(va), "--device", "cpu", "--workers", "0"]) == 1
+        err = capsys.readouterr().err
+        assert msg in err and str(src) in err and "--resume" not in err, err

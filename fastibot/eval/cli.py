@@ -121,15 +121,14 @@ def _linear(args) -> int:
 
 
 def _unsupervised(args) -> int:
-    from ..checkpoint import resolve_resume
-    from ..export import load_model, random_model
+    from ..export import open_model, random_model
     from .unsupervised import run_unsupervised
 
     if args.checkpoint.startswith("random:"):
         (model, _), name = random_model(args.checkpoint), args.checkpoint
     else:
-        path = resolve_resume(args.checkpoint, args.checkpoint)
-        (model, _), name = load_model(path, args.which), str(path)
+        model, _, path = open_model(args.checkpoint, args.which)
+        name = str(path)
     _check_inputs(args, model.backbone)
     res = run_unsupervised(model, args.val, args.image_size, args.batch_size, args.max_images, _device(args.device),
                            args.workers, args.kmeans, progress=True)

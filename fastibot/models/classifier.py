@@ -40,9 +40,7 @@ def load_source(source: str, which: str = "teacher", model_name: str = ""):
         return model_name or name, kwargs, None
     path = Path(source)
     if path.is_dir() or re.fullmatch(r"checkpoint_\d+\.pt", path.name):  # a run, a checkpoint file or folder
-        state = ckpt.load_checkpoint(ckpt.resolve_resume(source, source))
-        if "finetune" in state:
-            raise SourceError(f"{source} is a fine-tuning run; give the pretraining run or an exported backbone")
+        state = ckpt.load_checkpoint(source)  # CheckpointError names the file (broken, or a fine-tuning run's)
         cfg = config_from_checkpoint(state)
         model = build_model(cfg, student=which == "student")
         model.load_state_dict(state[which])
