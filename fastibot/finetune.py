@@ -242,6 +242,28 @@ class Finetuner:
             path = ckpt.save_checkpoint(self.out, self.step, state, self.args.keep_last, keep_good=False)
             log.info("saved %s", path)
 
+    def _load_weights(self, path: Path, state: dict) -> None:
+        """Load the model and optimizer of ``state``; a checkpoint of another global batch (the schedule and data
+        order follow the step) or of another model is an error naming the flags that differ."""
+        a, saved = self.args, state.get("args", {})
+        old = saved.get("batch_size", a.batch_size) * len(state["rng"])
+        if old != a.batch_size * self.world:
+            raise FinetuneError(f"--resume: {path} was trained with a global batch of {old} images per step, this run "
+                                f"has {a.batch_size * self.world} (--batch-size {a.batch_size} x {self.world} processes): "
+                                f"the schedule and data order follow the step, so resume with the same global batch")
+        try:
+            self.module.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            flags = ("source", "model", "which", "image_size", "layer_decay")
+            shown = lambda v: "unset" if v is None else repr(v)  # noqa: E731
+            changed = [f"{'--' * (k != 'source')}{k.replace('_', '-')} {shown(saved[k])} (this run: {shown(getattr(a, k))})"
+                       for k in flags if k in saved and saved[k] != getattr(a, k)]
+            why = [ln.strip() for ln in str(e).splitlines() if ln.strip()][-1:] or [type(e).__name__]
+            raise FinetuneError(f"--resume: {path} does not fit the model this run builds ({why[0]}); resume with "
+                                + (f"the checkpoint's settings: {', '.join(changed)}" if changed else
+                                   "the arguments in finetune_args.json of --out")) from None
+
     def load(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("classes") != self.classes:
@@ -249,8 +271,7 @@ class Finetuner:
         if self.rank == 0 and state.get("subset_sha1", "") != self.subset_sha1:
             raise FinetuneError(f"--resume: {path} trained on another label subset than --label-fraction "
                                 f"{self.args.label_fraction} / --subset-seed {self.args.subset_seed} give")
-        self.module.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        self._load_weights(path, state)
         self.sums.copy_(state["sums"].to(self.device))
         self.step = int(state["step"])
         rng = state["rng"][self.rank] if len(state["rng"]) > self.rank else state["rng"][0]

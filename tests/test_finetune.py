@@ -264,3 +264,21 @@ def test_a_source_or_resume_without_a_usable_checkpoint_is_one_message(tmp_path,
         path.write_bytes(path.read_bytes()[:1000])
     assert main(_args("random:vit_tiny", images, images, ft, **small, **{"--resume": True})) == 1
     assert f"no usable checkpoint in {str(ft)!r}" in capsys.readouterr().err
+
+
+def test_resume_with_another_model_or_global_batch_names_the_flags(tmp_path, capsys):
+    """--resume with flags that build another model, or another global batch (the schedule and the data order
+    follow the step): one message naming the flag and the checkpoint's value, and the run's files untouched."""
+    images, ft = labelled_folder(tmp_path / "images", 2, 2), tmp_path / "ft"
+    small = {"--batch-size": 2, "--max-steps": 1}
+    assert main(_args("random:vit_tiny", images, images, ft, **small)) == 0
+    before = {p.name: p.read_bytes() for p in ft.iterdir()}
+    capsys.readouterr()
+    for flags, msg in (({"--model": ""}, "--model 'test_vit' (this run: '')"),
+                       ({"--image-size": 48}, "--image-size 32 (this run: 48)"),
+                       ({"--layer-decay": 1}, "--layer-decay unset (this run: 1.0)"),
+                       ({"--batch-size": 4}, "global batch of 2 images per step, this run has 4 (--batch-size 4")):
+        assert main(_args("random:vit_tiny", images, images, ft, **{**small, **flags, "--resume": True})) == 1
+        err = capsys.readouterr().err
+        assert f"--resume: {ft / 'checkpoint_00000001.pt'}" in err and msg in err, err
+    assert {p.name: p.read_bytes() for p in ft.iterdir()} == before
