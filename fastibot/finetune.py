@@ -335,6 +335,10 @@ def check_args(args) -> None:
     need(0 < args.scale[0] <= args.scale[1] <= 1, "--scale", "need 0 < LO <= HI <= 1")
     need(not (args.mixup > 0 or args.cutmix > 0) or args.batch_size % 2 == 0, "--batch-size",
          "must be even with --mixup/--cutmix (images are mixed in pairs); or pass --mixup 0 --cutmix 0")
+    from .eval.cli import check_output
+    check_output(args.out, "--out", folder=True)  # written at the end: refused before the run, not after it
+    check_output(args.json, "--json")
+    check_output(args.subset_out, "--subset-out")
 
 
 def _finetune(args) -> int:
@@ -355,6 +359,7 @@ def _finetune(args) -> int:
         text = json.dumps(summary, indent=2)
         print(text)
         if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(text)
     stopped = summary.get("stopped")
     return 128 + int(getattr(signal, stopped)) if stopped else 0

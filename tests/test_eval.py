@@ -199,6 +199,25 @@ def test_cli_folders_and_image_size_are_checked_before_any_feature(tmp_path, cap
         assert msg in err and "Traceback" not in err, (args, err)
 
 
+def test_cli_outputs_that_cannot_be_written_are_refused_before_any_feature(tmp_path, capsys):
+    """--json a folder or under a file, --subset-out a folder, attention's --out a file: refused by name before
+    the features (the result is written at the end); a --json in a folder not made yet is written there."""
+    tr, afile = labelled_folder(tmp_path / "train", n_per_class=1, classes=2), tmp_path / "afile"
+    afile.write_text("x")
+    common = ["--train", str(tr), "--val", str(tr), "--image-size", "32", "--device", "cpu", "--workers", "0"]
+    for args, msg in ((["knn", *common, "--json", str(tr)], f"--json {tr}: is a folder; give a file name"),
+                      (["linear", *common, "--json", str(afile / "r.json")], f"--json {afile / 'r.json'}: {afile} is a file"),
+                      (["linear", *common, "--label-fraction", "0.5", "--subset-out", str(tr)],
+                       f"--subset-out {tr}: is a folder"),
+                      (["attention", "--images", str(tr), "--out", str(afile), "--device", "cpu"],
+                       f"--out {afile}: is a file; give a folder")):
+        assert main(["eval", args[0], "random:vit_tiny", *args[1:]]) == 1, args
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, (args, err)
+    assert main(["eval", "knn", "random:vit_tiny", *common, "--k", "1", "--json", str(tmp_path / "new" / "k.json")]) == 0
+    assert json.loads((tmp_path / "new" / "k.json").read_text())["top1"] == 100.0
+
+
 def test_periodic_knn_folders_are_checked_before_the_first_step(tmp_path, capsys):
     va = labelled_folder(tmp_path / "val", n_per_class=2, classes=2)
     run = tmp_path / "run"

@@ -282,3 +282,24 @@ def test_resume_with_another_model_or_global_batch_names_the_flags(tmp_path, cap
         err = capsys.readouterr().err
         assert f"--resume: {ft / 'checkpoint_00000001.pt'}" in err and msg in err, err
     assert {p.name: p.read_bytes() for p in ft.iterdir()} == before
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_run(tmp_path, capsys):
+    """--out a file, --json a folder or under a file, --subset-out a folder: refused by name before anything is
+    trained (the summary is written at the very end); a --json in a folder not made yet is written there."""
+    images, afile = labelled_folder(tmp_path / "images", 2, 2), tmp_path / "afile"
+    afile.write_text("another run's notes")
+    small = {"--batch-size": 2, "--max-steps": 1}
+    for flags, msg in (({}, f"--out {afile}: is a file; give a folder"),
+                       ({"--json": str(images)}, f"--json {images}: is a folder; give a file name"),
+                       ({"--json": str(afile / "s.json")}, f"--json {afile / 's.json'}: {afile} is a file"),
+                       ({"--label-fraction": 0.5, "--subset-out": str(images)}, f"--subset-out {images}: is a folder")):
+        out = afile if not flags else tmp_path / "ft"
+        assert main(_args("random:vit_tiny", images, images, out, **small, **flags)) == 1
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
+        assert not (tmp_path / "ft").exists()
+    assert afile.read_text() == "another run's notes"
+    assert main(_args("random:vit_tiny", images, images, tmp_path / "ft", **small,
+                      **{"--json": str(tmp_path / "new" / "s.json")})) == 0
+    assert json.loads((tmp_path / "new" / "s.json").read_text())["step"] == 1

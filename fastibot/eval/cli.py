@@ -58,17 +58,35 @@ def _finish(result: dict, path) -> int:
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if path:
-        with open(path, "w") as f:
-            f.write(text)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
     return 0
 
 
+def check_output(path, flag: str, folder: bool = False) -> None:
+    """Refuse now, not after the work, an output that could not be written at the end: a folder where a file
+    is asked for (or the reverse), or a path under a file. Missing folders are made when writing."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        raise ValueError(f"{flag} {path}: is a {'file' if folder else 'folder'}; give "
+                         f"{'a folder' if folder else 'a file name'}")
+    above = next(q for q in p.parents if q.exists())  # at worst the current folder or /
+    if not above.is_dir():
+        raise ValueError(f"{flag} {path}: {above} is a file, not a folder")
+
+
 def _check_inputs(args, backbone) -> None:
-    """After the checkpoint is open (a hostile one is refused first): the image folders, and --image-size on
-    the backbone's patch grid."""
+    """After the checkpoint is open (a hostile one is refused first): the image folders, the outputs, and
+    --image-size on the backbone's patch grid."""
     from ..eval.features import check_folders
 
     check_folders(getattr(args, "train", None), getattr(args, "val", None), "--train", "--val")
+    check_output(getattr(args, "json", None), "--json")
+    check_output(getattr(args, "out", None), "--out", folder=True)  # attention's folder of pictures
+    if getattr(args, "label_fraction", 1) < 1:
+        check_output(subset_out_path(args), "--subset-out")
     p, size = backbone.patch_size, args.image_size
     if size % p:
         raise ValueError(f"--image-size {size}: must be a multiple of the backbone's patch size ({p}), "
