@@ -303,3 +303,14 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_run(tmp_path, cap
     assert main(_args("random:vit_tiny", images, images, tmp_path / "ft", **small,
                       **{"--json": str(tmp_path / "new" / "s.json")})) == 0
     assert json.loads((tmp_path / "new" / "s.json").read_text())["step"] == 1
+
+
+def test_vit_weights_into_a_model_without_a_position_embedding_is_one_message():
+    """--model naming a Swin for a ViT's weights: the SourceError names both flags to check, not an
+    AttributeError from the position-embedding resampling."""
+    from fastibot.models.classifier import SourceError
+    vit = timm.create_model("test_vit", num_classes=0, img_size=32).state_dict()
+    tiny_swin = {"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1), "window_size": 2}
+    with pytest.raises(SourceError, match=r"do not fit swin_tiny_patch4_window7_224 at 32 px .*check --model .* "
+                                          r"and --image-size"):
+        build_classifier("swin_tiny_patch4_window7_224", tiny_swin, 3, 32, 0.0, vit)

@@ -80,14 +80,16 @@ def build_classifier(name: str, kwargs: dict, num_classes: int, image_size: int,
     if state_dict is None:
         return model
     sd = dict(state_dict)
-    if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:  # another image size: bicubic resample
+    pos = getattr(model, "pos_embed", None)  # None: a model without one (a Swin), given a ViT's weights by --model
+    if "pos_embed" in sd and pos is not None and sd["pos_embed"].shape != pos.shape:  # another size: bicubic resample
         sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], list(model.patch_embed.grid_size),
                                                  num_prefix_tokens=model.num_prefix_tokens)
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:
-        raise SourceError(f"the weights do not fit {name} at {image_size} px (a Swin fine-tunes at the size it "
-                            f"was pretrained at): {str(e).splitlines()[-1].strip()}") from None
+        raise SourceError(f"the weights do not fit {name} at {image_size} px ({str(e).splitlines()[-1].strip()}): "
+                          "check --model (weights of another architecture?) and --image-size (a Swin fine-tunes "
+                          "at the size it was pretrained at)") from None
     head = model.pretrained_cfg.get("classifier", "head")
     missing = [k for k in missing if not k.startswith(head + ".")]
     if missing or unexpected:
