@@ -86,6 +86,20 @@ def test_attention_pngs(tmp_path):
     assert Image.open(tmp_path / "maps" / "img0_clusters.png").size == (64, 32)
 
 
+def test_attention_pictures_of_inputs_sharing_a_name_do_not_overwrite_each_other(tmp_path):
+    vit = VisionTransformer("vit_tiny", patch_size=8, img_size=32)
+    for i, (folder, name) in enumerate((("a", "x.png"), ("b", "x.png"), ("c", "x.jpg"), ("a", "x-2.png"))):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        synthetic_image(i, 4, 48)[0].save(tmp_path / folder / name)
+    inputs = [str(tmp_path / p) for p in ("a/x.png", "b/x.png", "c/x.jpg", "a/x-2.png")]
+    written = write_maps(vit, inputs, tmp_path / "maps", n_images=0, image_size=32, clusters=2)
+    assert [p.name for p in written[::2]] == ["x_attention.png", "x-3_attention.png", "x-4_attention.png",
+                                              "x-2_attention.png"]
+    assert len(set(written)) == 8 and all(p.is_file() for p in written)
+    tiles = [Image.open(p).tobytes() for p in written[::2]]
+    assert len(set(tiles)) == 4  # four different images, four different pictures
+
+
 def _relabelled_copy(src, dst):
     """The same images with every class folder's files moved to the next class: a query whose nearest
     neighbour is its own copy is then always wrong."""

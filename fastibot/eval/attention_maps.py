@@ -105,16 +105,33 @@ def list_inputs(paths: Sequence[str], limit: int) -> List[Path]:
     return files[:limit] if limit else files
 
 
+def output_names(files: Sequence[Path]) -> List[str]:
+    """One name per file: its stem, or for stems shared by several inputs (``a/x.jpg``, ``b/x.jpg``) the stem
+    and a number no other name has, so that no picture overwrites another."""
+    stems = [f.stem for f in files]
+    taken, names = set(stems), []
+    for i, stem in enumerate(stems):
+        if stems.count(stem) > 1 and stem in stems[:i]:
+            k = 2
+            while f"{stem}-{k}" in taken:
+                k += 1
+            stem = f"{stem}-{k}"
+            taken.add(stem)
+        names.append(stem)
+    return names
+
+
 def write_maps(backbone, inputs: Sequence[str], out_dir, n_images: int = 4, image_size: int = 224,
                threshold: float = 0.6, clusters: int = 5, device=None) -> List[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     backbone = backbone.to(device or "cpu").eval()
     written = []
-    for f in list_inputs(inputs, n_images):
+    files = list_inputs(inputs, n_images)
+    for f, name in zip(files, output_names(files)):
         row, clus = render(backbone, load_rgb(str(f)), image_size, threshold, clusters, device)
         for suffix, img in (("attention", row), ("clusters", clus)):
-            path = out / f"{f.stem}_{suffix}.png"
+            path = out / f"{name}_{suffix}.png"
             img.save(path)
             written.append(path)
     return written
