@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fastibot.eval.cli import number
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,7 +33,9 @@ def stage(name: str, out: Path, cmd: list, resumable: bool) -> None:
     again = resumable and any(out.glob("checkpoint_*.pt"))
     cmd = cmd + (["--resume"] if again else [])
     print(f"[{name}] {'resuming' if again else 'running'}: {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True)
+    rc = subprocess.run(cmd).returncode
+    if rc:  # its own message is above; a traceback of this script would only hide it
+        sys.exit(f"[{name}] failed (exit status {rc}): see its message above; the same command resumes it")
     done.write_text("ok\n")
 
 
@@ -49,19 +53,24 @@ def summary(folder: Path) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train", required=True)
-    ap.add_argument("--val", required=True)
+    ap.add_argument("--train", help="labelled training images (needed by every stage but 'table')")
+    ap.add_argument("--val", help="labelled validation images (needed by every stage but 'table')")
     ap.add_argument("--out", default=str(REPO / "runs" / "finetune_quality"))
-    ap.add_argument("--minutes", type=float, default=7.5, help="pretraining budget (the README quality table's)")
+    ap.add_argument("--minutes", type=number(float, 0, low_open=True), default=7.5, help="pretraining budget (the README quality table's)")
     ap.add_argument("--loader", default="auto", choices=("auto", "dali", "torchvision"))
-    ap.add_argument("--workers", type=int, default=15)
-    ap.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs (both runs)")
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--workers", type=number(int, 0), default=15)
+    ap.add_argument("--epochs", type=number(int, 1), default=30, help="fine-tuning epochs (both runs)")
+    ap.add_argument("--batch", type=number(int, 2), default=128, help="even: mixup pairs the images")
     ap.add_argument("--json", help="write the table here")
     ap.add_argument("--stage", default="all", choices=("all", "pretrain", "pretrained", "random", "table"),
                     help="run one stage only (e.g. the random-init fine-tune on a second GPU while the "
                          "pretraining runs); 'table' prints the table of finished stages")
     args = ap.parse_args(argv)
+    # checked before any stage: a bad value would otherwise surface only after the 7.5-minute pretraining
+    if args.stage != "table" and not (args.train and args.val):
+        ap.error(f"--stage {args.stage} needs --train and --val")
+    if args.batch % 2:
+        ap.error(f"--batch {args.batch}: must be even (mixup and cutmix mix the images in pairs)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fastibot = [sys.executable, "-m", "fastibot.cli"]
@@ -90,6 +99,8 @@ def main(argv=None):
             results.append({"run": name, **summary(folder)})
     if args.stage in ("pretrain", "pretrained", "random"):
         return
+    if not results:
+        sys.exit(f"no finished fine-tuning in {out} (no ft_*.done): run the stages first")
     cols = ["run", "epochs", "top-1 by epoch", "best top-1", "best epoch", "last top-1", "last top-5"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in results:

@@ -314,3 +314,29 @@ def test_vit_weights_into_a_model_without_a_position_embedding_is_one_message():
     with pytest.raises(SourceError, match=r"do not fit swin_tiny_patch4_window7_224 at 32 px .*check --model .* "
                                           r"and --image-size"):
         build_classifier("swin_tiny_patch4_window7_224", tiny_swin, 3, 32, 0.0, vit)
+
+
+def test_finetune_quality_arguments_and_a_failed_stage(tmp_path, capsys):
+    """benchmarks/finetune_quality.py: values that would fail only after the pretraining are refused first, the
+    table needs no image folders but a finished run, and a failed stage is one line, not a traceback."""
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location("finetune_quality",
+                                                  Path(__file__).resolve().parents[1] / "benchmarks" / "finetune_quality.py")
+    fq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fq)
+    base = ["--train", "t", "--val", "v", "--out", str(tmp_path / "fq")]
+    for bad, msg in ((["--epochs", "0"], "argument --epochs"), (["--batch", "63"], "--batch 63: must be even"),
+                     (["--minutes", "0"], "argument --minutes"), (["--workers", "-1"], "argument --workers")):
+        with pytest.raises(SystemExit) as e:
+            fq.main(base + bad)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        fq.main(["--out", str(tmp_path / "fq"), "--stage", "random"])
+    assert e.value.code == 2 and "--stage random needs --train and --val" in capsys.readouterr().err
+    assert not (tmp_path / "fq").exists()  # nothing ran
+    with pytest.raises(SystemExit, match=r"no finished fine-tuning in .*: run the stages first"):
+        fq.main(["--out", str(tmp_path / "fq"), "--stage", "table"])
+    with pytest.raises(SystemExit, match=r"\[x\] failed \(exit status 3\): see its message above"):
+        fq.stage("x", tmp_path / "x", [sys.executable, "-c", "raise SystemExit(3)"], resumable=False)
+    assert not (tmp_path / "x.done").exists()
