@@ -300,6 +300,9 @@ def finetune(args) -> dict:
     if args.resume is None and ckpt.latest_checkpoint(out) is not None:
         raise FinetuneError(f"--out {out} already holds a fine-tuning run: pass --resume to continue it, "
                             "or choose another folder")
+    if args.resume is None and (out / "metrics.csv").exists():  # a run stopped before its first checkpoint
+        raise FinetuneError(f"--out {out} holds the metrics.csv of an earlier run but no checkpoint to resume: this "
+                            "run would add its rows to that run's; choose another folder, or delete the file")
     if args.resume is not None and ckpt.latest_checkpoint(out) is None:
         raise FinetuneError(f"--resume: --out {out} holds no fine-tuning checkpoint to continue; leave out "
                             "--resume to start this run there")

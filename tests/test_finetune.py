@@ -177,6 +177,13 @@ def test_flag_errors_name_the_flag(tmp_path, capsys):
     assert main(_args("random:vit_tiny", images, images, tmp_path / "new",
                       **{"--model": "", "--resume": True, "--batch-size": 2})) == 1
     assert f"--resume: --out {tmp_path / 'new'} holds no fine-tuning checkpoint" in capsys.readouterr().err
+    # the metrics of a run stopped before its first checkpoint: a new run there would add its rows to them (and
+    # report that run's best epoch as its own)
+    (tmp_path / "left").mkdir()
+    (tmp_path / "left" / "metrics.csv").write_text("step,epoch,val_top1\n3,1,99.0\n")
+    assert main(_args("random:vit_tiny", images, images, tmp_path / "left", **{"--batch-size": 2})) == 1
+    assert f"--out {tmp_path / 'left'} holds the metrics.csv of an earlier run" in capsys.readouterr().err
+    assert (tmp_path / "left" / "metrics.csv").read_text() == "step,epoch,val_top1\n3,1,99.0\n"
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
