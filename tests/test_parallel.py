@@ -1,6 +1,7 @@
 """runtime.parallel=fsdp|hsdp in one process (FSDP2 over a one-process group) and its sharded checkpoints:
 the same numbers as ddp, compiled blocks, combinations that cannot run, and sharded checkpoints that are
 atomic, verified, refused when hostile, skipped when broken and read by export."""
+import functools
 import json
 import os
 import pickle
@@ -88,6 +89,33 @@ def test_compiled_blocks_under_fsdp_with_stochastic_depth_and_more_blocks_than_d
                                      "model.depth": 10, "model.drop_path": 0.1, "runtime.ckpt_every": 0}))
     assert summary["step"] == 1
     assert counters["stats"]["unique_graphs"] == 10 + 1  # 10 rates (the first 0) for the student, 1 teacher
+
+
+def test_a_compiled_swin_under_fsdp_fits_dynamos_cache_and_trains_the_uncompiled_numbers(tmp_path, monkeypatch):
+    """Swin-T's 12 blocks (depths 2, 2, 6, 2) compiled one by one: each student block has its own drop-path rate
+    and sees two crop sizes, the teacher's blocks differ by width, window and shift, all entries of one code
+    object (31, past dynamo's default limit of 8). Half the blocks recompute in the backward, a checkpoint
+    around the compiled forward. Dynamo alone (eager backend) shows the guards."""
+    from torch._dynamo.utils import counters
+    from fastibot.models import swin
+    monkeypatch.setitem(swin.SWIN_ARCHS, "swin_tiny", dict(embed_dim=16, depths=(2, 2, 6, 2), num_heads=(1, 2, 2, 4)))
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    # window 3 on 64/32 px crops: stage grids 16, 8, 4, 2 (globals) and 8, 4, 2, 1 (locals, padded), shifted
+    # windows in the first three stages, as Swin-T's window 7 on 224/96 px crops
+    extra = {"model.arch": "swin_tiny", "model.patch_size": 4, "model.packed": False, "model.window_size": 3,
+             "crops.global_size": 64, "crops.local_size": 32, "data.batch_size": 4, "model.depth": 0,
+             "model.drop_path": 0.2, "runtime.parallel": "fsdp", "runtime.recompute_blocks": 0.5}
+    runs = {}
+    for compile_ in ("false", "true"):
+        counters.clear()
+        train(cfg(tmp_path / compile_, **extra, **{"runtime.compile": compile_, "runtime.ckpt_every": 0}))
+        runs[compile_] = metrics_rows(tmp_path / compile_)
+    # 12 student blocks x 2 crop sizes, 7 teacher blocks (stages 0-2: plain and shifted; stage 3), each compiled
+    # once: a guard that failed in step 2 (a shift-mask cache filled in the graph) would add graphs
+    assert counters["stats"]["unique_graphs"] == 12 * 2 + 7
+    for a, b in zip(runs["false"], runs["true"], strict=True):
+        for k in ("loss", "grad_norm"):
+            assert float(b[k]) == pytest.approx(float(a[k]), rel=1e-6), (a["step"], k)
 
 
 @pytest.mark.parametrize("override, key", [
