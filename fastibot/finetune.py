@@ -278,6 +278,8 @@ class Finetuner:
         torch.set_rng_state(rng["torch"])
         if self.device.type == "cuda" and rng["cuda"].numel():
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if self.rank == 0:  # a broken newer checkpoint is kept aside, not overwritten by this run's save
+            ckpt.set_aside_after(self.out, self.step)
         self.writer.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
 

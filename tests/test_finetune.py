@@ -115,6 +115,22 @@ def test_resume_is_exact(tmp_path):
     assert all(torch.equal(v, sb[k]) for k, v in sa.items())
 
 
+def test_resume_past_a_broken_newest_checkpoint_keeps_it_aside(tmp_path):
+    """--resume falls back to the newest good checkpoint and renames the broken newer one to *.superseded
+    (as fastibot train does) instead of writing over it."""
+    common = {"--ckpt-every": 2, "--batch-size": 8, "--keep-last": 2}
+    images, out = labelled_folder(tmp_path / "images", 12, 2), tmp_path / "run"
+    assert main(_args("random:vit_tiny", images, images, out, **common, **{"--max-steps": 4})) == 0
+    assert [s for s, _ in checkpoints(out)] == [3, 4]  # the epoch's end and the stop
+    broken = out / "checkpoint_00000004.pt"
+    broken.write_bytes(b"cut short")
+    assert main(_args("random:vit_tiny", images, images, out, **common, **{"--resume": True})) == 0
+    aside = out / "checkpoint_00000004.pt.superseded"
+    assert aside.read_bytes() == b"cut short"
+    assert [s for s, _ in checkpoints(out)] == [4, 6]  # steps 4-6 trained again from step 3
+    assert [int(r["step"]) for r in metrics_rows(out)] == [3, 6]
+
+
 def test_pretrained_sources_and_a_label_fraction(small_folder, tmp_path, capsys, monkeypatch):
     images, run = small_folder(16, 3), tmp_path / "pre"
     train(tiny_config(run, **{"runtime.max_steps": 1}))  # ViT-T/8 on 32 px crops
