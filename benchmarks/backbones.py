@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_info, matmul_tflops, print_table, write_json  # noqa: E402
-from step_time import run_variant  # noqa: E402
+from step_time import landed, run_variant  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name: (packaged config, arch, overrides)
@@ -55,8 +55,7 @@ def main(argv=None):
         a.config, a.arch = str(REPO / "configs" / f"{config}.yaml"), arch
         try:
             results.append(run_variant(name, overrides, a, matmul))
-            r = results[-1]  # printed as it lands: a time limit must not cost the finished variants' numbers
-            print(f"{name}: {r['img/s']:.0f} img/s (windows {r['windows']}), peak {r['peak GiB']:.2f} GiB", flush=True)
+            print(landed(name, results[-1]), flush=True)
         except Exception:  # one backbone failing must not cost the others' numbers
             import traceback
             traceback.print_exc()

@@ -75,9 +75,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     fastibot = [sys.executable, "-m", "fastibot.cli"]
     workers = 4 if args.loader == "dali" else args.workers
-    run = {"pretrain": args.stage in ("all", "pretrain"), "pretrained": args.stage in ("all", "pretrained"),
-           "random": args.stage in ("all", "random")}
-    if run["pretrain"]:
+    if args.stage in ("all", "pretrain"):
         stage("pretrain", out / "pretrain", fastibot + [
             "train", "-c", str(REPO / "configs" / "vit_small_16.yaml"), f"data.path={args.train}",
             f"data.loader={args.loader}", f"data.num_workers={workers}", "model.packed=true", "kernels.loss=triton",
@@ -88,7 +86,7 @@ def main(argv=None):
     for key, name, source in (("pretrained", "pretrained (iBOT teacher)", str(out / "pretrain")),
                               ("random", "random init", "random:vit_small")):
         folder = out / f"ft_{key}"
-        if run[key]:
+        if args.stage in ("all", key):
             if not (out / "pretrain.done").exists() and key == "pretrained":
                 sys.exit(f"the pretraining stage has not finished in {out}; run --stage pretrain first")
             stage(name, folder, fastibot + [

@@ -272,6 +272,12 @@ def sweep_point(spec: str):
             {"runtime.activation_memory": float(a), "runtime.recompute_blocks": float(r)})
 
 
+def landed(name: str, r: dict) -> str:
+    """One line per finished variant, printed as it lands (a time limit must not cost the finished ones)."""
+    return (f"{name}: {r['img/s']:.0f} img/s (windows {r['windows']}), peak {r['peak GiB']:.2f} GiB, "
+            f"reserved {r['reserved GiB']:.2f} GiB, recompiles {r['recompiles']}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "vit_small_16.yaml"))
@@ -332,9 +338,7 @@ def main(argv=None):
             gc.collect()
             torch.cuda.empty_cache()
             continue
-        r = results[-1]
-        print(f"{n}: {r['img/s']:.0f} img/s (windows {r['windows']}), peak {r['peak GiB']:.2f} GiB, "
-              f"reserved {r['reserved GiB']:.2f} GiB, recompiles {r['recompiles']}", flush=True)
+        print(landed(n, results[-1]), flush=True)
     ref = next((r for r in results if r["variant"] == "reference"), None)
     for r in results:
         r["x reference"] = r["img/s"] / ref["img/s"] if ref else float("nan")

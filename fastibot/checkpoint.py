@@ -229,6 +229,12 @@ def latest_checkpoint(folder) -> Optional[Path]:
 # --------------------------------------------------------------------------- reading
 
 
+def error_tail(e: Exception) -> str:
+    """The last non-empty line of an error's message (where torch puts the mismatch), or its type's name."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
 def load_failure(e: Exception) -> str:
     """Why a file that torch.load (or safetensors) refused is not usable, as the end of a sentence."""
     if isinstance(e, pickle.UnpicklingError):

@@ -259,8 +259,8 @@ class Finetuner:
             shown = lambda v: "unset" if v is None else repr(v)  # noqa: E731
             changed = [f"{'--' * (k != 'source')}{k.replace('_', '-')} {shown(saved[k])} (this run: {shown(getattr(a, k))})"
                        for k in flags if k in saved and saved[k] != getattr(a, k)]
-            why = [ln.strip() for ln in str(e).splitlines() if ln.strip()][-1:] or [type(e).__name__]
-            raise FinetuneError(f"--resume: {path} does not fit the model this run builds ({why[0]}); resume with "
+            raise FinetuneError(f"--resume: {path} does not fit the model this run builds ({ckpt.error_tail(e)}); "
+                                "resume with "
                                 + (f"the checkpoint's settings: {', '.join(changed)}" if changed else
                                    "the arguments in finetune_args.json of --out")) from None
 
@@ -361,11 +361,8 @@ def _finetune(args) -> int:
         print(f"fastibot finetune: {one_line(e)}", file=sys.stderr)  # a worker's error: its last line
         return 1
     if summary.get("rank", 0) == 0:
-        text = json.dumps(summary, indent=2)
-        print(text)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(text)
+        from .eval.cli import report
+        report(summary, args.json)
     stopped = summary.get("stopped")
     return 128 + int(getattr(signal, stopped)) if stopped else 0
 

@@ -163,14 +163,13 @@ class RunState:
     def _misfit(self, path: Path, old_cfg: dict, e: Exception) -> ckpt.CheckpointError:
         """The error for a checkpoint whose tensors do not fit this run: the first mismatch, and the model and
         crop keys (the shapes follow from them) that differ from the checkpoint's."""
-        details = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
         new = self.cfg.to_dict()
         changed = [f"{part}.{k}={old_cfg[part][k]!r} (this run: {v!r})" for part in ("model", "crops")
                    for k, v in new[part].items() if k in old_cfg.get(part, {}) and old_cfg[part][k] != v]
         fix = (f"resume with the checkpoint's settings: {', '.join(changed)}" if changed else
                "resume with the config the checkpoint was trained with (config.yaml in its run folder)")
         return ckpt.CheckpointError(f"checkpoint {str(path)!r} does not fit this run's model "
-                                    f"({details[-1] if details else type(e).__name__}); {fix}")
+                                    f"({ckpt.error_tail(e)}); {fix}")
 
     def _load_file(self, state: dict) -> None:
         opt = self.opt

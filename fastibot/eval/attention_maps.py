@@ -111,7 +111,7 @@ def output_names(files: Sequence[Path]) -> List[str]:
     stems = [f.stem for f in files]
     taken, names = set(stems), []
     for i, stem in enumerate(stems):
-        if stems.count(stem) > 1 and stem in stems[:i]:
+        if stem in stems[:i]:
             k = 2
             while f"{stem}-{k}" in taken:
                 k += 1

@@ -54,7 +54,8 @@ def _loading(p, max_help: str) -> None:
     p.add_argument("--json", help="also write the result here")
 
 
-def _finish(result: dict, path) -> int:
+def report(result: dict, path) -> int:
+    """Print ``result`` as JSON and, with ``path``, write it there too (its folders made)."""
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if path:
@@ -115,7 +116,7 @@ def _knn(args) -> int:
     backbone, name, tag = _backbone(args)
     res = run_knn(backbone, args.train, args.val, args.k, args.temperature, args.image_size, args.batch_size,
                   args.max_images, _device(args.device), args.workers, args.cache_dir, cache_tag=tag, progress=True)
-    return _finish({"checkpoint": name, **res}, args.json)
+    return report({"checkpoint": name, **res}, args.json)
 
 
 def subset_out_path(args) -> str:
@@ -135,7 +136,7 @@ def _linear(args) -> int:
                      args.image_size, args.batch_size, args.max_images, _device(args.device), args.workers,
                      progress=True, label_fraction=args.label_fraction, subset_seed=args.subset_seed,
                      subset_out=subset_out_path(args) if args.label_fraction < 1 else None)
-    return _finish({"checkpoint": name, **res}, args.json)
+    return report({"checkpoint": name, **res}, args.json)
 
 
 def _unsupervised(args) -> int:
@@ -150,7 +151,7 @@ def _unsupervised(args) -> int:
     _check_inputs(args, model.backbone)
     res = run_unsupervised(model, args.val, args.image_size, args.batch_size, args.max_images, _device(args.device),
                            args.workers, args.kmeans, progress=True)
-    return _finish({"checkpoint": name, **res}, args.json)
+    return report({"checkpoint": name, **res}, args.json)
 
 
 def _attention(args) -> int:

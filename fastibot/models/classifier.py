@@ -87,7 +87,7 @@ def build_classifier(name: str, kwargs: dict, num_classes: int, image_size: int,
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:
-        raise SourceError(f"the weights do not fit {name} at {image_size} px ({str(e).splitlines()[-1].strip()}): "
+        raise SourceError(f"the weights do not fit {name} at {image_size} px ({ckpt.error_tail(e)}): "
                           "check --model (weights of another architecture?) and --image-size (a Swin fine-tunes "
                           "at the size it was pretrained at)") from None
     head = model.pretrained_cfg.get("classifier", "head")
