@@ -1,6 +1,8 @@
 """Attention backends on the iBOT multi-crop shapes: attention alone and the whole student.
 
     python benchmarks/attention.py [--xformers-pt-shim] [--json out.json]
+    python benchmarks/attention.py --groups [--arch vit_base]
+
 
 For ViT-S/16 and ViT-B/16 with 64 images (2 masked globals of 197 tokens and
 10 locals of 37 tokens each), every backend runs the packed student
@@ -8,6 +10,11 @@ For ViT-S/16 and ViT-B/16 with 64 images (2 masked globals of 197 tokens and
 runs the globals and the locals as two dense batches, as the official code
 does. Columns: attention fwd+bwd over all 12 layers' shapes (one layer's call
 x depth), whole student backbone fwd+bwd, peak memory.
+
+``--groups`` times one layer's attention for each crop size alone (the 2·B globals of 197 tokens, the
+10·B locals of 37), forward + backward from a packed ``(T, 3, H, Dh)`` qkv buffer as the model holds it (so
+the gradient's copy back into that buffer is counted), by each SDPA kernel and by a compiled
+matmul-softmax-matmul (fp32 softmax), replayed as a CUDA graph.
 
 ``--xformers-pt-shim`` marks xformers as built with CUDA so that its ``-pt``
 operators (which call PyTorch's own flash and memory-efficient kernels) can
@@ -89,16 +96,73 @@ def bench_arch(arch, b, backends, rows):
                      "student fwd+bwd ms": s_ms, "x vs first": ref_ms / s_ms, "peak MiB": mem, "note": ""})
 
 
+def _matmul_attention(q, k, v):
+    """(n, L, H, Dh) -> (n, L, H, Dh): the explicit form, bf16 matmuls with an fp32 softmax."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    s = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+    return (torch.softmax(s, -1).to(v.dtype) @ v).transpose(1, 2)
+
+
+def bench_groups(arch: str, b: int, rows: list) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from common import time_graph_ms
+
+    from fastibot.models.vit import ARCHS
+    dim = ARCHS[arch]["embed_dim"]
+    h = ARCHS[arch]["num_heads"]
+    dh = dim // h
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def via_sdpa(kernel):
+        def fn(q, k, v):
+            with sdpa_kernel([kernel]):
+                return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        return fn
+
+    ways = [("sdpa default", lambda q, k, v: sdpa(q.transpose(1, 2), k.transpose(1, 2),
+                                                  v.transpose(1, 2)).transpose(1, 2)),
+            ("cudnn", via_sdpa(SDPBackend.CUDNN_ATTENTION)), ("flash", via_sdpa(SDPBackend.FLASH_ATTENTION)),
+            ("efficient", via_sdpa(SDPBackend.EFFICIENT_ATTENTION)),
+            ("matmul, compiled", torch.compile(_matmul_attention, fullgraph=True, dynamic=False))]
+    for n, length in ((2 * b, 197), (10 * b, 37)):
+        qkv = torch.randn(n * length, 3, h, dh, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        flop = 4 * n * h * length * length * dh * 3.5  # forward 2 matmuls, backward 2.5x
+        for label, fn in ways:
+            def step():
+                q, k, v = qkv.view(n, length, 3, h, dh).unbind(2)
+                fn(q, k, v).sum().backward()
+            try:
+                ms = time_graph_ms(step, rep=20)
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                ms = float("nan")
+                print(f"{label} {n}x{length}: {type(e).__name__}: {e}")
+            rows.append({"arch": arch, "crops": f"{n} x {length} tokens", "kernel": label,
+                         "fwd+bwd ms (one layer)": ms, "TFLOP/s": flop / (ms * 1e9) if ms == ms else ms})
+            qkv.grad = None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--xformers-pt-shim", action="store_true")
+    ap.add_argument("--groups", action="store_true", help="each crop size's attention alone, by kernel")
+    ap.add_argument("--arch", default="", choices=("", "vit_small", "vit_base", "vit_large"),
+                    help="--groups: one architecture (default: ViT-S and ViT-B)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
     info = device_info()
     print(" | ".join(f"{k}: {v}" for k, v in info.items()))
+    if args.groups:
+        rows = []
+        for arch in ([args.arch] if args.arch else ["vit_small", "vit_base"]):
+            bench_groups(arch, args.batch, rows)
+        print_table(f"attention per crop size, one layer, {args.batch} images, bf16, CUDA graph", rows,
+                    ["arch", "crops", "kernel", "fwd+bwd ms (one layer)", "TFLOP/s"])
+        write_json(args.json, {"device": info, "rows": rows})
+        return
     xf_label = "xformers"
     if args.xformers_pt_shim:
         try:

@@ -12,7 +12,8 @@ Variants, each in the same process so ratios are measured side by side:
   per-tensor EMA loop, no compile, no graph);
 - ``eager``: the fast path, eager (packed student, masked-only heads, fused loss and EMA kernels);
 - ``compiled``: ``eager`` with the teacher and the student + loss each compiled as one graph;
-- ``default``: what ``fastibot train`` runs on a GPU: ``compiled`` replayed as one CUDA graph.
+- ``default``: what ``fastibot train`` runs on a GPU: ``compiled`` replayed as one CUDA graph;
+- ``tuned`` and ``max-autotune``: ``default`` with ``runtime.autotune=kernels`` and ``max``.
 
 Several GPUs: ``torchrun --nproc_per_node N benchmarks/step_time.py --parallel ddp|fsdp|hsdp ...``;
 ``--batch`` is then per GPU, ``img/s`` the whole step's (all GPUs) and ``img/s/GPU`` that divided by N, and
@@ -58,6 +59,8 @@ VARIANTS = {
     "compiled": {"kernels.loss": "triton", "kernels.ema": "triton", "runtime.compile": "true",
                  "runtime.cuda_graph": "false"},
     "default": {},
+    "tuned": {"runtime.autotune": "kernels"},
+    "max-autotune": {"runtime.autotune": "max"},
 }
 
 

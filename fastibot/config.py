@@ -174,6 +174,10 @@ class RuntimeConfig:
     progress: bool = _f(True, "show a progress bar")
     compile: str = _f("auto", "torch.compile the teacher forward and the student forward + loss, each as one graph "
                       "(auto = on CUDA)", ("auto", "true", "false"))
+    autotune: str = _f("none", "runtime.compile: how hard inductor searches for fast kernels while compiling: none "
+                       "(its defaults), kernels (benchmarks block sizes of the Triton kernels it generates: "
+                       "LayerNorm, GELU, casts), max (also GEMM templates against cuBLAS, with activations fused "
+                       "into their epilogues); more search, longer first step", ("none", "kernels", "max"))
     cuda_graph: str = _f("auto", "capture the whole step once as a CUDA graph and replay it (auto = on CUDA)",
                          ("auto", "true", "false"))
     parallel: str = _f("ddp", "how processes split the work: ddp (each holds the whole model; one all-reduce of a "

@@ -116,7 +116,7 @@ def shard_model(model: nn.Module, mesh, amp_dtype: Optional[torch.dtype], reduce
         fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
-def compile_blocks(model: nn.Module) -> None:
+def compile_blocks(model: nn.Module, options: Optional[dict] = None) -> None:
     """``runtime.compile`` under fsdp|hsdp: each transformer block's forward (and through AOTAutograd its
     backward) one inductor graph. FSDP2's gather and free run as hooks around the block, outside the graph
     (dynamo does not trace them, so the whole-step graph of ddp cannot hold them)."""
@@ -128,7 +128,7 @@ def compile_blocks(model: nn.Module) -> None:
     cfg.recompile_limit = max(cfg.recompile_limit, 4 * len(blocks) + 8)
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * len(blocks) + 64)
     for block in blocks:
-        block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False)
+        block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False, options=options)
 
 
 class ShardedGrads:

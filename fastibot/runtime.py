@@ -44,6 +44,17 @@ def _env_int(name: str, default: int) -> int:
         raise TrainingError(f"environment variable {name}={raw!r} is not an integer (set by torchrun)") from None
 
 
+def compile_options(autotune: str) -> dict:
+    """``runtime.autotune`` -> inductor options for ``torch.compile(options=...)``. The CUDA graph is the
+    step's own (``fastibot.graph``), so inductor's is off at every level."""
+    opts = {"triton.cudagraphs": False}
+    if autotune in ("kernels", "max"):
+        opts["coordinate_descent_tuning"] = True
+    if autotune == "max":
+        opts["max_autotune"] = True  # GEMM templates benchmarked against cuBLAS, epilogues fused
+    return opts
+
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # runtime.precision -> autocast dtype
 
 

@@ -21,6 +21,7 @@ import torch
 from .data.batch import Batch
 from .loss import LossSpec, ibot_terms
 from .optim import GradBuffer, IBOTAdamW, LossScaler, clip_
+from .runtime import compile_options
 from .teacher import EMA, Centers, Schedules
 
 
@@ -101,8 +102,9 @@ class TrainStep:
         if compile:
             # the whole teacher forward, and the whole student forward + loss (and through AOTAutograd its
             # backward), each one graph; shapes depend on the config only, so they compile once
-            self.teacher_fn = torch.compile(self._teacher_targets, fullgraph=True, dynamic=False)
-            self.student_fn = torch.compile(self._student_terms, fullgraph=True, dynamic=False)
+            opts = compile_options(cfg.runtime.autotune)
+            self.teacher_fn = torch.compile(self._teacher_targets, fullgraph=True, dynamic=False, options=opts)
+            self.student_fn = torch.compile(self._student_terms, fullgraph=True, dynamic=False, options=opts)
 
     # ------------------------------------------------------------------ parts
 

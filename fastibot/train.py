@@ -34,7 +34,7 @@ from .rundir import claim
 from .kernels import resolve_impl
 from .optim import GradBuffer, IBOTAdamW, LossScaler
 from .parallel import ParallelError, ShardedGrads, build_mesh, compile_blocks, gather_full, shard_model, shard_size
-from .runtime import (AMP_DTYPES, Runtime, StopSignals, TrainingError, init_runtime, resolve_switch,
+from .runtime import (AMP_DTYPES, Runtime, StopSignals, TrainingError, compile_options, init_runtime, resolve_switch,
                       seed_everything)
 from .step import TrainStep
 from .teacher import EMA, Centers, Schedules
@@ -102,7 +102,7 @@ class Trainer(RunState):
                 mesh = build_mesh(cfg, rt)
                 for model, is_teacher in ((student, False), (teacher, True)):
                     if self.compile:
-                        compile_blocks(model)
+                        compile_blocks(model, compile_options(cfg.runtime.autotune))
                     shard_model(model, mesh, rt.amp_dtype, cfg.runtime.fsdp_reduce_dtype, teacher=is_teacher)
                 replicas = rt.world // shard_size(cfg, rt)
             except ParallelError as e:
@@ -127,7 +127,8 @@ class Trainer(RunState):
         log.info("fastibot: %s/%d, %s, data=%s, attention=%s, packed=%s, loss=%s, ema=%s, precision=%s, "
                  "compile=%s, cuda_graph=%s, masked rows per batch=%d, world=%d, parallel=%s%s",
                  cfg.model.arch, cfg.model.patch_size, rt.device, self.data.kind, self.attention, cfg.model.packed_forward(),
-                 self.loss_impl, self.ema_impl, PRECISION_NAMES[rt.amp_dtype], self.compile, self.cuda_graph,
+                 self.loss_impl, self.ema_impl, PRECISION_NAMES[rt.amp_dtype],
+                 f"{self.compile} (autotune={cfg.runtime.autotune})" if self.compile else False, self.cuda_graph,
                  row_capacity(cfg), rt.world, cfg.runtime.parallel,
                  f" ({replicas} x {rt.world // replicas})" if cfg.runtime.parallel == "hsdp" else "")
 

@@ -326,3 +326,23 @@ def test_switches_that_cannot_run_here_say_why(tmp_path):
     tr = _trainer(tmp_path / "a")
     assert (tr.compile, tr.cuda_graph, tr.loss_impl, tr.ema_impl) == (False, False, "reference", "foreach")
     assert tr.run_step is tr.stepper  # not wrapped in a graph
+
+
+@pytest.mark.parametrize("level,expect", [("none", {}), ("kernels", {"coordinate_descent_tuning": True}),
+                                          ("max", {"coordinate_descent_tuning": True, "max_autotune": True})])
+def test_runtime_autotune_reaches_both_compiled_graphs(tmp_path, monkeypatch, level, expect):
+    """runtime.autotune picks inductor's search options for the teacher graph and the student + loss graph,
+    and inductor's own CUDA graphs stay off at every level (the step captures its own)."""
+    import fastibot.step as step_mod
+    seen = []
+
+    def recorder(fn, **kw):
+        seen.append(kw)
+        return fn
+
+    monkeypatch.setattr(step_mod.torch, "compile", recorder)
+    _trainer(tmp_path, **{"runtime.compile": "true", "runtime.autotune": level, "model.depth": 1})
+    assert len(seen) == 2
+    for kw in seen:
+        assert kw["fullgraph"] is True and kw["dynamic"] is False
+        assert kw["options"] == {"triton.cudagraphs": False, **expect}
