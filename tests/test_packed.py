@@ -47,14 +47,14 @@ def test_packed_forward_and_grads_equal_dense():
     assert layout.groups == ((6, 17), (12, 5))
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "varlen", "xformers"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "mixed", "varlen", "xformers"])
 def test_backends_agree_with_reference(backend):
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
     try:
         check_backend(backend, DEVICE, dtype)
     except BackendUnavailable as e:
         pytest.skip(f"{backend} cannot run here: {e}")  # the other backends in this test still run
-    layout = PackedLayout(((3, 17), (5, 5), (2, 9)))
+    layout = PackedLayout(((3, 17), (5, 5), (2, 9), (1, 70)))  # mixed: the last group is long, the others short
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(layout.total, 3, 16, generator=g).to(DEVICE, dtype).requires_grad_(True) for _ in range(3))
     out = attention(q, k, v, backend, layout)

@@ -10,6 +10,9 @@ Backends (``model.attention``):
 - ``reference``: matmul + softmax + matmul in fp32, the ground truth.
 - ``sdpa``: ``F.scaled_dot_product_attention``, once per group of equal-length
   sequences (no padding, no packing inside attention).
+- ``mixed``: ``sdpa``, except that on CUDA a group of sequences of at most ``SHORT_TOKENS`` tokens (the
+  recipe's 96-px local crops, 37 tokens) runs PyTorch's memory-efficient kernel instead of SDPA's own pick
+  (cuDNN flash on Hopper, whose 64–128-row tiles are mostly padding at 37 tokens).
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention with
   cumulative sequence lengths, :func:`cu_seqlens`) over the whole packed batch;
   CUDA, bf16/fp16. It takes packed sequences only: dense calls (the teacher's
@@ -34,7 +37,11 @@ import torch.nn.functional as F
 
 log = logging.getLogger("fastibot")
 
-BACKENDS = ("reference", "sdpa", "varlen", "xformers")
+BACKENDS = ("reference", "sdpa", "mixed", "varlen", "xformers")
+# ``mixed``: sequences up to this long run the memory-efficient kernel. Measured on an H100 (one layer's
+# fwd+bwd, 64 images, benchmarks/attention.py --groups): 37 tokens 0.55 ms vs SDPA's cuDNN 0.73 (ViT-B),
+# 0.29 vs 0.38 (ViT-S); at 197 tokens cuDNN is faster (0.68 vs 1.19). Lengths in between were not measured.
+SHORT_TOKENS = 64
 
 
 class BackendUnavailable(RuntimeError):
@@ -102,6 +109,15 @@ def _sdpa_dense(q, k, v):
     return out.transpose(1, 2)
 
 
+def _mixed_dense(q, k, v):
+    if not q.is_cuda or q.shape[1] > SHORT_TOKENS:
+        return _sdpa_dense(q, k, v)
+    # the op SDPA itself dispatches to when it picks this kernel; called directly, the pick is ours
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True)[0]
+    return out.transpose(1, 2)
+
+
 def _per_group(fn, q, k, v, layout: PackedLayout):
     """Run a dense kernel on each group of equal-length sequences of a packed batch."""
     outs, start = [], 0
@@ -149,7 +165,7 @@ def _probe(fn, device: torch.device, dtype: torch.dtype) -> None:
 @functools.lru_cache(maxsize=16)
 def check_backend(name: str, device_type: str, dtype: torch.dtype = torch.bfloat16) -> None:
     """Raise :class:`BackendUnavailable` (saying why) if ``name`` cannot run on ``device_type``."""
-    if name in ("reference", "sdpa"):
+    if name in ("reference", "sdpa", "mixed"):
         return
     if name == "varlen":
         try:
@@ -217,10 +233,11 @@ def resolve_backend(name: str, device_type: str, dtype: torch.dtype = torch.bflo
 
 
 # varlen has no dense form: dense calls run SDPA (logged by resolve_backend, see the module docstring)
-_DENSE = {"reference": _reference_dense, "sdpa": _sdpa_dense, "varlen": _sdpa_dense, "xformers": _xformers_dense}
+_DENSE = {"reference": _reference_dense, "sdpa": _sdpa_dense, "mixed": _mixed_dense, "varlen": _sdpa_dense, "xformers": _xformers_dense}
 _PACKED = {
     "reference": functools.partial(_per_group, _reference_dense),
     "sdpa": functools.partial(_per_group, _sdpa_dense),
+    "mixed": functools.partial(_per_group, _mixed_dense),
     "varlen": _varlen_packed,
     "xformers": _xformers_packed,
 }
