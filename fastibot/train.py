@@ -124,6 +124,7 @@ class Trainer(RunState):
                                     LossSpec.from_config(cfg, self.loss_impl), self.sched, rt.device, rt.amp_dtype,
                                     compile=self.compile and cfg.runtime.parallel == "ddp")
         self.run_step = CapturedStep(self.stepper, rt.device) if self.cuda_graph else self.stepper
+        self._delivering = False  # whether the loader writes into the captured step's input buffers yet
         log.info("fastibot: %s/%d, %s, data=%s, attention=%s, packed=%s, loss=%s, ema=%s, precision=%s, "
                  "compile=%s, cuda_graph=%s, masked rows per batch=%d, world=%d, parallel=%s%s",
                  cfg.model.arch, cfg.model.patch_size, rt.device, self.data.kind, self.attention, cfg.model.packed_forward(),
@@ -156,6 +157,12 @@ class Trainer(RunState):
     def train_step(self, micro_batches: List[Batch]) -> None:
         self.run_step(micro_batches)
         self.step += 1
+        if self.cuda_graph and not self._delivering and self.run_step.captured:
+            deliver = getattr(self.data, "deliver_into", None)
+            if deliver is not None:  # the loader fills the captured step's input buffers itself from now on
+                deliver(self.run_step.static)
+                log.info("data: %s batches go straight into the captured step's input buffers", self.data.kind)
+            self._delivering = True
 
     # ------------------------------------------------------------------ loop
 

@@ -237,3 +237,33 @@ def test_dali_decode_failure_is_a_data_error(tmp_path):
     data.set_position(0, 0)
     with pytest.raises(DataError, match="torchvision skips"):
         next(iter(data))
+
+
+def test_dali_writes_crops_straight_into_the_captured_steps_buffers(tmp_path, shared_images):
+    """After ``deliver_into`` (the trainer calls it once the step is captured) micro-batch i of each step is
+    written into buffer i in place, the same pixels a fresh pipeline gives with the same seed; the step's own
+    copy of those fields is then skipped and the rest (masks, rows) still copied."""
+    cfg = _cfg(tmp_path, shared_images, **{"optim.accum_steps": 2})
+    plain = [next(it) for it in [iter(DaliData(cfg, 0, 1, torch.device("cpu")))] for _ in range(4)]
+    data = DaliData(cfg, 0, 1, torch.device("cpu"))
+    static = [plain[0].clone(), plain[0].clone()]
+    data.deliver_into(static)
+    batches = iter(data)
+    for i in range(4):
+        b = next(batches)
+        dst = static[i % 2]
+        assert b.globals is dst.globals and b.locals is dst.locals  # written in place
+        torch.testing.assert_close(b.globals, plain[i].globals, rtol=0, atol=0)
+        torch.testing.assert_close(b.locals, plain[i].locals, rtol=0, atol=0)
+        copied = []
+        real_copy = torch.Tensor.copy_
+        torch.Tensor.copy_ = lambda self, src, non_blocking=False: (copied.append(self), real_copy(self, src))[1]
+        try:
+            dst.copy_(b)
+        finally:
+            torch.Tensor.copy_ = real_copy
+        assert not any(t is dst.globals or t is dst.locals for t in copied)
+        assert any(t is dst.masks for t in copied) and torch.equal(dst.masks, b.masks)
+    with pytest.raises(ValueError, match="step buffer"):
+        data.deliver_into([plain[0].clone()._map(lambda t: t[:1] if t.dim() == 4 else t)])
+        next(iter(data))

@@ -50,6 +50,17 @@ def test_graph_replayed_step_equals_eager_with_accumulation_fp16_and_recompute(t
     assert float(b[-1]["loss"]) != float(b[0]["loss"])  # it trained
 
 
+@pytest.mark.parametrize("loader,accum", [("torchvision", 1), ("dali", 2)])
+def test_graph_replayed_step_fed_by_real_loaders_equals_eager(tmp_path, shared_images, loader, accum):
+    """Once the step is captured the loaders fill its input buffers themselves (torchvision: pinned host
+    batches copied once to the device; DALI: crops written in place, micro-batch i into buffer i): the
+    numbers stay the eager step's, batch after batch."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'fastibot[dali]')")
+    _eager_and_graph(tmp_path, 8, **{"data.loader": loader, "data.source": "imagefolder", "optim.accum_steps": accum,
+                                     "data.path": str(shared_images / "train"), "data.num_workers": 2})
+
+
 def test_resume_with_graphs_on(tmp_path):
     extra = {**GPU, "model.drop_path": 0.0}
     train(tiny_config(tmp_path / "whole", **extra, **{"runtime.max_steps": 12}))

@@ -54,13 +54,17 @@ class Batch:
 
     def copy_(self, other: "Batch") -> None:
         """Copy ``other`` into this batch's tensors (static buffers of a captured step); shapes must agree.
-        Labels are not copied: training never reads them."""
+        Labels are not copied: training never reads them. A field of ``other`` that already is this
+        batch's tensor (a loader wrote it in place, see :func:`deliver_into`) is not copied again; a
+        pinned host field is copied to the device without a sync."""
         for k, v in self.tensors().items():
             w = getattr(other, k)
             if torch.is_tensor(v) and k != "labels":
                 if w is None or w.shape != v.shape:
                     raise ValueError(f"batch field {k}: shape {None if w is None else tuple(w.shape)} does not "
                                      f"match the captured {tuple(v.shape)}")
+                if w.device == v.device and w.data_ptr() == v.data_ptr() and w.stride() == v.stride():
+                    continue
                 v.copy_(w, non_blocking=True)
 
 

@@ -36,7 +36,7 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -182,6 +182,7 @@ class DaliData:
         self.ratio_table = (torch.tensor(m.pred_ratio, dtype=torch.float32, device=device),
                             torch.tensor(m.pred_ratio_var, dtype=torch.float32, device=device))
         self.step = 0
+        self.targets: List = []  # the captured step's input buffers, once deliver_into has named them
         log.info("DALI loader: %d images, %d threads, decoder=%s, masks on %s", len(samples), threads,
                  "mixed" if device.type == "cuda" else "cpu", device.type)
 
@@ -199,13 +200,23 @@ class DaliData:
             return block_masks(ratios, *self.grid, seed, m.aspect_ratio).reshape(n, -1)
         return self.mask_gen.batch(n, *self.grid, random.Random(seed)).reshape(n, -1).to(self.device)
 
-    def _stack(self, outs) -> torch.Tensor:
-        """DALI outputs (one per crop, B each) copied straight into one (n*B, ...) tensor: no extra cat."""
+    def deliver_into(self, static) -> None:
+        """From now on write the crops of the i-th micro-batch of each step straight into ``static[i]``'s
+        tensors (the captured step's input buffers): its copy of them is then skipped. Stream order keeps
+        it safe: the writes are queued on the current stream after the replay that read the last batch."""
+        self.targets = list(static)
+
+    def _stack(self, outs, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """DALI outputs (one per crop, B each) copied straight into one (n*B, ...) tensor, ``out`` or a
+        new one: no extra cat."""
         from nvidia.dali.tensors import TensorListGPU
 
         first = outs[0].as_tensor()
         b = first.shape()[0]
-        x = torch.empty([b * len(outs)] + list(first.shape()[1:]), dtype=torch.float32, device=self.device)
+        shape = [b * len(outs)] + list(first.shape()[1:])
+        if out is not None and list(out.shape) != shape:
+            raise ValueError(f"DALI crops of shape {shape} cannot go into a step buffer of {tuple(out.shape)}")
+        x = out if out is not None else torch.empty(shape, dtype=torch.float32, device=self.device)
         for i, out in enumerate(outs):
             dst = x[i * b:(i + 1) * b]
             if isinstance(out, TensorListGPU):
@@ -221,7 +232,10 @@ class DaliData:
 
     def __iter__(self):
         c = self.cfg.crops
-        for _ in range(self.step % self.steps_per_epoch, self.steps_per_epoch):
+        start = self.step % self.steps_per_epoch
+        for i in range(start, self.steps_per_epoch):
+            # iteration starts at a step boundary: the n-th batch yielded is micro-batch n mod accum of a step
+            dst = self.targets[(i - start) % len(self.targets)] if self.targets else None
             try:
                 outs = self.pipe.run()
             except RuntimeError as e:
@@ -232,7 +246,8 @@ class DaliData:
                 masks = torch.zeros_like(masks)
             self.step += 1
             # labels stay on the host: training never reads them (no copy per batch)
-            yield make_batch(self._stack(outs[: c.n_global]),
-                             self._stack(outs[c.n_global:self.n_outputs]) if c.n_local else None,
+            yield make_batch(self._stack(outs[: c.n_global], dst.globals if dst else None),
+                             self._stack(outs[c.n_global:self.n_outputs], dst.locals if dst else None)
+                             if c.n_local else None,
                              masks, c.n_global, self.capacity, n_bad=self._take_bad(),
                              labels=torch.from_numpy(outs[-1].as_array().reshape(-1)).long())
