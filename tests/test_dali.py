@@ -16,7 +16,8 @@ from fastibot.data.dali import DaliData, build_pipeline  # noqa: E402
 from fastibot.data.datasets import list_images  # noqa: E402
 
 
-PARAMS_PER_CROP = 9  # out, extent, shape, flip, gray, jitter, blurred, solarized, colour (before solarize/flip)
+# out, extent, shape, flip, gray, jitter, blurred, solarized, colour (before solarize/flip), twisted (before blur)
+PARAMS_PER_CROP = 10
 
 
 def _cfg(tmp_path, images, **extra):
@@ -117,7 +118,7 @@ def _fixed_pipeline(crops, images, seed):
 
     from fastibot.data.dali import multicrop_graph
 
-    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, seed=seed)
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, seed=seed, enable_conditionals=True)
     def pipe():
         x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
         return tuple(multicrop_graph(x, x.shape(), crops, with_params=True))
@@ -129,18 +130,26 @@ def _fixed_pipeline(crops, images, seed):
 
 def test_pixels_flip_solarize_grayscale_on_fixed_images(tmp_path):
     """What each drawn augmentation does to the pixels: a flipped crop is the unflipped one mirrored,
-    solarization turns values >= 128 into 255 - value and leaves darker ones, grayscale makes R = G = B."""
+    solarization turns values >= 128 into 255 - value and leaves darker ones, grayscale makes R = G = B,
+    and only the crops that drew the blur are blurred."""
     from fastibot.data.dali import MEAN_255, STD_255
     cfg = tiny_config(tmp_path)
     pipe = _fixed_pipeline(cfg.crops, _fixed_images(), seed=11)
     n_crops = cfg.crops.n_global + cfg.crops.n_local
-    seen = {"flip": 0, "still": 0, "solar": 0, "gray": 0, "colour": 0}
+    seen = {"flip": 0, "still": 0, "solar": 0, "gray": 0, "colour": 0, "blurred": 0, "changed": 0, "sharp": 0}
     for _ in range(2):
         outs = pipe.run()
         for c in range(n_crops):
             o = [np.array(outs[c * PARAMS_PER_CROP + k].as_tensor()) for k in range(PARAMS_PER_CROP)]
             out, flip, gray, solarized, colour = o[0], o[3].reshape(-1), o[4].reshape(-1), o[7].reshape(-1), o[8]
+            blurred, twisted = o[6].reshape(-1), o[9]
             for b in range(out.shape[0]):
+                if blurred[b]:
+                    seen["blurred"] += 1
+                    seen["changed"] += not np.array_equal(colour[b], twisted[b])  # sigma 0.1 may change nothing
+                else:
+                    np.testing.assert_array_equal(colour[b], twisted[b], err_msg=f"crop {c} image {b}: not drawn")
+                    seen["sharp"] += 1
                 px = colour[b].astype(np.float64)  # (S, S, 3) in 0..255
                 if solarized[b]:
                     seen["solar"] += bool((px >= 128).any() and (px < 128).any())  # both sides of the threshold
@@ -157,6 +166,7 @@ def test_pixels_flip_solarize_grayscale_on_fixed_images(tmp_path):
                 else:
                     seen["colour"] += spread > 20
     assert seen["flip"] >= 10 and seen["still"] >= 10 and seen["solar"] >= 2 and seen["gray"] >= 5
+    assert seen["sharp"] >= 10 and seen["blurred"] >= 10 and seen["changed"] >= 0.7 * seen["blurred"]
     assert seen["colour"] >= 0.9 * (seen["flip"] + seen["still"] - seen["gray"])  # the pictures keep colour
 
 

@@ -97,26 +97,30 @@ def _crop(images, shape, size: int, scale, blur_p: float, solarize_p: float, wit
     saturation = (jitter * fn.random.uniform(range=[0.8, 1.2]) + (1 - jitter)) * (1 - gray)
     hue = jitter * fn.random.uniform(range=[-36.0, 36.0])  # degrees: ±0.1 of the hue circle
     x = fn.color_twist(x, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
-    blurred = fn.random.coin_flip(probability=blur_p)
-    if blur_p > 0:
-        sharp = fn.gaussian_blur(x, sigma=fn.random.uniform(range=[0.1, 2.0]))
-        x = sharp if blur_p >= 1 else blurred * sharp + (1 - blurred) * x
-    colour = x  # (size, size, 3) in [0, 255]: what solarization, flip and normalisation act on
-    solarized = fn.random.coin_flip(probability=solarize_p)
-    if solarize_p > 0:  # PIL's solarize: values >= 128 of 255 become 255 - value, darker ones stay
-        x = x + solarized * (x >= 128.0) * (255.0 - 2.0 * x)
+    # the blur and the solarization run only on the samples that drew them (DALI conditionals split the batch
+    # and merge it again): the pixels stay uint8 throughout, none are blurred only to be thrown away
+    twisted = x
+    blurred = fn.random.coin_flip(probability=blur_p, dtype=types.BOOL)
+    if blurred:
+        x = fn.gaussian_blur(x, sigma=fn.random.uniform(range=[0.1, 2.0]))
+    colour = x  # (size, size, 3) uint8: what solarization, flip and normalisation act on
+    solarized = fn.random.coin_flip(probability=solarize_p, dtype=types.BOOL)
+    if solarized:  # PIL's solarize: values >= 128 of 255 become 255 - value, darker ones stay
+        x = fn.cast(x + (x >= 128) * (255 - 2 * fn.cast(x, dtype=types.INT16)), dtype=types.UINT8)
     flip = fn.random.coin_flip(probability=0.5)
     out = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=MEAN_255, std=STD_255,
                                    mirror=flip)
     if not with_params:
         return [out]
-    return [out, extent, shape, flip, gray, jitter, blurred, solarized, colour]
+    return [out, extent, shape, flip, gray, jitter, blurred, solarized, colour, twisted]
 
 
 def multicrop_graph(images, shape, crops, with_params: bool = False) -> List:
     """All crops of one image batch (globals first); with ``with_params`` each crop also returns
-    its window extent, the image shape, its flip / grayscale / jitter / blur / solarize draws and its
-    pixels before solarization and flip (HWC, 0-255), so tests can check what each step does."""
+    its window extent, the image shape, its flip / grayscale / jitter / blur / solarize draws, its
+    pixels before solarization and flip and those before the blur (HWC, 0-255), so tests can check what
+    each step does. It branches
+    per sample: the pipeline that calls it needs ``enable_conditionals=True``."""
     outs = []
     for i in range(crops.n_global + crops.n_local):
         if i < crops.n_global:
@@ -132,7 +136,7 @@ def build_pipeline(files, labels, crops, batch_size: int, shard_id: int, num_sha
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=2)
+                  prefetch_queue_depth=2, enable_conditionals=True)
     def ibot_pipeline():
         jpegs, lab = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
                                      random_shuffle=True, name="Reader", seed=seed)
