@@ -26,7 +26,8 @@ kernels per step, GPU busy share and GPU time by kind (GEMM, attention, fastibot
 compiler-generated Triton, other), and recompiles after warm-up; ``--memory-sweep`` runs the default
 at several ``runtime.activation_memory`` budgets (``A/R``: with ``runtime.recompute_blocks`` R) and prints
 img/s against peak memory. Peak memory is
-the allocator's peak over the whole variant (warm-up and capture included), and what it reserved.
+the allocator's peak over the whole variant (warm-up and capture included), and what it reserved;
+``warm-up s`` is the wall time of the untimed steps, compiling and capturing included.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -171,9 +173,11 @@ def run_variant(name, overrides, args, matmul):
     tr = Trainer(cfg, init_runtime(cfg))
     tr.variant_name = name
     batches = endless(tr.data)
+    t0 = time.perf_counter()
     for _ in range(args.warmup):
         tr.train_step([next(batches)])
     torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0  # compile and capture included: what a run pays before its first fast step
     compiles_after_warmup = _recompiles()
     rates, masked = [], []
     for _ in range(args.windows):
@@ -198,6 +202,7 @@ def run_variant(name, overrides, args, matmul):
     res["peak GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
     res["reserved GiB"] = torch.cuda.max_memory_reserved() / 2 ** 30
     res["recompiles"] = _recompiles() - compiles_after_warmup
+    res["warm-up s"] = warmup_s
     if args.phases and not tr.cuda_graph:
         marker = PhaseMarker()
         tr.stepper.mark = marker
@@ -278,7 +283,7 @@ def sweep_point(spec: str):
 def landed(name: str, r: dict) -> str:
     """One line per finished variant, printed as it lands (a time limit must not cost the finished ones)."""
     return (f"{name}: {r['img/s']:.0f} img/s (windows {r['windows']}), peak {r['peak GiB']:.2f} GiB, "
-            f"reserved {r['reserved GiB']:.2f} GiB, recompiles {r['recompiles']}")
+            f"reserved {r['reserved GiB']:.2f} GiB, recompiles {r['recompiles']}, warm-up {r['warm-up s']:.0f} s")
 
 
 def main(argv=None):
@@ -359,7 +364,7 @@ def main(argv=None):
                 f"{args.steps} steps", results,
                 ["variant", "parallel", "attention", "img/s", "img/s/GPU", "spread %", "ms/step", "GFLOP/img",
                  "TFLOP/s", "MFU %", "% matmul", "peak GiB", "reserved GiB", "model+opt GiB", "recompiles",
-                 "x reference", "memory x reference"])
+                 "warm-up s", "x reference", "memory x reference"])
     if main_rank:
         write_json(args.json, {"device": info, "matmul_tflops": matmul, "args": vars(args),
                                "world": int(os.environ.get("WORLD_SIZE", "1")), "results": results, **extra})
