@@ -55,7 +55,7 @@ class Batch:
     def copy_(self, other: "Batch") -> None:
         """Copy ``other`` into this batch's tensors (static buffers of a captured step); shapes must agree.
         Labels are not copied: training never reads them. A field of ``other`` that already is this
-        batch's tensor (a loader wrote it in place, see :func:`deliver_into`) is not copied again; a
+        batch's tensor (a loader wrote it in place: the loaders' ``deliver_into``) is not copied again; a
         pinned host field is copied to the device without a sync."""
         for k, v in self.tensors().items():
             w = getattr(other, k)

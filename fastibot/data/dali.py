@@ -119,8 +119,7 @@ def multicrop_graph(images, shape, crops, with_params: bool = False) -> List:
     """All crops of one image batch (globals first); with ``with_params`` each crop also returns
     its window extent, the image shape, its flip / grayscale / jitter / blur / solarize draws, its
     pixels before solarization and flip and those before the blur (HWC, 0-255), so tests can check what
-    each step does. It branches
-    per sample: the pipeline that calls it needs ``enable_conditionals=True``."""
+    each step does. It branches per sample: the pipeline that calls it needs ``enable_conditionals=True``."""
     outs = []
     for i in range(crops.n_global + crops.n_local):
         if i < crops.n_global:

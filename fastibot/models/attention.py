@@ -233,7 +233,8 @@ def resolve_backend(name: str, device_type: str, dtype: torch.dtype = torch.bflo
 
 
 # varlen has no dense form: dense calls run SDPA (logged by resolve_backend, see the module docstring)
-_DENSE = {"reference": _reference_dense, "sdpa": _sdpa_dense, "mixed": _mixed_dense, "varlen": _sdpa_dense, "xformers": _xformers_dense}
+_DENSE = {"reference": _reference_dense, "sdpa": _sdpa_dense, "mixed": _mixed_dense, "varlen": _sdpa_dense,
+          "xformers": _xformers_dense}
 _PACKED = {
     "reference": functools.partial(_per_group, _reference_dense),
     "sdpa": functools.partial(_per_group, _sdpa_dense),
