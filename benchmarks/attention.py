@@ -3,7 +3,6 @@
     python benchmarks/attention.py [--xformers-pt-shim] [--json out.json]
     python benchmarks/attention.py --groups [--arch vit_base]
 
-
 For ViT-S/16 and ViT-B/16 with 64 images (2 masked globals of 197 tokens and
 10 locals of 37 tokens each), every backend runs the packed student
 (block-diagonal attention over all 768 crops at once); ``sdpa (unpacked)``
@@ -108,21 +107,19 @@ def bench_groups(arch: str, b: int, rows: list) -> None:
 
     from common import time_graph_ms
 
+    from fastibot.models.attention import _sdpa_dense
     from fastibot.models.vit import ARCHS
     dim = ARCHS[arch]["embed_dim"]
     h = ARCHS[arch]["num_heads"]
     dh = dim // h
-    sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def via_sdpa(kernel):
         def fn(q, k, v):
             with sdpa_kernel([kernel]):
-                return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+                return _sdpa_dense(q, k, v)
         return fn
 
-    ways = [("sdpa default", lambda q, k, v: sdpa(q.transpose(1, 2), k.transpose(1, 2),
-                                                  v.transpose(1, 2)).transpose(1, 2)),
-            ("cudnn", via_sdpa(SDPBackend.CUDNN_ATTENTION)), ("flash", via_sdpa(SDPBackend.FLASH_ATTENTION)),
+    ways = [("sdpa default", _sdpa_dense), ("cudnn", via_sdpa(SDPBackend.CUDNN_ATTENTION)), ("flash", via_sdpa(SDPBackend.FLASH_ATTENTION)),
             ("efficient", via_sdpa(SDPBackend.EFFICIENT_ATTENTION)),
             ("matmul, compiled", torch.compile(_matmul_attention, fullgraph=True, dynamic=False))]
     for n, length in ((2 * b, 197), (10 * b, 37)):

@@ -209,17 +209,17 @@ class DaliData:
         it safe: the writes are queued on the current stream after the replay that read the last batch."""
         self.targets = list(static)
 
-    def _stack(self, outs, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """DALI outputs (one per crop, B each) copied straight into one (n*B, ...) tensor, ``out`` or a
+    def _stack(self, outs, into: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """DALI outputs (one per crop, B each) copied straight into one (n*B, ...) tensor, ``into`` or a
         new one: no extra cat."""
         from nvidia.dali.tensors import TensorListGPU
 
         first = outs[0].as_tensor()
         b = first.shape()[0]
         shape = [b * len(outs)] + list(first.shape()[1:])
-        if out is not None and list(out.shape) != shape:
-            raise ValueError(f"DALI crops of shape {shape} cannot go into a step buffer of {tuple(out.shape)}")
-        x = out if out is not None else torch.empty(shape, dtype=torch.float32, device=self.device)
+        if into is not None and list(into.shape) != shape:
+            raise ValueError(f"DALI crops of shape {shape} cannot go into a step buffer of {tuple(into.shape)}")
+        x = into if into is not None else torch.empty(shape, dtype=torch.float32, device=self.device)
         for i, out in enumerate(outs):
             dst = x[i * b:(i + 1) * b]
             if isinstance(out, TensorListGPU):
