@@ -61,6 +61,7 @@ VARIANTS = {
     "compiled": {"kernels.loss": "triton", "kernels.ema": "triton", "runtime.compile": "true",
                  "runtime.cuda_graph": "false"},
     "default": {},
+    "mixed": {"model.attention": "mixed"},
     "tuned": {"runtime.autotune": "kernels"},
     "max-autotune": {"runtime.autotune": "max"},
 }
@@ -288,7 +289,8 @@ def landed(name: str, r: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(REPO / "configs" / "vit_small_16.yaml"))
+    ap.add_argument("--config", default=None,
+                    help="recipe file; default configs/<arch>_16.yaml (the file a user trains that arch with)")
     ap.add_argument("--arch", default="vit_small", choices=("vit_tiny", "vit_small", "vit_base", "vit_large"))
     ap.add_argument("--batch", type=int, default=64, help="images per step")
     ap.add_argument("--variants", default="reference,eager,compiled,default",
@@ -314,6 +316,10 @@ def main(argv=None):
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
+    if args.config is None:
+        args.config = str(REPO / "configs" / f"{args.arch}_16.yaml")
+        if not Path(args.config).exists():  # vit_tiny has no recipe file of its own
+            args.config = str(REPO / "configs" / "vit_small_16.yaml")
     if not torch.cuda.is_available():
         sys.exit("benchmarks/step_time.py needs a CUDA GPU")
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # under torchrun: before anything touches a GPU
