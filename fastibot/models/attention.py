@@ -21,9 +21,9 @@ Backends (``model.attention``):
 - ``xformers``: ``xformers.ops.memory_efficient_attention`` with a
   ``BlockDiagonalMask`` over the whole packed batch (cached per layout).
 - ``auto``: the first backend of a fixed per-device order (``AUTO_ORDER``) that
-  can run here, logged once. The order comes from a measurement (SDPA once per
-  crop size was fastest for the recipe's two sizes on an H100), not from timing
-  on the machine at hand; today it is SDPA on every device.
+  can run here, logged once. The order comes from measurements on an H100
+  (``benchmarks/RESULTS.md``), not from timing on the machine at hand: ``mixed``
+  on CUDA, ``sdpa`` on the CPU (where ``mixed`` would run SDPA anyway).
 """
 from __future__ import annotations
 
@@ -202,11 +202,13 @@ def check_backend(name: str, device_type: str, dtype: torch.dtype = torch.bfloat
 
 
 # ``auto`` takes the first of these that check_backend accepts. Measured on an H100
-# (benchmarks/RESULTS.md): for the recipe's two crop sizes, SDPA once per size is the
-# fastest attention (15.7 ms vs 18.7 for varlen over ViT-S's 12 layers, fwd+bwd, 64
-# images) and ties varlen on the whole student. varlen and xformers stay explicit
-# choices (they pay off with many sizes).
-AUTO_ORDER = {"cuda": ("sdpa",), "cpu": ("sdpa",)}
+# (benchmarks/RESULTS.md): for the recipe's two crop sizes, attention once per size is the
+# fastest (15.7 ms vs 18.7 for varlen over ViT-S's 12 layers, fwd+bwd, 64 images), and
+# ``mixed`` (the memory-efficient kernel for the 37-token local crops) made the whole
+# compiled, captured step 3.1% faster than ``sdpa`` for ViT-S (1,542 vs 1,495 img/s) and
+# 1.4% for ViT-B (649 vs 640), same call. varlen and xformers stay explicit choices
+# (they pay off with many sizes).
+AUTO_ORDER = {"cuda": ("mixed", "sdpa"), "cpu": ("sdpa",)}
 
 
 def resolve_backend(name: str, device_type: str, dtype: torch.dtype = torch.bfloat16) -> str:
