@@ -55,8 +55,9 @@ REPO = Path(__file__).resolve().parents[1]
 PHASES = ["data wait", "teacher forward", "student forward + loss", "backward", "optimizer", "EMA", "other"]
 OFF = {"runtime.compile": "false", "runtime.cuda_graph": "false"}
 VARIANTS = {
+    # the official computation keeps every activation (eager, activation_memory < 1 would recompute blocks)
     "reference": {"model.packed": False, "kernels.loss": "reference", "kernels.ema": "reference",
-                  "model.attention": "sdpa", **OFF},
+                  "model.attention": "sdpa", "runtime.activation_memory": 1.0, **OFF},
     "eager": {"kernels.loss": "triton", "kernels.ema": "triton", **OFF},
     "compiled": {"kernels.loss": "triton", "kernels.ema": "triton", "runtime.compile": "true",
                  "runtime.cuda_graph": "false"},
