@@ -13,6 +13,7 @@ Variants, each in the same process so ratios are measured side by side:
 - ``eager``: the fast path, eager (packed student, masked-only heads, fused loss and EMA kernels);
 - ``compiled``: ``eager`` with the teacher and the student + loss each compiled as one graph;
 - ``default``: what ``fastibot train`` runs on a GPU: ``compiled`` replayed as one CUDA graph;
+- ``mixed``: ``default`` with ``model.attention=mixed``;
 - ``tuned`` and ``max-autotune``: ``default`` with ``runtime.autotune=kernels`` and ``max``.
 
 Several GPUs: ``torchrun --nproc_per_node N benchmarks/step_time.py --parallel ddp|fsdp|hsdp ...``;
