@@ -46,7 +46,7 @@ def main(argv=None):
         sys.exit("benchmarks/backbones.py needs a CUDA GPU")
     info, matmul = device_info(), matmul_tflops()
     base = argparse.Namespace(batch=args.batch, steps=args.steps, windows=args.windows, warmup=args.warmup,
-                              data="synthetic", data_path="", workers=0, phases=False, profile=False, set=args.set,
+                              data="synthetic", data_path="", workers=0, dali_threads=None, phases=False, profile=False, set=args.set,
                               parallel="ddp", sync_debug="error")
     results = []
     for name in args.variants:

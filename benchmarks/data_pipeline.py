@@ -67,9 +67,9 @@ def measure(kind: str, args, device: torch.device) -> dict:
     """Steady-state img/s: warm-up drains what the loader made ahead, then ``--windows`` timed windows of
     ``--batches`` batches each; the median window is reported with the slowest and fastest."""
     over = [f"data.loader={kind}", f"data.batch_size={args.batch}", "data.source=imagefolder",
-            f"data.path={args.images}", f"data.num_workers={args.workers if kind == 'torchvision' else args.dali_threads}",
+            f"data.path={args.images}", f"data.num_workers={args.workers}",
             f"data.synthetic_size={args.batch * (args.batches + args.warmup + 1)}",
-            f"runtime.device={device.type}"]
+            f"runtime.device={device.type}"] + ([f"data.dali_threads={args.dali_threads}"] if args.dali_threads else [])
     cfg = load_config(REPO / "configs" / "vit_small_16.yaml", over)
     data = build_data(cfg, 0, 1, device)
     it = endless(data)
@@ -84,11 +84,11 @@ def measure(kind: str, args, device: torch.device) -> dict:
         n = 0
         for _ in range(args.batches):
             b = next(it)
-            n += b["globals"].shape[0] // cfg.crops.n_global
+            n += b.globals.shape[0] // cfg.crops.n_global
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates.append(n / (time.perf_counter() - t0))
-    threads = args.workers if kind == "torchvision" else (args.dali_threads if kind == "dali" else 0)
+    threads = args.workers if kind == "torchvision" else (cfg.data.dali_threads if kind == "dali" else 0)
     note = "pre-made device batches, cycled: no per-batch work (the ceiling)" if kind == "synthetic" else ""
     return {"loader": kind, "img/s": statistics.median(rates), "min img/s": min(rates), "max img/s": max(rates),
             "CPU threads": threads, "warm-up batches": warmup, "windows": f"{args.windows} x {args.batches}",
@@ -106,7 +106,7 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=5, help="timed windows (the median is reported)")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up batches on top of those the loader keeps in flight")
     ap.add_argument("--workers", type=int, default=min(15, (os.cpu_count() or 2) - 1))
-    ap.add_argument("--dali-threads", type=int, default=4)
+    ap.add_argument("--dali-threads", type=int, default=None, help="default: the config's data.dali_threads")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not args.images:

@@ -74,11 +74,10 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fastibot = [sys.executable, "-m", "fastibot.cli"]
-    workers = 4 if args.loader == "dali" else args.workers
     if args.stage in ("all", "pretrain"):
         stage("pretrain", out / "pretrain", fastibot + [
             "train", "-c", str(REPO / "configs" / "vit_small_16.yaml"), f"data.path={args.train}",
-            f"data.loader={args.loader}", f"data.num_workers={workers}", "model.packed=true", "kernels.loss=triton",
+            f"data.loader={args.loader}", f"data.num_workers={args.workers}", "model.packed=true", "kernels.loss=triton",
             "kernels.ema=triton", "optim.epochs=60", "optim.warmup_epochs=2", "teacher.warmup_temp_epochs=6",
             f"runtime.max_minutes={args.minutes}", f"runtime.output_dir={out / 'pretrain'}", "runtime.progress=false"],
             resumable=True)  # cut short: continues (its minute budget restarts)

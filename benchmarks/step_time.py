@@ -172,6 +172,8 @@ def run_variant(name, overrides, args, matmul):
          "data.num_workers": args.workers, "runtime.parallel": args.parallel, **overrides}
     if args.data != "synthetic":
         o.update({"data.source": "imagefolder", "data.path": args.data_path})
+    if args.dali_threads is not None:
+        o["data.dali_threads"] = args.dali_threads
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -307,7 +309,9 @@ def main(argv=None):
                          "with a real loader (DALI's rate still rose after 12)")
     ap.add_argument("--data", default="synthetic", choices=("synthetic", "torchvision", "dali"))
     ap.add_argument("--data-path", default="", help="image folder for --data torchvision|dali")
-    ap.add_argument("--workers", type=int, default=15)
+    ap.add_argument("--workers", type=int, default=15, help="worker processes of --data torchvision")
+    ap.add_argument("--dali-threads", type=int, default=None,
+                    help="CPU threads of --data dali (default: the config's data.dali_threads)")
     ap.add_argument("--phases", action="store_true", help="CUDA-event phase times of the uncaptured variants")
     ap.add_argument("--profile", action="store_true", help="kernels per step and GPU time by kind")
     ap.add_argument("--memory-sweep", default="", help="comma-separated runtime.activation_memory values for the "

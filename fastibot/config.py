@@ -143,7 +143,9 @@ class DataConfig:
                      ("auto", "torchvision", "dali", "synthetic"))
     path: str = _f("", "image folder (class subfolders, or a flat folder of images)")
     batch_size: int = _f(64, "images per step per process", ge=1)
-    num_workers: int = _f(8, "data loader worker processes", ge=0)
+    num_workers: int = _f(8, "worker processes of the torchvision loader", ge=0)
+    dali_threads: int = _f(3, "CPU threads of the DALI pipeline (data.loader=dali); a few are fastest, more contend "
+                              "with the training process for the cores", ge=1)
     synthetic_size: int = _f(2048, "number of images of the synthetic set", ge=1)
     synthetic_classes: int = _f(10, "number of classes of the synthetic set", ge=1)
     synthetic_resolution: int = _f(128, "side of the synthetic images in pixels", ge=1)

@@ -176,6 +176,19 @@ def test_training_with_the_dali_loader(tmp_path, shared_images):
     assert summary["step"] == 2 and summary["loss"] > 0
 
 
+def test_dali_threads_come_from_their_own_key_not_the_cpu_loaders_workers(tmp_path, shared_images):
+    """data.num_workers sizes the torchvision loader (10 in the recipes); DALI runs data.dali_threads threads,
+    few by default, because more of them ran slower beside the training process."""
+    from fastibot.config import ConfigError
+    data = DaliData(_cfg(tmp_path, shared_images, **{"data.num_workers": 10}), 0, 1, torch.device("cpu"))
+    assert data.pipe.num_threads == 3
+    data = DaliData(_cfg(tmp_path, shared_images, **{"data.num_workers": 10, "data.dali_threads": 2}), 0, 1,
+                    torch.device("cpu"))
+    assert data.pipe.num_threads == 2
+    with pytest.raises(ConfigError, match="dali_threads"):
+        _cfg(tmp_path, shared_images, **{"data.dali_threads": 0})
+
+
 def test_dali_needs_an_image_folder(tmp_path):
     from fastibot.data.datasets import DataError
     cfg = tiny_config(tmp_path, **{"data.loader": "dali"})

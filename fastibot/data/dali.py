@@ -172,7 +172,7 @@ class DaliData:
         self.steps_per_epoch = len(samples) // (self.batch * world)
         if self.steps_per_epoch == 0:
             raise DataError(f"{len(samples)} images cannot fill one global batch of {self.batch * world}")
-        threads = max(1, cfg.data.num_workers)  # CPU threads of the pipeline (4 suffice with GPU decode)
+        threads = cfg.data.dali_threads  # few: more threads ran slower (benchmarks/RESULTS.md, seventh session)
         self.pipe = build_pipeline([p for p, _ in samples], [lab for _, lab in samples], cfg.crops, self.batch,
                                    rank, world, cfg.runtime.seed + rank,
                                    device.index if device.type == "cuda" else None, threads)
