@@ -119,7 +119,8 @@ def bench_groups(arch: str, b: int, rows: list) -> None:
                 return _sdpa_dense(q, k, v)
         return fn
 
-    ways = [("sdpa default", _sdpa_dense), ("cudnn", via_sdpa(SDPBackend.CUDNN_ATTENTION)), ("flash", via_sdpa(SDPBackend.FLASH_ATTENTION)),
+    ways = [("sdpa default", _sdpa_dense), ("cudnn", via_sdpa(SDPBackend.CUDNN_ATTENTION)),
+            ("flash", via_sdpa(SDPBackend.FLASH_ATTENTION)),
             ("efficient", via_sdpa(SDPBackend.EFFICIENT_ATTENTION)),
             ("matmul, compiled", torch.compile(_matmul_attention, fullgraph=True, dynamic=False))]
     for n, length in ((2 * b, 197), (10 * b, 37)):

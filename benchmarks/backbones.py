@@ -46,8 +46,8 @@ def main(argv=None):
         sys.exit("benchmarks/backbones.py needs a CUDA GPU")
     info, matmul = device_info(), matmul_tflops()
     base = argparse.Namespace(batch=args.batch, steps=args.steps, windows=args.windows, warmup=args.warmup,
-                              data="synthetic", data_path="", workers=0, dali_threads=None, phases=False, profile=False, set=args.set,
-                              parallel="ddp", sync_debug="error")
+                              data="synthetic", data_path="", workers=0, dali_threads=None, phases=False,
+                              profile=False, set=args.set, parallel="ddp", sync_debug="error")
     results = []
     for name in args.variants:
         config, arch, overrides = VARIANTS[name]

@@ -69,7 +69,9 @@ def measure(kind: str, args, device: torch.device) -> dict:
     over = [f"data.loader={kind}", f"data.batch_size={args.batch}", "data.source=imagefolder",
             f"data.path={args.images}", f"data.num_workers={args.workers}",
             f"data.synthetic_size={args.batch * (args.batches + args.warmup + 1)}",
-            f"runtime.device={device.type}"] + ([f"data.dali_threads={args.dali_threads}"] if args.dali_threads else [])
+            f"runtime.device={device.type}"]
+    if args.dali_threads is not None:
+        over.append(f"data.dali_threads={args.dali_threads}")
     cfg = load_config(REPO / "configs" / "vit_small_16.yaml", over)
     data = build_data(cfg, 0, 1, device)
     it = endless(data)

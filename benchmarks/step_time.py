@@ -36,6 +36,7 @@ gaps the step leaves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -356,11 +357,9 @@ def main(argv=None):
     results = []
     for n, o in runs:
         try:
-            if args.stream_priority is None:
+            with (contextlib.nullcontext() if args.stream_priority is None
+                  else torch.cuda.stream(torch.cuda.Stream(priority=args.stream_priority))):
                 results.append(run_variant(n, o, args, matmul))
-            else:
-                with torch.cuda.stream(torch.cuda.Stream(priority=args.stream_priority)):
-                    results.append(run_variant(n, o, args, matmul))
         except Exception:  # report and go on: one broken variant must not cost the others' numbers
             import traceback
             traceback.print_exc()

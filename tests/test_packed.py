@@ -35,7 +35,7 @@ def test_packed_forward_and_grads_equal_dense():
     tokens, layout = vit.forward_packed([g, loc], [m, None])
     dense_g = vit.forward_features(g, m)
     dense_l = vit.forward_features(loc)
-    n_g = dense_g.shape[0] * dense_g.shape[1]
+    n_g = dense_g.shape[0] * dense_g.shape[1]  # float64 model and crops: float64 tolerances
     torch.testing.assert_close(tokens[:n_g].view_as(dense_g), dense_g, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(tokens[n_g:].view_as(dense_l), dense_l, rtol=1e-10, atol=1e-10)
     w = torch.randn_like(tokens)

@@ -31,7 +31,7 @@ def test_mask_token_replaces_exactly_the_masked_patches():
     pos = vit.pos_embed_for(4, 4)[0]  # (1 + N, D)
     patches = vit.patch_embed(x)  # (B, N, D)
     torch.testing.assert_close(out[:, 0], plain[:, 0], rtol=0, atol=0)  # [CLS] untouched
-    for b in range(3):
+    for b in range(3):  # float64 model and inputs throughout: the tight tolerances below are float64's
         for n in range(16):
             want = (vit.masked_embed[0] if mask[b, n] else patches[b, n]) + pos[1 + n]
             torch.testing.assert_close(out[b, 1 + n], want, rtol=1e-12, atol=1e-12, msg=f"image {b} patch {n}")
@@ -45,7 +45,7 @@ def test_mask_token_gets_the_gradient_of_the_masked_positions_only():
     mask[0, [1, 5, 6]] = True
     w = torch.randn(2, 17, vit.embed_dim, dtype=torch.float64)
     (grad,) = torch.autograd.grad((vit.prepare_tokens(x, mask) * w).sum(), [vit.masked_embed])
-    torch.testing.assert_close(grad[0], w[0, [2, 6, 7]].sum(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad[0], w[0, [2, 6, 7]].sum(0), rtol=1e-12, atol=1e-12)  # float64 throughout
 
 
 # ------------------------------------------------------------------ position embeddings
@@ -87,7 +87,7 @@ def official_pos_embed(pos_embed, grid, h, w):
 def test_pos_embed_official_resampling(h, w):
     vit = _vit(img_size=112, patch=8)  # a 14 x 14 trained grid, as ViT-S/16 at 224 px
     got = vit.pos_embed_for(h, w).detach().numpy()
-    want = official_pos_embed(vit.pos_embed.detach().numpy(), 14, h, w)
+    want = official_pos_embed(vit.pos_embed.detach().numpy(), 14, h, w)  # float64, as the model (_vit)
     assert got.shape == (1, 1 + h * w, vit.embed_dim)
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
@@ -110,7 +110,7 @@ def test_pos_embed_exact_resize_option_and_official_default():
     got = vit.pos_embed_for(6, 4).detach().numpy()
     p = vit.pos_embed.detach().numpy()
     rows, cols = _resample_matrix(14, 6, 14 / 6), _resample_matrix(14, 4, 14 / 4)
-    want = np.einsum("ir,rcd,jc->ijd", rows, p[0, 1:].reshape(14, 14, -1), cols).reshape(24, -1)
+    want = np.einsum("ir,rcd,jc->ijd", rows, p[0, 1:].reshape(14, 14, -1), cols).reshape(24, -1)  # float64
     np.testing.assert_allclose(got[0, 1:], want, rtol=1e-10, atol=1e-12)
     # the two differ noticeably at the recipe's local-crop size (14 -> 6)
     official = _vit(img_size=112, patch=8).pos_embed_for(6, 6)

@@ -249,8 +249,8 @@ class DaliData:
                 masks = torch.zeros_like(masks)
             self.step += 1
             # labels stay on the host: training never reads them (no copy per batch)
-            yield make_batch(self._stack(outs[: c.n_global], dst.globals if dst else None),
-                             self._stack(outs[c.n_global:self.n_outputs], dst.locals if dst else None)
+            yield make_batch(self._stack(outs[: c.n_global], dst.globals if dst is not None else None),
+                             self._stack(outs[c.n_global:self.n_outputs], dst.locals if dst is not None else None)
                              if c.n_local else None,
                              masks, c.n_global, self.capacity, n_bad=self._take_bad(),
                              labels=torch.from_numpy(outs[-1].as_array().reshape(-1)).long())

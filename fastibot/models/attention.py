@@ -112,7 +112,9 @@ def _sdpa_dense(q, k, v):
 def _mixed_dense(q, k, v):
     if not q.is_cuda or q.shape[1] > SHORT_TOKENS:
         return _sdpa_dense(q, k, v)
-    # the op SDPA itself dispatches to when it picks this kernel; called directly, the pick is ours
+    # the op SDPA itself dispatches to when it picks this kernel; called directly, the pick is ours. The last
+    # argument computes the log-sum-exp the backward needs: short sequences are the student's local crops,
+    # which always take a backward (the teacher sees only the 197-token globals)
     out = torch.ops.aten._scaled_dot_product_efficient_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True)[0]
     return out.transpose(1, 2)
