@@ -13,7 +13,8 @@ x depth), whole student backbone fwd+bwd, peak memory.
 ``--groups`` times one layer's attention for each crop size alone (the 2·B globals of 197 tokens, the
 10·B locals of 37), forward + backward from a packed ``(T, 3, H, Dh)`` qkv buffer as the model holds it (so
 the gradient's copy back into that buffer is counted), by each SDPA kernel and by a compiled
-matmul-softmax-matmul (fp32 softmax), replayed as a CUDA graph.
+matmul-softmax-matmul (fp32 softmax) and by fastibot's tile kernels (``--tile-configs`` adds block shapes),
+replayed as a CUDA graph; then the packed layer with both sizes, ``mixed`` against ``triton``.
 
 ``--xformers-pt-shim`` marks xformers as built with CUDA so that its ``-pt``
 operators (which call PyTorch's own flash and memory-efficient kernels) can
@@ -102,7 +103,7 @@ def _matmul_attention(q, k, v):
     return (torch.softmax(s, -1).to(v.dtype) @ v).transpose(1, 2)
 
 
-def bench_groups(arch: str, b: int, rows: list) -> None:
+def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from common import time_graph_ms
@@ -119,25 +120,58 @@ def bench_groups(arch: str, b: int, rows: list) -> None:
                 return _sdpa_dense(q, k, v)
         return fn
 
-    ways = [("sdpa default", _sdpa_dense), ("cudnn", via_sdpa(SDPBackend.CUDNN_ATTENTION)),
-            ("flash", via_sdpa(SDPBackend.FLASH_ATTENTION)),
-            ("efficient", via_sdpa(SDPBackend.EFFICIENT_ATTENTION)),
-            ("matmul, compiled", torch.compile(_matmul_attention, fullgraph=True, dynamic=False))]
+    def from_qkv(fn):  # the SDPA-style kernels take q, k and v views of the buffer
+        return lambda qkv, groups: fn(*qkv.view(groups[0][0], groups[0][1], 3, h, dh).unbind(2))
+
+    ways = [("sdpa default", from_qkv(_sdpa_dense)), ("cudnn", from_qkv(via_sdpa(SDPBackend.CUDNN_ATTENTION))),
+            ("flash", from_qkv(via_sdpa(SDPBackend.FLASH_ATTENTION))),
+            ("efficient", from_qkv(via_sdpa(SDPBackend.EFFICIENT_ATTENTION))),
+            ("matmul, compiled", from_qkv(torch.compile(_matmul_attention, fullgraph=True, dynamic=False)))]
+    for cfg in tile_configs or [None]:
+        ways.append((f"fastibot tile {cfg or 'default'}", _tile_way(cfg)))
     for n, length in ((2 * b, 197), (10 * b, 37)):
         qkv = torch.randn(n * length, 3, h, dh, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         flop = 4 * n * h * length * length * dh * 3.5  # forward 2 matmuls, backward 2.5x
+        expected = _sdpa_dense(*qkv.detach().view(n, length, 3, h, dh).unbind(2)).float()
         for label, fn in ways:
             def step():
-                q, k, v = qkv.view(n, length, 3, h, dh).unbind(2)
-                fn(q, k, v).sum().backward()
+                fn(qkv, ((n, length),)).sum().backward()
             try:
+                err = (fn(qkv.detach(), ((n, length),)).float().reshape(expected.shape) - expected).abs().max().item()
                 ms = time_graph_ms(step, rep=20)
             except Exception as e:  # noqa: BLE001 - reported in the table
-                ms = float("nan")
+                ms = err = float("nan")
                 print(f"{label} {n}x{length}: {type(e).__name__}: {e}")
             rows.append({"arch": arch, "crops": f"{n} x {length} tokens", "kernel": label,
-                         "fwd+bwd ms (one layer)": ms, "TFLOP/s": flop / (ms * 1e9) if ms == ms else ms})
+                         "fwd+bwd ms (one layer)": ms, "TFLOP/s": flop / (ms * 1e9) if ms == ms else ms,
+                         "max |out - sdpa|": err})
             qkv.grad = None
+    # the student's layer as the packed model runs it: both sizes in one buffer, the outputs and the gradient
+    # in one tensor each (tile) against SDPA per size with the outputs concatenated (mixed)
+    from fastibot.models.attention import PackedLayout, attention_qkv
+    layout = PackedLayout(((2 * b, 197), (10 * b, 37)))
+    qkv = torch.randn(layout.total, 3, h, dh, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for label, backend in (("packed layer: mixed", "mixed"), ("packed layer: triton (tile)", "triton")):
+        ms = time_graph_ms(lambda: attention_qkv(qkv, backend, layout).sum().backward(), rep=20)
+        rows.append({"arch": arch, "crops": "both sizes, packed", "kernel": label, "fwd+bwd ms (one layer)": ms})
+        qkv.grad = None
+
+
+def _tile_way(cfg):
+    """The tile kernels with ``cfg`` = "BM/BN/W" for every key tile (None: the module's defaults)."""
+    from fastibot.kernels import tile_attention as ta
+
+    def fn(qkv, groups):
+        saved = dict(ta.TUNING)
+        if cfg:
+            bm, bn, w = (int(x) for x in cfg.split("/"))
+            ta.TUNING.update({seq: (bm, bn, w) for seq in (64, 128, 256)})
+        try:
+            return ta.tile_attention(qkv, groups)
+        finally:
+            ta.TUNING.clear()
+            ta.TUNING.update(saved)
+    return fn
 
 
 def main(argv=None):
@@ -147,6 +181,8 @@ def main(argv=None):
     ap.add_argument("--groups", action="store_true", help="each crop size's attention alone, by kernel")
     ap.add_argument("--arch", default="", choices=("", "vit_small", "vit_base", "vit_large"),
                     help="--groups: one architecture (default: ViT-S and ViT-B)")
+    ap.add_argument("--tile-configs", default="",
+                    help="--groups: comma-separated BM/BN/W block shapes for the tile kernels (e.g. 64/64/8,32/32/4)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -156,9 +192,9 @@ def main(argv=None):
     if args.groups:
         rows = []
         for arch in ([args.arch] if args.arch else ["vit_small", "vit_base"]):
-            bench_groups(arch, args.batch, rows)
+            bench_groups(arch, args.batch, rows, [c for c in args.tile_configs.split(",") if c])
         print_table(f"attention per crop size, one layer, {args.batch} images, bf16, CUDA graph", rows,
-                    ["arch", "crops", "kernel", "fwd+bwd ms (one layer)", "TFLOP/s"])
+                    ["arch", "crops", "kernel", "fwd+bwd ms (one layer)", "TFLOP/s", "max |out - sdpa|"])
         write_json(args.json, {"device": info, "rows": rows})
         return
     xf_label = "xformers"

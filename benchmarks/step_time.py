@@ -68,6 +68,7 @@ VARIANTS = {
                  "runtime.cuda_graph": "false"},
     "default": {},
     "mixed": {"model.attention": "mixed"},
+    "triton": {"model.attention": "triton"},
     "tuned": {"runtime.autotune": "kernels"},
     "max-autotune": {"runtime.autotune": "max"},
 }

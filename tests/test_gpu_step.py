@@ -37,8 +37,8 @@ def test_graph_replayed_step_equals_the_eager_step_over_20_steps(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [{"optim.accum_steps": 2}, {"runtime.precision": "fp16"},
-                                   {"runtime.recompute_blocks": 1.0}],
-                         ids=["accum2", "fp16", "recompute_blocks"])
+                                   {"runtime.recompute_blocks": 1.0}, {"model.attention": "triton"}],
+                         ids=["accum2", "fp16", "recompute_blocks", "triton_attention"])
 def test_graph_replayed_step_equals_eager_with_accumulation_fp16_and_recompute(tmp_path, monkeypatch, extra):
     """The captured step with gradient accumulation (two micro-batches inside one graph), fp16 with the
     device-side loss scaler, and every block recomputed in the backward trains the numbers the eager step

@@ -47,7 +47,7 @@ def test_packed_forward_and_grads_equal_dense():
     assert layout.groups == ((6, 17), (12, 5))
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "mixed", "varlen", "xformers"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "mixed", "triton", "varlen", "xformers"])
 def test_backends_agree_with_reference(backend):
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
     try:

@@ -35,16 +35,26 @@ def _snapshot(tr):
             "metrics": tr.metrics.buf.clone()}
 
 
-def test_compiled_step_equals_eager_step(tmp_path):
+@pytest.mark.parametrize("both,compiled_only", [
+    ({}, {}),
+    # fastibot's tile-attention op inside the compiled graph (Triton's interpreter here) against the eager
+    # step on SDPA
+    ({}, {"model.attention": "triton"}),
+    # the same with the partitioner's budget recomputing part of the step; no drop path (a recomputed random
+    # draw is not eager's)
+    ({"model.drop_path": 0.0}, {"model.attention": "triton", "runtime.activation_memory": 0.5}),
+], ids=["sdpa", "triton-attention", "triton-attention-budget"])
+def test_compiled_step_equals_eager_step(tmp_path, both, compiled_only):
     """runtime.compile=true (the teacher, and the student forward + loss, each one inductor graph; backward
     through AOTAutograd) trains the same numbers as the eager step over several steps: losses, student,
     teacher, centers. Inductor's random numbers follow eager's here (fallback_random) so drop path matches."""
     import torch._inductor.config as inductor_config
-    extra = {"model.depth": 2, "model.drop_path": 0.2, "runtime.max_steps": 4}
+    extra = {"model.depth": 2, "model.drop_path": 0.2, "runtime.max_steps": 4, **both}
     runs = {}
     for mode in ("false", "true"):
         torch.manual_seed(0)
-        tr = _trainer(tmp_path / mode, **extra, **{"runtime.compile": mode})
+        tr = _trainer(tmp_path / mode, **extra, **{"runtime.compile": mode},
+                      **(compiled_only if mode == "true" else {}))
         assert tr.compile == (mode == "true")
         batches = _batches(tr, 4)
         with inductor_config.patch(fallback_random=True):

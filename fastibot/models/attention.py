@@ -13,6 +13,11 @@ Backends (``model.attention``):
 - ``mixed``: ``sdpa``, except that on CUDA a group of sequences of at most ``SHORT_TOKENS`` tokens (the
   recipe's 96-px local crops, 37 tokens) runs PyTorch's memory-efficient kernel instead of SDPA's own pick
   (cuDNN flash on Hopper, whose 64–128-row tiles are mostly padding at 37 tokens).
+- ``triton``: fastibot's tile-attention kernels (``fastibot.kernels.tile_attention``): every sequence of
+  at most 256 tokens in one tile of keys, read straight from the qkv projection's ``(T, 3, H, Dh)`` buffer,
+  every crop size in one op, the gradient written as one ``(T, 3, H, Dh)`` tensor. CUDA with bf16/fp16
+  activations (or the Triton interpreter on the CPU); a layout with a longer sequence, or fp32 activations
+  on CUDA, runs ``mixed``.
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention with
   cumulative sequence lengths, :func:`cu_seqlens`) over the whole packed batch;
   CUDA, bf16/fp16. It takes packed sequences only: dense calls (the teacher's
@@ -37,7 +42,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger("fastibot")
 
-BACKENDS = ("reference", "sdpa", "mixed", "varlen", "xformers")
+BACKENDS = ("reference", "sdpa", "mixed", "triton", "varlen", "xformers")
 # ``mixed``: sequences up to this long run the memory-efficient kernel. Measured on an H100 (one layer's
 # fwd+bwd, 64 images, benchmarks/attention.py --groups): 37 tokens 0.55 ms vs SDPA's cuDNN 0.73 (ViT-B),
 # 0.29 vs 0.38 (ViT-S); at 197 tokens cuDNN is faster (0.68 vs 1.19). Lengths in between were not measured.
@@ -134,6 +139,36 @@ def _per_group(fn, q, k, v, layout: PackedLayout):
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
+def _tile_runs(qkv: torch.Tensor, groups) -> bool:
+    """Whether the tile kernels take this qkv buffer and these ``(count, length)`` groups."""
+    from fastibot.kernels import interpreting
+    from fastibot.kernels.tile_attention import fits
+
+    if qkv.is_cuda:
+        if qkv.dtype not in (torch.float16, torch.bfloat16):
+            return False
+    elif not interpreting():
+        return False
+    return all(fits(length, qkv.shape[-1]) for n, length in groups if n)
+
+
+def _triton_qkv(qkv: torch.Tensor, layout: PackedLayout | None):
+    """``triton`` on a dense ``(B, N, 3, H, Dh)`` or packed ``(T, 3, H, Dh)`` qkv buffer."""
+    from fastibot.kernels.tile_attention import tile_attention
+
+    if layout is None:
+        b, n = qkv.shape[:2]
+        groups = ((b, n),)
+        flat = qkv.reshape((b * n,) + qkv.shape[2:])
+    else:
+        groups, flat = layout.groups, qkv
+    if not _tile_runs(flat, groups):
+        q, k, v = qkv.unbind(-3)
+        return attention(q, k, v, "mixed", layout)
+    out = tile_attention(flat, groups)
+    return out.view(qkv.shape[:2] + qkv.shape[3:]) if layout is None else out
+
+
 def _varlen_packed(q, k, v, layout: PackedLayout):
     from torch.nn.attention.varlen import varlen_attn
 
@@ -168,6 +203,24 @@ def _probe(fn, device: torch.device, dtype: torch.dtype) -> None:
 def check_backend(name: str, device_type: str, dtype: torch.dtype = torch.bfloat16) -> None:
     """Raise :class:`BackendUnavailable` (saying why) if ``name`` cannot run on ``device_type``."""
     if name in ("reference", "sdpa", "mixed"):
+        return
+    if name == "triton":
+        try:
+            from fastibot.kernels import interpreting
+            from fastibot.kernels.tile_attention import tile_attention  # noqa: F401
+        except ImportError as e:
+            raise BackendUnavailable(f"model.attention=triton needs Triton: {e}") from None
+        if device_type != "cuda" and not interpreting():
+            raise BackendUnavailable("model.attention=triton runs Triton kernels, which need a CUDA device "
+                                     "(or TRITON_INTERPRET=1 on the CPU)")
+        if device_type == "cuda" and dtype not in (torch.float16, torch.bfloat16):
+            raise BackendUnavailable("model.attention=triton needs bf16 or fp16 activations "
+                                     "(runtime.precision=bf16|fp16)")
+        try:
+            qkv = torch.randn(7, 3, 2, 16, device=device_type, dtype=dtype)
+            _triton_qkv(qkv, PackedLayout(((1, 5), (1, 2))))
+        except Exception as e:  # the reason goes into the message
+            raise BackendUnavailable(f"model.attention=triton failed a test call: {e}") from None
         return
     if name == "varlen":
         try:
@@ -238,13 +291,15 @@ def resolve_backend(name: str, device_type: str, dtype: torch.dtype = torch.bflo
 
 # varlen has no dense form: dense calls run SDPA (logged by resolve_backend, see the module docstring)
 _DENSE = {"reference": _reference_dense, "sdpa": _sdpa_dense, "mixed": _mixed_dense, "varlen": _sdpa_dense,
-          "xformers": _xformers_dense}
+          "xformers": _xformers_dense, "triton": lambda q, k, v: _triton_qkv(torch.stack((q, k, v), -3), None)}
 _PACKED = {
     "reference": functools.partial(_per_group, _reference_dense),
     "sdpa": functools.partial(_per_group, _sdpa_dense),
     "mixed": functools.partial(_per_group, _mixed_dense),
     "varlen": _varlen_packed,
     "xformers": _xformers_packed,
+    # separate q, k and v are stacked into the buffer the kernels read (attention_qkv skips that copy)
+    "triton": lambda q, k, v, layout: _triton_qkv(torch.stack((q, k, v), -3), layout),
 }
 
 
@@ -253,3 +308,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, l
     if layout is None:
         return _DENSE[backend](q, k, v)
     return _PACKED[backend](q, k, v, layout)
+
+
+def attention_qkv(qkv: torch.Tensor, backend: str, layout: PackedLayout | None = None):
+    """Multi-head attention from the qkv projection's output: dense ``(B, N, 3, H, Dh)`` -> ``(B, N, H, Dh)``,
+    or packed ``(T, 3, H, Dh)`` with ``layout`` -> ``(T, H, Dh)``. ``triton`` reads the buffer in place; the
+    other backends take its q, k and v views."""
+    if backend == "triton":
+        return _triton_qkv(qkv, layout)
+    q, k, v = qkv.unbind(-3)
+    return attention(q, k, v, backend, layout)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from .attention import PackedLayout, attention
+from .attention import PackedLayout, attention_qkv
 
 ARCHS = {
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -74,8 +74,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, layout: Optional[PackedLayout] = None) -> torch.Tensor:
         lead = x.shape[:-1]  # (B, N) dense or (T,) packed
         qkv = self.qkv(x).view(*lead, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(-3)  # each (..., H, Dh)
-        out = attention(q, k, v, self.backend, layout)
+        out = attention_qkv(qkv, self.backend, layout)  # (..., H, Dh)
         return self.proj(out.reshape(*lead, -1))
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:

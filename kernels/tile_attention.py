@@ -1,0 +1,289 @@
+"""Attention over short sequences with the whole key sequence in one tile.
+
+iBOT's crops are short: 197 tokens for a 224-px global crop, 37 for a 96-px local
+crop at patch 16. Flash-style kernels stream keys through 64–128-row tiles with
+an online softmax; at 37 tokens their tiles are mostly padding and their loop
+machinery is most of the work. Here every program holds all ``SEQ`` (the
+sequence length rounded up to a power of two, at most ``MAX_SEQ``) keys of one
+sequence and head at once, so the softmax is a plain row softmax and nothing
+loops:
+
+- forward, one program per (block of ``BLOCK_M`` query rows, sequence, head):
+  ``S = Q Kᵀ``, ``P = softmax(S·scale)``, ``O = P V``; the row log-sum-exp is kept
+  for the backward.
+- backward, one program per (block of ``BLOCK_N`` key rows, sequence, head):
+  ``P`` is recomputed from the log-sum-exp, ``dV = Pᵀ dO``,
+  ``dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O))``, ``dK = dSᵀ Q·scale``. When one block
+  holds the whole sequence (``SEQ ≤ BLOCK_N``) the same program also writes
+  ``dQ = dS K·scale``; otherwise a second kernel, one program per block of query
+  rows, does.
+
+The op reads q, k and v straight from the packed ``(T, 3, H, Dh)`` buffer the
+qkv projection writes and returns the gradient as one ``(T, 3, H, Dh)`` tensor,
+so neither the forward's per-size outputs nor the backward's three gradients are
+copied into place afterwards. Every group of equal-length sequences in a packed
+batch runs in the same op (one launch per group), writing into one output.
+
+Products run on the tensor cores in the input dtype (bf16/fp16) with fp32
+accumulation; ``P`` and ``dS`` are rounded to the input dtype before their
+products, as in flash attention. The eager reference is
+``models.attention._reference_dense``; ``tests/test_tile_attention.py`` holds the
+kernels to it under ``TRITON_INTERPRET=1`` and on the GPU.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+MAX_SEQ = 256  # longest sequence the kernels take (one tile of keys per program)
+LOG2E = 1.4426950408889634
+
+
+def seq_tile(length: int) -> int:
+    """The key tile for sequences of ``length`` tokens: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(length))
+
+
+def fits(length: int, head_dim: int) -> bool:
+    """Whether the kernels take sequences of ``length`` tokens with heads of ``head_dim`` features."""
+    return 0 < length <= MAX_SEQ and head_dim in (16, 32, 64, 128)
+
+
+# key tile -> (BLOCK_M, BLOCK_N, warps): query rows per forward and dQ program, key rows per dK/dV program,
+# warps per program. Unlisted tiles take (min(SEQ, 64), min(SEQ, 64), 4 warps up to 64 keys, else 8). benchmarks/attention.py --groups
+# --tile-configs times the alternatives.
+TUNING = {}
+
+
+def blocks(length: int) -> Tuple[int, int, int, int]:
+    """(SEQ, BLOCK_M, BLOCK_N, warps) for sequences of ``length`` tokens. Up to 64 tokens one program holds
+    the whole sequence in both passes."""
+    seq = seq_tile(length)
+    bm, bn, warps = TUNING.get(seq, (min(seq, 64), min(seq, 64), 4 if seq <= 64 else 8))
+    return seq, min(bm, seq), min(bn, seq), warps
+
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    # Triton's CPU interpreter mis-multiplies bf16 operands; upcast there. The products of bf16 or fp16 values
+    # are exact in fp32, so both forms sum the same terms in fp32 (the GPU form on the tensor cores).
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _fwd_kernel(qkv_ptr, out_ptr, lse_ptr, L, H, scale_log2,
+                s_tok, s_which, s_head, o_tok, o_head,
+                SEQ: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, F32: tl.constexpr):
+    mblk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    tok0 = tl.cast(b, tl.int64) * L  # first token of this sequence
+    base = qkv_ptr + tok0 * s_tok + h * s_head
+    rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    keys = tl.arange(0, SEQ)
+    d = tl.arange(0, D)
+    q = tl.load(base + rows[:, None] * s_tok + d[None, :], mask=rows[:, None] < L, other=0.0)
+    k = tl.load(base + s_which + keys[:, None] * s_tok + d[None, :], mask=keys[:, None] < L, other=0.0)
+    v = tl.load(base + 2 * s_which + keys[:, None] * s_tok + d[None, :], mask=keys[:, None] < L, other=0.0)
+    s = _dot(q, tl.trans(k), F32) * scale_log2  # base-2 logits, fp32
+    s = tl.where(keys[None, :] < L, s, float("-inf"))
+    m = tl.max(s, 1)
+    p = tl.exp2(s - m[:, None])
+    den = tl.sum(p, 1)
+    o = _dot(p.to(v.dtype), v, F32) / den[:, None]
+    out = out_ptr + tok0 * o_tok + h * o_head
+    tl.store(out + rows[:, None] * o_tok + d[None, :], o.to(out_ptr.dtype.element_ty), mask=rows[:, None] < L)
+    # rows past L see zero queries: a finite log-sum-exp the backward masks out anyway
+    tl.store(lse_ptr + tl.cast(bh, tl.int64) * SEQ + rows, m + tl.log2(den))
+
+
+@triton.jit
+def _bwd_kv_kernel(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale,
+                   s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
+                   SEQ: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, WITH_DQ: tl.constexpr,
+                   F32: tl.constexpr):
+    nblk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    tok0 = tl.cast(b, tl.int64) * L
+    base = qkv_ptr + tok0 * s_tok + h * s_head
+    keys = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, SEQ)
+    d = tl.arange(0, D)
+    kmask = keys[:, None] < L
+    rmask = rows[:, None] < L
+    k = tl.load(base + s_which + keys[:, None] * s_tok + d[None, :], mask=kmask, other=0.0)
+    v = tl.load(base + 2 * s_which + keys[:, None] * s_tok + d[None, :], mask=kmask, other=0.0)
+    q = tl.load(base + rows[:, None] * s_tok + d[None, :], mask=rmask, other=0.0)
+    o = tl.load(out_ptr + tok0 * o_tok + h * o_head + rows[:, None] * o_tok + d[None, :], mask=rmask, other=0.0)
+    do = tl.load(dout_ptr + tok0 * g_tok + h * g_head + rows[:, None] * g_tok + d[None, :], mask=rmask, other=0.0)
+    lse = tl.load(lse_ptr + tl.cast(bh, tl.int64) * SEQ + rows)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
+    st = _dot(k, tl.trans(q), F32) * scale_log2  # (keys, rows)
+    # padded keys (zero-filled k) score 0, which against a row's log-sum-exp far below 0 would overflow to
+    # inf and turn dQ into NaN: zero them. Padded rows need no mask: their dO is zero-filled.
+    pt = tl.where(keys[:, None] < L, tl.exp2(st - lse[None, :]), 0.0)
+    dv = _dot(pt.to(do.dtype), do, F32)
+    dpt = _dot(v, tl.trans(do), F32)
+    dst = pt * (dpt - delta[None, :])
+    dk = _dot(dst.to(q.dtype), q, F32) * scale
+    dbase = dqkv_ptr + tok0 * d_tok + h * d_head
+    ty = dqkv_ptr.dtype.element_ty
+    tl.store(dbase + d_which + keys[:, None] * d_tok + d[None, :], dk.to(ty), mask=kmask)
+    tl.store(dbase + 2 * d_which + keys[:, None] * d_tok + d[None, :], dv.to(ty), mask=kmask)
+    if WITH_DQ:  # this program saw every key: dQ is complete here
+        dq = _dot(tl.trans(dst).to(k.dtype), k, F32) * scale
+        tl.store(dbase + rows[:, None] * d_tok + d[None, :], dq.to(ty), mask=rmask)
+
+
+@triton.jit
+def _bwd_q_kernel(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale,
+                  s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
+                  SEQ: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, F32: tl.constexpr):
+    mblk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    tok0 = tl.cast(b, tl.int64) * L
+    base = qkv_ptr + tok0 * s_tok + h * s_head
+    rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    keys = tl.arange(0, SEQ)
+    d = tl.arange(0, D)
+    rmask = rows[:, None] < L
+    kmask = keys[:, None] < L
+    q = tl.load(base + rows[:, None] * s_tok + d[None, :], mask=rmask, other=0.0)
+    o = tl.load(out_ptr + tok0 * o_tok + h * o_head + rows[:, None] * o_tok + d[None, :], mask=rmask, other=0.0)
+    do = tl.load(dout_ptr + tok0 * g_tok + h * g_head + rows[:, None] * g_tok + d[None, :], mask=rmask, other=0.0)
+    k = tl.load(base + s_which + keys[:, None] * s_tok + d[None, :], mask=kmask, other=0.0)
+    v = tl.load(base + 2 * s_which + keys[:, None] * s_tok + d[None, :], mask=kmask, other=0.0)
+    lse = tl.load(lse_ptr + tl.cast(bh, tl.int64) * SEQ + rows)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    s = _dot(q, tl.trans(k), F32) * scale_log2
+    p = tl.where(keys[None, :] < L, tl.exp2(s - lse[:, None]), 0.0)  # padded keys: see _bwd_kv_kernel
+    dp = _dot(do, tl.trans(v), F32)
+    ds = p * (dp - delta[:, None])
+    dq = _dot(ds.to(k.dtype), k, F32) * scale
+    tl.store(dqkv_ptr + tok0 * d_tok + h * d_head + rows[:, None] * d_tok + d[None, :],
+             dq.to(dqkv_ptr.dtype.element_ty), mask=rmask)
+
+
+def _groups(lengths: Sequence[int], counts: Sequence[int]):
+    """(length, count, first token, first log-sum-exp row) of each non-empty group."""
+    tok = lse = 0
+    for length, count in zip(lengths, counts):
+        if count:
+            yield length, count, tok, lse
+        tok += length * count
+        lse += count * seq_tile(length) if count else 0
+
+
+def _check(qkv: torch.Tensor, lengths: Sequence[int], counts: Sequence[int]) -> None:
+    if qkv.ndim != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"tile attention takes a (T, 3, H, Dh) qkv buffer, got {tuple(qkv.shape)}")
+    if qkv.stride(-1) != 1:
+        raise ValueError("tile attention needs a unit stride along the head features")
+    if len(lengths) != len(counts) or sum(n * c for n, c in zip(lengths, counts)) != qkv.shape[0]:
+        raise ValueError(f"groups {list(zip(counts, lengths))} do not cover the {qkv.shape[0]} tokens")
+    bad = [n for n, c in zip(lengths, counts) if c and not fits(n, qkv.shape[-1])]
+    if bad:
+        raise ValueError(f"tile attention takes sequences of 1..{MAX_SEQ} tokens and head sizes 16, 32, 64 "
+                         f"or 128; got lengths {bad} with head size {qkv.shape[-1]}")
+
+
+def _lse_rows(lengths: Sequence[int], counts: Sequence[int], heads: int) -> int:
+    return sum(c * seq_tile(n) for n, c in zip(lengths, counts)) * heads
+
+
+@torch.library.custom_op("fastibot::tile_attention", mutates_args=())
+def _fwd_op(qkv: torch.Tensor, lengths: List[int], counts: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(T, 3, H, Dh) -> out (T, H, Dh), base-2 log-sum-exp of the scaled logits per (sequence, head, row)."""
+    _check(qkv, lengths, counts)
+    T, _, H, D = qkv.shape
+    out = torch.empty((T, H, D), dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty(_lse_rows(lengths, counts, H), dtype=torch.float32, device=qkv.device)
+    scale_log2 = D ** -0.5 * LOG2E
+    for length, count, tok, row in _groups(lengths, counts):
+        seq, bm, _, warps = blocks(length)
+        _fwd_kernel[(seq // bm, count * H)](
+            qkv[tok:], out[tok:], lse[row * H:], length, H, scale_log2,
+            qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
+            SEQ=seq, BLOCK_M=bm, D=D, F32=interpreting(), num_warps=warps)
+    return out, lse
+
+
+@_fwd_op.register_fake
+def _(qkv, lengths, counts):
+    T, _, H, D = qkv.shape
+    return qkv.new_empty((T, H, D)), qkv.new_empty(_lse_rows(lengths, counts, H), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastibot::tile_attention_backward", mutates_args=())
+def _bwd_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
+            lengths: List[int], counts: List[int]) -> torch.Tensor:
+    """-> dLoss/dqkv, (T, 3, H, Dh) contiguous."""
+    T, _, H, D = qkv.shape
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    dqkv = torch.empty((T, 3, H, D), dtype=qkv.dtype, device=qkv.device)
+    scale = D ** -0.5
+    strides = (qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
+               grad_out.stride(0), grad_out.stride(1), dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
+    for length, count, tok, row in _groups(lengths, counts):
+        seq, bm, bn, warps = blocks(length)
+        args = (qkv[tok:], out[tok:], grad_out[tok:], lse[row * H:], dqkv[tok:], length, H, scale * LOG2E, scale)
+        whole = bn == seq
+        _bwd_kv_kernel[(seq // bn, count * H)](*args, *strides, SEQ=seq, BLOCK_N=bn, D=D, WITH_DQ=whole,
+                                               F32=interpreting(), num_warps=warps)
+        if not whole:
+            _bwd_q_kernel[(seq // bm, count * H)](*args, *strides, SEQ=seq, BLOCK_M=bm, D=D,
+                                                  F32=interpreting(), num_warps=warps)
+    return dqkv
+
+
+@_bwd_op.register_fake
+def _(qkv, out, lse, grad_out, lengths, counts):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup(ctx, inputs, output):
+    qkv, lengths, counts = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.groups = (lengths, counts)
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    if grad_out is None:
+        return None, None, None
+    qkv, out, lse = ctx.saved_tensors
+    return _bwd_op(qkv, out, lse, grad_out, *ctx.groups), None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def tile_attention(qkv: torch.Tensor, groups: Sequence[Tuple[int, int]]) -> torch.Tensor:
+    """Block-diagonal attention over packed sequences: ``qkv`` (T, 3, H, Dh), ``groups`` the layout's
+    ``(count, length)`` pairs in token order (every length ≤ ``MAX_SEQ``) -> (T, H, Dh)."""
+    counts = [int(c) for c, _ in groups]
+    lengths = [int(n) for _, n in groups]
+    return _fwd_op(qkv, lengths, counts)[0]
+
+
+def flops(groups: Sequence[Tuple[int, int]], heads: int, head_dim: int) -> float:
+    """Useful FLOPs of one forward (the two products), for rate reports."""
+    return sum(4.0 * c * heads * n * n * head_dim for c, n in groups)
+
+
+__all__ = ["MAX_SEQ", "blocks", "fits", "flops", "seq_tile", "tile_attention"]
