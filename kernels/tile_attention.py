@@ -55,8 +55,8 @@ def fits(length: int, head_dim: int) -> bool:
 
 
 # key tile -> (BLOCK_M, BLOCK_N, warps): query rows per forward and dQ program, key rows per dK/dV program,
-# warps per program. Unlisted tiles take (min(SEQ, 64), min(SEQ, 64), 4 warps up to 64 keys, else 8). benchmarks/attention.py --groups
-# --tile-configs times the alternatives.
+# warps per program. Unlisted tiles take min(SEQ, 64) rows both ways, 4 warps up to 64 keys, else 8.
+# benchmarks/attention.py --groups --tile-configs times the alternatives.
 TUNING = {}
 
 
