@@ -137,23 +137,27 @@ def test_bad_input_is_refused_with_the_reason():
         ta.tile_attention(_qkv(((2, 5),), 1, 24, torch.float32), ((2, 5),))
 
 
-def test_backend_runs_the_kernels_and_falls_back_past_their_length(monkeypatch):
-    """``attention_qkv(..., "triton")`` calls the kernels for layouts they take and ``mixed`` for longer ones."""
+def test_backend_runs_short_groups_on_the_kernels_and_longer_ones_on_sdpa(monkeypatch):
+    """``attention_qkv(..., "triton")``: consecutive groups of at most TILE_TOKENS tokens go through one op,
+    longer ones through SDPA (faster at 197 tokens on an H100), and the whole output is the reference's."""
     calls = []
     real = ta.tile_attention
     monkeypatch.setattr(ta, "tile_attention", lambda *a: calls.append(a[1]) or real(*a))
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    for groups, runs in ((((2, 37), (1, 197)), True), (((1, 300), (2, 5)), False)):
-        layout = PackedLayout(groups)
+    for groups, expected in ((((2, 37), (1, 197), (3, 5)), [((2, 37),), ((3, 5),)]),
+                             (((3, 5), (2, 37)), [((3, 5), (2, 37))]),
+                             (((1, 70), (0, 5)), [])):
         qkv = _qkv(groups, 2, 16, dtype)
-        out = attention_qkv(qkv, "triton", layout)
+        out = attention_qkv(qkv, "triton", PackedLayout(groups))
         assert _rel(out, _reference(qkv.double(), groups)) < REL[dtype]
-        assert bool(calls) == runs
+        assert calls == expected
         calls.clear()
-    dense = _qkv(((3, 37),), 2, 16, dtype).reshape(3, 37, 3, 2, 16)  # the teacher's (B, N, 3, H, Dh) call
-    out = attention_qkv(dense, "triton")
-    assert out.shape == (3, 37, 2, 16) and calls == [((3, 37),)]
-    assert _rel(out.reshape(-1, 2, 16), _reference(dense.reshape(-1, 3, 2, 16).double(), ((3, 37),))) < REL[dtype]
+    for b, n, expected in ((3, 37, [((3, 37),)]), (2, 70, [])):  # the teacher's dense (B, N, 3, H, Dh) call
+        dense = _qkv(((b, n),), 2, 16, dtype).reshape(b, n, 3, 2, 16)
+        out = attention_qkv(dense, "triton")
+        assert out.shape == (b, n, 2, 16) and calls == expected
+        assert _rel(out.reshape(-1, 2, 16), _reference(dense.reshape(-1, 3, 2, 16).double(), ((b, n),))) < REL[dtype]
+        calls.clear()
 
 
 def test_backend_check_needs_cuda_or_the_interpreter(monkeypatch):

@@ -13,11 +13,11 @@ Backends (``model.attention``):
 - ``mixed``: ``sdpa``, except that on CUDA a group of sequences of at most ``SHORT_TOKENS`` tokens (the
   recipe's 96-px local crops, 37 tokens) runs PyTorch's memory-efficient kernel instead of SDPA's own pick
   (cuDNN flash on Hopper, whose 64–128-row tiles are mostly padding at 37 tokens).
-- ``triton``: fastibot's tile-attention kernels (``fastibot.kernels.tile_attention``): every sequence of
-  at most 256 tokens in one tile of keys, read straight from the qkv projection's ``(T, 3, H, Dh)`` buffer,
-  every crop size in one op, the gradient written as one ``(T, 3, H, Dh)`` tensor. CUDA with bf16/fp16
-  activations (or the Triton interpreter on the CPU); a layout with a longer sequence, or fp32 activations
-  on CUDA, runs ``mixed``.
+- ``triton``: fastibot's tile-attention kernels (``fastibot.kernels.tile_attention``) for sequences of at most
+  ``TILE_TOKENS`` (64) tokens: a whole sequence in one tile of keys, read straight from the qkv projection's
+  ``(T, 3, H, Dh)`` buffer, the gradient written as one tensor; SDPA for longer sequences (at 197 tokens cuDNN
+  is faster than these kernels, see ``TILE_TOKENS``). The kernels run on CUDA with bf16/fp16 activations (or in
+  the Triton interpreter on the CPU); elsewhere every group runs SDPA.
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention with
   cumulative sequence lengths, :func:`cu_seqlens`) over the whole packed batch;
   CUDA, bf16/fp16. It takes packed sequences only: dense calls (the teacher's
@@ -139,8 +139,15 @@ def _per_group(fn, q, k, v, layout: PackedLayout):
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
-def _tile_runs(qkv: torch.Tensor, groups) -> bool:
-    """Whether the tile kernels take this qkv buffer and these ``(count, length)`` groups."""
+# ``triton`` runs the tile kernels on sequences of at most this many tokens and SDPA on longer ones. Measured on
+# an H100 (one layer's fwd+bwd from the packed qkv buffer, 64 images, benchmarks/attention.py --groups,
+# 2026-12-06): at 37 tokens the tile kernels took 0.370 ms (ViT-B) against the memory-efficient kernel's 0.555 and
+# cuDNN's 0.724, and 0.193 against 0.291 and 0.375 (ViT-S); at 197 tokens 1.175 against cuDNN's 0.673 (ViT-B).
+TILE_TOKENS = 64
+
+
+def _tile_takes(qkv: torch.Tensor, length: int) -> bool:
+    """Whether ``triton`` runs sequences of ``length`` tokens from this qkv buffer on the tile kernels."""
     from fastibot.kernels import interpreting
     from fastibot.kernels.tile_attention import fits
 
@@ -149,24 +156,39 @@ def _tile_runs(qkv: torch.Tensor, groups) -> bool:
             return False
     elif not interpreting():
         return False
-    return all(fits(length, qkv.shape[-1]) for n, length in groups if n)
+    return length <= TILE_TOKENS and fits(length, qkv.shape[-1])
 
 
 def _triton_qkv(qkv: torch.Tensor, layout: PackedLayout | None):
-    """``triton`` on a dense ``(B, N, 3, H, Dh)`` or packed ``(T, 3, H, Dh)`` qkv buffer."""
+    """``triton`` on a dense ``(B, N, 3, H, Dh)`` or packed ``(T, 3, H, Dh)`` qkv buffer: runs of consecutive
+    groups that the tile kernels take go through one op each, the other groups through SDPA."""
     from fastibot.kernels.tile_attention import tile_attention
 
     if layout is None:
         b, n = qkv.shape[:2]
-        groups = ((b, n),)
-        flat = qkv.reshape((b * n,) + qkv.shape[2:])
-    else:
-        groups, flat = layout.groups, qkv
-    if not _tile_runs(flat, groups):
-        q, k, v = qkv.unbind(-3)
-        return attention(q, k, v, "mixed", layout)
-    out = tile_attention(flat, groups)
-    return out.view(qkv.shape[:2] + qkv.shape[3:]) if layout is None else out
+        if not _tile_takes(qkv, n):
+            return _sdpa_dense(*qkv.unbind(-3))
+        return tile_attention(qkv.reshape((b * n,) + qkv.shape[2:]), ((b, n),)).view(qkv.shape[:2] + qkv.shape[3:])
+    outs, start, run = [], 0, []  # run: consecutive tile groups not yet computed
+
+    def flush(stop):
+        if run:
+            first = stop - sum(c * n for c, n in run)
+            outs.append(tile_attention(qkv[first:stop], tuple(run)))
+            run.clear()
+
+    for count, length in layout.groups:
+        if count == 0:
+            continue
+        if _tile_takes(qkv, length):
+            run.append((count, length))
+        else:
+            flush(start)
+            part = qkv[start: start + count * length]
+            outs.append(_per_group(_sdpa_dense, *part.unbind(-3), PackedLayout(((count, length),))))
+        start += count * length
+    flush(start)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
 def _varlen_packed(q, k, v, layout: PackedLayout):
