@@ -285,7 +285,7 @@ def check_backend(name: str, device_type: str, dtype: torch.dtype = torch.bfloat
 # compiled, captured step 3.1% faster than ``sdpa`` for ViT-S (1,542 vs 1,495 img/s) and
 # 1.4% for ViT-B (649 vs 640), same call. varlen and xformers stay explicit choices
 # (they pay off with many sizes).
-AUTO_ORDER = {"cuda": ("mixed", "sdpa"), "cpu": ("sdpa",)}
+AUTO_ORDER = {"cuda": ("triton", "mixed", "sdpa"), "cpu": ("sdpa",)}
 
 
 def resolve_backend(name: str, device_type: str, dtype: torch.dtype = torch.bfloat16) -> str:
