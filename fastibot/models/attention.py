@@ -27,8 +27,8 @@ Backends (``model.attention``):
   ``BlockDiagonalMask`` over the whole packed batch (cached per layout).
 - ``auto``: the first backend of a fixed per-device order (``AUTO_ORDER``) that
   can run here, logged once. The order comes from measurements on an H100
-  (``benchmarks/RESULTS.md``), not from timing on the machine at hand: ``mixed``
-  on CUDA, ``sdpa`` on the CPU (where ``mixed`` would run SDPA anyway).
+  (``benchmarks/RESULTS.md``), not from timing on the machine at hand: ``triton``
+  then ``mixed`` on CUDA, ``sdpa`` on the CPU (where ``mixed`` would run SDPA anyway).
 """
 from __future__ import annotations
 
@@ -283,8 +283,11 @@ def check_backend(name: str, device_type: str, dtype: torch.dtype = torch.bfloat
 # fastest (15.7 ms vs 18.7 for varlen over ViT-S's 12 layers, fwd+bwd, 64 images), and
 # ``mixed`` (the memory-efficient kernel for the 37-token local crops) made the whole
 # compiled, captured step 3.1% faster than ``sdpa`` for ViT-S (1,542 vs 1,495 img/s) and
-# 1.4% for ViT-B (649 vs 640), same call. varlen and xformers stay explicit choices
-# (they pay off with many sizes).
+# 1.4% for ViT-B (649 vs 640), same call; ``triton`` (fastibot's tile kernels for the locals,
+# cuDNN for the globals) then beat ``mixed`` by 2.1% for ViT-S (1,810 vs 1,773) and 1.1% for
+# ViT-B at 0.37 GiB less (713 vs 705 img/s, 12.16 vs 12.53 GiB), same call. Where triton cannot
+# run (fp32 activations on CUDA), mixed. varlen and xformers stay explicit choices (they pay off
+# with many sizes).
 AUTO_ORDER = {"cuda": ("triton", "mixed", "sdpa"), "cpu": ("sdpa",)}
 
 
