@@ -78,6 +78,12 @@ def _dot(a, b, F32: tl.constexpr):
 
 
 @triton.jit
+def _rows(ptr, idx, stride, d, L):
+    """Rows ``idx`` of a (tokens, D) view with row stride ``stride``; rows past ``L`` read as zeros."""
+    return tl.load(ptr + idx[:, None] * stride + d[None, :], mask=idx[:, None] < L, other=0.0)
+
+
+@triton.jit
 def _fwd_kernel(qkv_ptr, out_ptr, lse_ptr, L, H, scale_log2,
                 s_tok, s_which, s_head, o_tok, o_head,
                 SEQ: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, F32: tl.constexpr):
@@ -90,9 +96,9 @@ def _fwd_kernel(qkv_ptr, out_ptr, lse_ptr, L, H, scale_log2,
     rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     keys = tl.arange(0, SEQ)
     d = tl.arange(0, D)
-    q = tl.load(base + rows[:, None] * s_tok + d[None, :], mask=rows[:, None] < L, other=0.0)
-    k = tl.load(base + s_which + keys[:, None] * s_tok + d[None, :], mask=keys[:, None] < L, other=0.0)
-    v = tl.load(base + 2 * s_which + keys[:, None] * s_tok + d[None, :], mask=keys[:, None] < L, other=0.0)
+    q = _rows(base, rows, s_tok, d, L)
+    k = _rows(base + s_which, keys, s_tok, d, L)
+    v = _rows(base + 2 * s_which, keys, s_tok, d, L)
     s = _dot(q, tl.trans(k), F32) * scale_log2  # base-2 logits, fp32
     s = tl.where(keys[None, :] < L, s, float("-inf"))
     m = tl.max(s, 1)
@@ -121,11 +127,11 @@ def _bwd_kv_kernel(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_lo
     d = tl.arange(0, D)
     kmask = keys[:, None] < L
     rmask = rows[:, None] < L
-    k = tl.load(base + s_which + keys[:, None] * s_tok + d[None, :], mask=kmask, other=0.0)
-    v = tl.load(base + 2 * s_which + keys[:, None] * s_tok + d[None, :], mask=kmask, other=0.0)
-    q = tl.load(base + rows[:, None] * s_tok + d[None, :], mask=rmask, other=0.0)
-    o = tl.load(out_ptr + tok0 * o_tok + h * o_head + rows[:, None] * o_tok + d[None, :], mask=rmask, other=0.0)
-    do = tl.load(dout_ptr + tok0 * g_tok + h * g_head + rows[:, None] * g_tok + d[None, :], mask=rmask, other=0.0)
+    k = _rows(base + s_which, keys, s_tok, d, L)
+    v = _rows(base + 2 * s_which, keys, s_tok, d, L)
+    q = _rows(base, rows, s_tok, d, L)
+    o = _rows(out_ptr + tok0 * o_tok + h * o_head, rows, o_tok, d, L)
+    do = _rows(dout_ptr + tok0 * g_tok + h * g_head, rows, g_tok, d, L)
     lse = tl.load(lse_ptr + tl.cast(bh, tl.int64) * SEQ + rows)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
     st = _dot(k, tl.trans(q), F32) * scale_log2  # (keys, rows)
@@ -159,12 +165,11 @@ def _bwd_q_kernel(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log
     keys = tl.arange(0, SEQ)
     d = tl.arange(0, D)
     rmask = rows[:, None] < L
-    kmask = keys[:, None] < L
-    q = tl.load(base + rows[:, None] * s_tok + d[None, :], mask=rmask, other=0.0)
-    o = tl.load(out_ptr + tok0 * o_tok + h * o_head + rows[:, None] * o_tok + d[None, :], mask=rmask, other=0.0)
-    do = tl.load(dout_ptr + tok0 * g_tok + h * g_head + rows[:, None] * g_tok + d[None, :], mask=rmask, other=0.0)
-    k = tl.load(base + s_which + keys[:, None] * s_tok + d[None, :], mask=kmask, other=0.0)
-    v = tl.load(base + 2 * s_which + keys[:, None] * s_tok + d[None, :], mask=kmask, other=0.0)
+    q = _rows(base, rows, s_tok, d, L)
+    o = _rows(out_ptr + tok0 * o_tok + h * o_head, rows, o_tok, d, L)
+    do = _rows(dout_ptr + tok0 * g_tok + h * g_head, rows, g_tok, d, L)
+    k = _rows(base + s_which, keys, s_tok, d, L)
+    v = _rows(base + 2 * s_which, keys, s_tok, d, L)
     lse = tl.load(lse_ptr + tl.cast(bh, tl.int64) * SEQ + rows)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     s = _dot(q, tl.trans(k), F32) * scale_log2
