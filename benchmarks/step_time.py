@@ -13,7 +13,8 @@ Variants, each in the same process so ratios are measured side by side:
 - ``eager``: the fast path, eager (packed student, masked-only heads, fused loss and EMA kernels);
 - ``compiled``: ``eager`` with the teacher and the student + loss each compiled as one graph;
 - ``default``: what ``fastibot train`` runs on a GPU: ``compiled`` replayed as one CUDA graph;
-- ``mixed``: ``default`` with ``model.attention=mixed``;
+- ``mixed``, ``triton``: ``default`` with ``model.attention=mixed`` or ``triton`` (``auto``, the default's, is
+  ``triton`` on CUDA);
 - ``tuned`` and ``max-autotune``: ``default`` with ``runtime.autotune=kernels`` and ``max``.
 
 Several GPUs: ``torchrun --nproc_per_node N benchmarks/step_time.py --parallel ddp|fsdp|hsdp ...``;
@@ -105,7 +106,7 @@ class PhaseMarker:
 
 def kernel_kind(name: str) -> str:
     n = name.lower()
-    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "efficient_attention")):
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "efficient_attention", "_tile_attn")):
         return "attention"
     if any(k in n for k in ("gemm", "xmma", "cutlass", "nvjet", "matmul", "cublas", "sm90_", "wgmma")):
         return "GEMM"

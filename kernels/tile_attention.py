@@ -84,7 +84,7 @@ def _rows(ptr, idx, stride, d, L):
 
 
 @triton.jit
-def _fwd_kernel(qkv_ptr, out_ptr, lse_ptr, L, H, scale_log2,
+def _tile_attn_fwd(qkv_ptr, out_ptr, lse_ptr, L, H, scale_log2,
                 s_tok, s_which, s_head, o_tok, o_head,
                 SEQ: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, F32: tl.constexpr):
     mblk = tl.program_id(0)
@@ -112,7 +112,7 @@ def _fwd_kernel(qkv_ptr, out_ptr, lse_ptr, L, H, scale_log2,
 
 
 @triton.jit
-def _bwd_kv_kernel(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale,
+def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale,
                    s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
                    SEQ: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, WITH_DQ: tl.constexpr,
                    F32: tl.constexpr):
@@ -152,7 +152,7 @@ def _bwd_kv_kernel(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_lo
 
 
 @triton.jit
-def _bwd_q_kernel(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale,
+def _tile_attn_bwd_q(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale,
                   s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
                   SEQ: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, F32: tl.constexpr):
     mblk = tl.program_id(0)
@@ -173,7 +173,7 @@ def _bwd_q_kernel(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log
     lse = tl.load(lse_ptr + tl.cast(bh, tl.int64) * SEQ + rows)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     s = _dot(q, tl.trans(k), F32) * scale_log2
-    p = tl.where(keys[None, :] < L, tl.exp2(s - lse[:, None]), 0.0)  # padded keys: see _bwd_kv_kernel
+    p = tl.where(keys[None, :] < L, tl.exp2(s - lse[:, None]), 0.0)  # padded keys: see _tile_attn_bwd_kv
     dp = _dot(do, tl.trans(v), F32)
     ds = p * (dp - delta[:, None])
     dq = _dot(ds.to(k.dtype), k, F32) * scale
@@ -218,7 +218,7 @@ def _fwd_op(qkv: torch.Tensor, lengths: List[int], counts: List[int]) -> Tuple[t
     scale_log2 = D ** -0.5 * LOG2E
     for length, count, tok, row in _groups(lengths, counts):
         seq, bm, _, warps = blocks(length)
-        _fwd_kernel[(seq // bm, count * H)](
+        _tile_attn_fwd[(seq // bm, count * H)](
             qkv[tok:], out[tok:], lse[row * H:], length, H, scale_log2,
             qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
             SEQ=seq, BLOCK_M=bm, D=D, F32=interpreting(), num_warps=warps)
@@ -246,10 +246,10 @@ def _bwd_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_out: t
         seq, bm, bn, warps = blocks(length)
         args = (qkv[tok:], out[tok:], grad_out[tok:], lse[row * H:], dqkv[tok:], length, H, scale * LOG2E, scale)
         whole = bn == seq
-        _bwd_kv_kernel[(seq // bn, count * H)](*args, *strides, SEQ=seq, BLOCK_N=bn, D=D, WITH_DQ=whole,
+        _tile_attn_bwd_kv[(seq // bn, count * H)](*args, *strides, SEQ=seq, BLOCK_N=bn, D=D, WITH_DQ=whole,
                                                F32=interpreting(), num_warps=warps)
         if not whole:
-            _bwd_q_kernel[(seq // bm, count * H)](*args, *strides, SEQ=seq, BLOCK_M=bm, D=D,
+            _tile_attn_bwd_q[(seq // bm, count * H)](*args, *strides, SEQ=seq, BLOCK_M=bm, D=D,
                                                   F32=interpreting(), num_warps=warps)
     return dqkv
 
