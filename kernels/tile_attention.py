@@ -188,7 +188,7 @@ def _groups(lengths: Sequence[int], counts: Sequence[int]):
         if count:
             yield length, count, tok, lse
         tok += length * count
-        lse += count * seq_tile(length) if count else 0
+        lse += count * seq_tile(length)
 
 
 def _check(qkv: torch.Tensor, lengths: Sequence[int], counts: Sequence[int]) -> None:
@@ -286,9 +286,4 @@ def tile_attention(qkv: torch.Tensor, groups: Sequence[Tuple[int, int]]) -> torc
     return _fwd_op(qkv, lengths, counts)[0]
 
 
-def flops(groups: Sequence[Tuple[int, int]], heads: int, head_dim: int) -> float:
-    """Useful FLOPs of one forward (the two products), for rate reports."""
-    return sum(4.0 * c * heads * n * n * head_dim for c, n in groups)
-
-
-__all__ = ["MAX_SEQ", "blocks", "fits", "flops", "seq_tile", "tile_attention"]
+__all__ = ["MAX_SEQ", "blocks", "fits", "seq_tile", "tile_attention"]

@@ -164,11 +164,10 @@ def _triton_qkv(qkv: torch.Tensor, layout: PackedLayout | None):
     groups that the tile kernels take go through one op each, the other groups through SDPA."""
     from fastibot.kernels.tile_attention import tile_attention
 
-    if layout is None:
+    if layout is None:  # one group of B sequences
         b, n = qkv.shape[:2]
-        if not _tile_takes(qkv, n):
-            return _sdpa_dense(*qkv.unbind(-3))
-        return tile_attention(qkv.reshape((b * n,) + qkv.shape[2:]), ((b, n),)).view(qkv.shape[:2] + qkv.shape[3:])
+        out = _triton_qkv(qkv.reshape((b * n,) + qkv.shape[2:]), PackedLayout(((b, n),)))
+        return out.view(qkv.shape[:2] + qkv.shape[3:])
     outs, start, run = [], 0, []  # run: consecutive tile groups not yet computed
 
     def flush(stop):
@@ -189,6 +188,14 @@ def _triton_qkv(qkv: torch.Tensor, layout: PackedLayout | None):
         start += count * length
     flush(start)
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+def _triton_dense(q, k, v):
+    """``triton`` on separate (B, N, H, Dh) q, k and v (``attention``'s callers): a sequence length the tile
+    kernels take is stacked into the buffer they read (the copy ``attention_qkv`` avoids), others run SDPA."""
+    if not _tile_takes(q, q.shape[1]):
+        return _sdpa_dense(q, k, v)
+    return _triton_qkv(torch.stack((q, k, v), -3), None)
 
 
 def _varlen_packed(q, k, v, layout: PackedLayout):
@@ -316,15 +323,14 @@ def resolve_backend(name: str, device_type: str, dtype: torch.dtype = torch.bflo
 
 # varlen has no dense form: dense calls run SDPA (logged by resolve_backend, see the module docstring)
 _DENSE = {"reference": _reference_dense, "sdpa": _sdpa_dense, "mixed": _mixed_dense, "varlen": _sdpa_dense,
-          "xformers": _xformers_dense, "triton": lambda q, k, v: _triton_qkv(torch.stack((q, k, v), -3), None)}
+          "xformers": _xformers_dense, "triton": _triton_dense}
 _PACKED = {
     "reference": functools.partial(_per_group, _reference_dense),
     "sdpa": functools.partial(_per_group, _sdpa_dense),
     "mixed": functools.partial(_per_group, _mixed_dense),
     "varlen": _varlen_packed,
     "xformers": _xformers_packed,
-    # separate q, k and v are stacked into the buffer the kernels read (attention_qkv skips that copy)
-    "triton": lambda q, k, v, layout: _triton_qkv(torch.stack((q, k, v), -3), layout),
+    "triton": functools.partial(_per_group, _triton_dense),
 }
 
 
