@@ -1,22 +1,22 @@
-"""Attention over short sequences with the whole key sequence in one tile.
+"""Attention over short sequences: a whole short sequence in one tile, longer ones in a few blocks.
 
 iBOT's crops are short: 197 tokens for a 224-px global crop, 37 for a 96-px local
-crop at patch 16. Flash-style kernels stream keys through 64–128-row tiles with
-an online softmax; at 37 tokens their tiles are mostly padding and their loop
-machinery is most of the work. Here every program holds all ``SEQ`` (the
-sequence length rounded up to a power of two, at most ``MAX_SEQ``) keys of one
-sequence and head at once, so the softmax is a plain row softmax and nothing
-loops:
+crop at patch 16. Flash-style kernels are built for long sequences: 64–128-row
+tiles with an online softmax, mostly padding at 37 tokens. Here a sequence of up
+to 64 tokens (the locals) sits in one tile of keys per program, so its softmax is
+a plain row softmax and nothing loops; a longer one (up to ``MAX_SEQ``) loops over
+a few blocks of ``BLOCK_N`` keys with an online softmax. ``SEQ`` is the length
+rounded up to a power of two.
 
 - forward, one program per (block of ``BLOCK_M`` query rows, sequence, head):
-  ``S = Q Kᵀ``, ``P = softmax(S·scale)``, ``O = P V``; the row log-sum-exp is kept
-  for the backward.
-- backward, one program per (block of ``BLOCK_N`` key rows, sequence, head):
-  ``P`` is recomputed from the log-sum-exp, ``dV = Pᵀ dO``,
-  ``dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O))``, ``dK = dSᵀ Q·scale``. When one block
-  holds the whole sequence (``SEQ ≤ BLOCK_N``) the same program also writes
-  ``dQ = dS K·scale``; otherwise a second kernel, one program per block of query
-  rows, does.
+  ``S = Q Kᵀ``, ``P = softmax(S·scale)``, ``O = P V``, over the key blocks with a
+  running row max; the row log-sum-exp is kept for the backward.
+- backward, one program per (block of ``BLOCK_N`` key rows, sequence, head),
+  looping over blocks of ``BLOCK_M`` query rows: ``P`` is recomputed from the
+  log-sum-exp, ``dV = Pᵀ dO``, ``dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O))``,
+  ``dK = dSᵀ Q·scale``. When one block of keys holds the whole sequence the same
+  program also writes ``dQ = dS K·scale``; otherwise a second kernel, one program
+  per block of query rows looping over the key blocks, does.
 
 The op reads q, k and v straight from the packed ``(T, 3, H, Dh)`` buffer the
 qkv projection writes and returns the gradient as one ``(T, 3, H, Dh)`` tensor,
@@ -40,7 +40,7 @@ import triton.language as tl
 
 from . import interpreting
 
-MAX_SEQ = 256  # longest sequence the kernels take (one tile of keys per program)
+MAX_SEQ = 256  # longest sequence the kernels take (measured up to the 197-token global crops)
 LOG2E = 1.4426950408889634
 
 
@@ -54,17 +54,20 @@ def fits(length: int, head_dim: int) -> bool:
     return 0 < length <= MAX_SEQ and head_dim in (16, 32, 64, 128)
 
 
-# key tile -> (BLOCK_M, BLOCK_N, warps): query rows per forward and dQ program, key rows per dK/dV program,
-# warps per program. Unlisted tiles take min(SEQ, 64) rows both ways, 4 warps up to 64 keys, else 8.
-# benchmarks/attention.py --groups --tile-configs times the alternatives.
-TUNING = {}
+# key tile -> (BLOCK_M, BLOCK_N, warps): query rows per forward and dQ program and per step of the dK/dV
+# programs' loop, key rows per dK/dV program and per step of the forward and dQ programs' loop, warps per
+# program. Unlisted tiles take min(SEQ, 64) rows both ways and 4 warps. For the 197-token global crops (one
+# layer's fwd+bwd, 64 images, H100, benchmarks/attention.py --groups --tile-configs): 64/32/4 0.591 ms (ViT-B)
+# and 0.313 (ViT-S), 128/64/8 0.597 and 0.313, 64/64/4 0.602 and 0.323, 32/32/4 0.710 and 0.370; cuDNN 0.687
+# and 0.355.
+TUNING = {256: (64, 32, 4)}
 
 
 def blocks(length: int) -> Tuple[int, int, int, int]:
     """(SEQ, BLOCK_M, BLOCK_N, warps) for sequences of ``length`` tokens. Up to 64 tokens one program holds
     the whole sequence in both passes."""
     seq = seq_tile(length)
-    bm, bn, warps = TUNING.get(seq, (min(seq, 64), min(seq, 64), 4 if seq <= 64 else 8))
+    bm, bn, warps = TUNING.get(seq, (min(seq, 64), min(seq, 64), 4))
     return seq, min(bm, seq), min(bn, seq), warps
 
 
@@ -84,9 +87,27 @@ def _rows(ptr, idx, stride, d, L):
 
 
 @triton.jit
+def _fwd_keys(q, kbase, vbase, start, L, s_tok, d, m, den, acc, scale_log2,
+              BLOCK_N: tl.constexpr, F32: tl.constexpr):
+    """One block of keys into the running row max ``m``, denominator ``den`` and output ``acc``."""
+    keys = start + tl.arange(0, BLOCK_N)
+    k = _rows(kbase, keys, s_tok, d, L)
+    v = _rows(vbase, keys, s_tok, d, L)
+    s = _dot(q, tl.trans(k), F32) * scale_log2  # base-2 logits, fp32
+    s = tl.where(keys[None, :] < L, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)  # 0 on the first block
+    p = tl.exp2(s - m_new[:, None])
+    den = den * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32)
+    return m_new, den, acc
+
+
+@triton.jit
 def _tile_attn_fwd(qkv_ptr, out_ptr, lse_ptr, L, H, scale_log2,
                 s_tok, s_which, s_head, o_tok, o_head,
-                SEQ: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, F32: tl.constexpr):
+                SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                F32: tl.constexpr):
     mblk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -94,67 +115,90 @@ def _tile_attn_fwd(qkv_ptr, out_ptr, lse_ptr, L, H, scale_log2,
     tok0 = tl.cast(b, tl.int64) * L  # first token of this sequence
     base = qkv_ptr + tok0 * s_tok + h * s_head
     rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
-    keys = tl.arange(0, SEQ)
     d = tl.arange(0, D)
     q = _rows(base, rows, s_tok, d, L)
-    k = _rows(base + s_which, keys, s_tok, d, L)
-    v = _rows(base + 2 * s_which, keys, s_tok, d, L)
-    s = _dot(q, tl.trans(k), F32) * scale_log2  # base-2 logits, fp32
-    s = tl.where(keys[None, :] < L, s, float("-inf"))
-    m = tl.max(s, 1)
-    p = tl.exp2(s - m[:, None])
-    den = tl.sum(p, 1)
-    o = _dot(p.to(v.dtype), v, F32) / den[:, None]
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of the base-2 logits
+    den = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if SEQ <= BLOCK_N:  # one block holds every key: no loop (a loop's pipelining costs the short crops ~5%)
+        m, den, acc = _fwd_keys(q, base + s_which, base + 2 * s_which, 0, L, s_tok, d, m, den, acc, scale_log2,
+                                BLOCK_N, F32)
+    else:
+        for start in range(0, L, BLOCK_N):
+            m, den, acc = _fwd_keys(q, base + s_which, base + 2 * s_which, start, L, s_tok, d, m, den, acc,
+                                    scale_log2, BLOCK_N, F32)
     out = out_ptr + tok0 * o_tok + h * o_head
-    tl.store(out + rows[:, None] * o_tok + d[None, :], o.to(out_ptr.dtype.element_ty), mask=rows[:, None] < L)
-    # rows past L see zero queries: a finite log-sum-exp the backward masks out anyway
-    tl.store(lse_ptr + tl.cast(bh, tl.int64) * SEQ + rows, m + tl.log2(den))
+    tl.store(out + rows[:, None] * o_tok + d[None, :], (acc / den[:, None]).to(out_ptr.dtype.element_ty),
+             mask=rows[:, None] < L)
+    tl.store(lse_ptr + tl.cast(bh, tl.int64) * SEQ + rows, m + tl.log2(den), mask=rows < L)
+
+
+@triton.jit
+def _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dq_base, start, L, s_tok, o_tok, g_tok, d_tok, d,
+              dk, dv, scale_log2, scale, BLOCK_M: tl.constexpr, WITH_DQ: tl.constexpr, F32: tl.constexpr):
+    """One block of query rows into a block of keys' ``dk`` (unscaled) and ``dv``; with ``WITH_DQ`` (the keys
+    are the whole sequence) also these rows' dQ, stored."""
+    rows = start + tl.arange(0, BLOCK_M)
+    q = _rows(base, rows, s_tok, d, L)
+    o = _rows(obase, rows, o_tok, d, L)
+    do = _rows(gbase, rows, g_tok, d, L)
+    # rows past L: zero q, o and dO and a log-sum-exp of 0, so they add nothing
+    lse = tl.load(lse_row + rows, mask=rows < L, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
+    st = _dot(k, tl.trans(q), F32) * scale_log2  # (keys, rows)
+    # padded keys (zero-filled k) score 0, which against a row's log-sum-exp far below 0 would overflow to
+    # inf and turn dQ into NaN: zero them
+    pt = tl.where(keys[:, None] < L, tl.exp2(st - lse[None, :]), 0.0)
+    dv += _dot(pt.to(do.dtype), do, F32)
+    dpt = _dot(v, tl.trans(do), F32)
+    dst = pt * (dpt - delta[None, :])
+    dk += _dot(dst.to(q.dtype), q, F32)
+    if WITH_DQ:
+        dq = _dot(tl.trans(dst).to(k.dtype), k, F32) * scale
+        tl.store(dq_base + rows[:, None] * d_tok + d[None, :], dq.to(dq_base.dtype.element_ty),
+                 mask=rows[:, None] < L)
+    return dk, dv
 
 
 @triton.jit
 def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale,
                    s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
-                   SEQ: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, WITH_DQ: tl.constexpr,
-                   F32: tl.constexpr):
+                   SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                   WITH_DQ: tl.constexpr, F32: tl.constexpr):
     nblk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     tok0 = tl.cast(b, tl.int64) * L
     base = qkv_ptr + tok0 * s_tok + h * s_head
+    obase = out_ptr + tok0 * o_tok + h * o_head
+    gbase = dout_ptr + tok0 * g_tok + h * g_head
+    dbase = dqkv_ptr + tok0 * d_tok + h * d_head
+    lse_row = lse_ptr + tl.cast(bh, tl.int64) * SEQ
     keys = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, SEQ)
     d = tl.arange(0, D)
-    kmask = keys[:, None] < L
-    rmask = rows[:, None] < L
     k = _rows(base + s_which, keys, s_tok, d, L)
     v = _rows(base + 2 * s_which, keys, s_tok, d, L)
-    q = _rows(base, rows, s_tok, d, L)
-    o = _rows(out_ptr + tok0 * o_tok + h * o_head, rows, o_tok, d, L)
-    do = _rows(dout_ptr + tok0 * g_tok + h * g_head, rows, g_tok, d, L)
-    lse = tl.load(lse_ptr + tl.cast(bh, tl.int64) * SEQ + rows)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
-    st = _dot(k, tl.trans(q), F32) * scale_log2  # (keys, rows)
-    # padded keys (zero-filled k) score 0, which against a row's log-sum-exp far below 0 would overflow to
-    # inf and turn dQ into NaN: zero them. Padded rows need no mask: their dO is zero-filled.
-    pt = tl.where(keys[:, None] < L, tl.exp2(st - lse[None, :]), 0.0)
-    dv = _dot(pt.to(do.dtype), do, F32)
-    dpt = _dot(v, tl.trans(do), F32)
-    dst = pt * (dpt - delta[None, :])
-    dk = _dot(dst.to(q.dtype), q, F32) * scale
-    dbase = dqkv_ptr + tok0 * d_tok + h * d_head
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    if SEQ <= BLOCK_M:  # one block of rows: no loop (as in the forward)
+        dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dbase, 0, L, s_tok, o_tok, g_tok, d_tok, d,
+                           dk, dv, scale_log2, scale, BLOCK_M, WITH_DQ, F32)
+    else:
+        for start in range(0, L, BLOCK_M):
+            dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dbase, start, L, s_tok, o_tok, g_tok,
+                               d_tok, d, dk, dv, scale_log2, scale, BLOCK_M, WITH_DQ, F32)
     ty = dqkv_ptr.dtype.element_ty
-    tl.store(dbase + d_which + keys[:, None] * d_tok + d[None, :], dk.to(ty), mask=kmask)
+    kmask = keys[:, None] < L
+    tl.store(dbase + d_which + keys[:, None] * d_tok + d[None, :], (dk * scale).to(ty), mask=kmask)
     tl.store(dbase + 2 * d_which + keys[:, None] * d_tok + d[None, :], dv.to(ty), mask=kmask)
-    if WITH_DQ:  # this program saw every key: dQ is complete here
-        dq = _dot(tl.trans(dst).to(k.dtype), k, F32) * scale
-        tl.store(dbase + rows[:, None] * d_tok + d[None, :], dq.to(ty), mask=rmask)
 
 
 @triton.jit
 def _tile_attn_bwd_q(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale,
                   s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
-                  SEQ: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, F32: tl.constexpr):
+                  SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                  F32: tl.constexpr):
     mblk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -162,23 +206,25 @@ def _tile_attn_bwd_q(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_
     tok0 = tl.cast(b, tl.int64) * L
     base = qkv_ptr + tok0 * s_tok + h * s_head
     rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
-    keys = tl.arange(0, SEQ)
     d = tl.arange(0, D)
     rmask = rows[:, None] < L
     q = _rows(base, rows, s_tok, d, L)
     o = _rows(out_ptr + tok0 * o_tok + h * o_head, rows, o_tok, d, L)
     do = _rows(dout_ptr + tok0 * g_tok + h * g_head, rows, g_tok, d, L)
-    k = _rows(base + s_which, keys, s_tok, d, L)
-    v = _rows(base + 2 * s_which, keys, s_tok, d, L)
-    lse = tl.load(lse_ptr + tl.cast(bh, tl.int64) * SEQ + rows)
+    lse = tl.load(lse_ptr + tl.cast(bh, tl.int64) * SEQ + rows, mask=rows < L, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    s = _dot(q, tl.trans(k), F32) * scale_log2
-    p = tl.where(keys[None, :] < L, tl.exp2(s - lse[:, None]), 0.0)  # padded keys: see _tile_attn_bwd_kv
-    dp = _dot(do, tl.trans(v), F32)
-    ds = p * (dp - delta[:, None])
-    dq = _dot(ds.to(k.dtype), k, F32) * scale
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for start in range(0, L, BLOCK_N):  # blocks of keys
+        keys = start + tl.arange(0, BLOCK_N)
+        k = _rows(base + s_which, keys, s_tok, d, L)
+        v = _rows(base + 2 * s_which, keys, s_tok, d, L)
+        s = _dot(q, tl.trans(k), F32) * scale_log2
+        p = tl.where(keys[None, :] < L, tl.exp2(s - lse[:, None]), 0.0)  # padded keys: see _tile_attn_bwd_kv
+        dp = _dot(do, tl.trans(v), F32)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, F32)
     tl.store(dqkv_ptr + tok0 * d_tok + h * d_head + rows[:, None] * d_tok + d[None, :],
-             dq.to(dqkv_ptr.dtype.element_ty), mask=rmask)
+             (dq * scale).to(dqkv_ptr.dtype.element_ty), mask=rmask)
 
 
 def _groups(lengths: Sequence[int], counts: Sequence[int]):
@@ -217,11 +263,11 @@ def _fwd_op(qkv: torch.Tensor, lengths: List[int], counts: List[int]) -> Tuple[t
     lse = torch.empty(_lse_rows(lengths, counts, H), dtype=torch.float32, device=qkv.device)
     scale_log2 = D ** -0.5 * LOG2E
     for length, count, tok, row in _groups(lengths, counts):
-        seq, bm, _, warps = blocks(length)
-        _tile_attn_fwd[(seq // bm, count * H)](
+        seq, bm, bn, warps = blocks(length)
+        _tile_attn_fwd[(triton.cdiv(length, bm), count * H)](
             qkv[tok:], out[tok:], lse[row * H:], length, H, scale_log2,
             qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
-            SEQ=seq, BLOCK_M=bm, D=D, F32=interpreting(), num_warps=warps)
+            SEQ=seq, BLOCK_M=bm, BLOCK_N=bn, D=D, F32=interpreting(), num_warps=warps)
     return out, lse
 
 
@@ -245,12 +291,13 @@ def _bwd_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_out: t
     for length, count, tok, row in _groups(lengths, counts):
         seq, bm, bn, warps = blocks(length)
         args = (qkv[tok:], out[tok:], grad_out[tok:], lse[row * H:], dqkv[tok:], length, H, scale * LOG2E, scale)
-        whole = bn == seq
-        _tile_attn_bwd_kv[(seq // bn, count * H)](*args, *strides, SEQ=seq, BLOCK_N=bn, D=D, WITH_DQ=whole,
-                                               F32=interpreting(), num_warps=warps)
+        whole = bn >= length  # one block of keys holds the sequence: its program writes dQ too
+        _tile_attn_bwd_kv[(triton.cdiv(length, bn), count * H)](
+            *args, *strides, SEQ=seq, BLOCK_M=bm, BLOCK_N=bn, D=D, WITH_DQ=whole, F32=interpreting(),
+            num_warps=warps)
         if not whole:
-            _tile_attn_bwd_q[(seq // bm, count * H)](*args, *strides, SEQ=seq, BLOCK_M=bm, D=D,
-                                                  F32=interpreting(), num_warps=warps)
+            _tile_attn_bwd_q[(triton.cdiv(length, bm), count * H)](
+                *args, *strides, SEQ=seq, BLOCK_M=bm, BLOCK_N=bn, D=D, F32=interpreting(), num_warps=warps)
     return dqkv
 
 

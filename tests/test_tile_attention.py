@@ -2,7 +2,7 @@
 
 On the CPU the kernels run in Triton's interpreter (conftest sets ``TRITON_INTERPRET=1``); on a GPU they run
 compiled. Shapes are small but odd: lengths that are not powers of two, one-token sequences, a 197-token
-group (the multi-block path: keys in one tile, queries and keys split over programs), several groups at once.
+group (the looped path: four blocks of keys and of queries), several groups at once.
 """
 import pytest
 import torch
@@ -56,7 +56,7 @@ def _run(groups, heads, head_dim, dtype, pad=0):
 
 CASES = [
     (((3, 5), (2, 37)), 2, 16),  # two short groups: one program per sequence and head
-    (((2, 70), (1, 1)), 3, 32),  # 70 tokens in a 128-key tile: two query blocks, two key blocks
+    (((2, 70), (1, 1)), 3, 32),  # 70 tokens: two query blocks, two key blocks
     (((1, 197), (2, 9)), 1, 16),  # a recipe-length global crop (four blocks of 64) and short locals
 ]
 
@@ -137,22 +137,22 @@ def test_bad_input_is_refused_with_the_reason():
         ta.tile_attention(_qkv(((2, 5),), 1, 24, torch.float32), ((2, 5),))
 
 
-def test_backend_runs_short_groups_on_the_kernels_and_longer_ones_on_sdpa(monkeypatch):
-    """``attention_qkv(..., "triton")``: consecutive groups of at most TILE_TOKENS tokens go through one op,
-    longer ones through SDPA (faster at 197 tokens on an H100), and the whole output is the reference's."""
+def test_backend_runs_the_crops_on_the_kernels_and_longer_sequences_on_sdpa(monkeypatch):
+    """``attention_qkv(..., "triton")``: consecutive groups of at most MAX_SEQ tokens (both crop sizes) go
+    through one op, longer ones through SDPA, and the whole output is the reference's."""
     calls = []
     real = ta.tile_attention
     monkeypatch.setattr(ta, "tile_attention", lambda *a: calls.append(a[1]) or real(*a))
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    for groups, expected in ((((2, 37), (1, 197), (3, 5)), [((2, 37),), ((3, 5),)]),
+    for groups, expected in ((((2, 37), (1, 197), (1, 300), (3, 5)), [((2, 37), (1, 197)), ((3, 5),)]),
                              (((3, 5), (2, 37)), [((3, 5), (2, 37))]),
-                             (((1, 70), (0, 5)), [])):
+                             (((1, 300), (0, 5)), [])):
         qkv = _qkv(groups, 2, 16, dtype)
         out = attention_qkv(qkv, "triton", PackedLayout(groups))
         assert _rel(out, _reference(qkv.double(), groups)) < REL[dtype]
         assert calls == expected
         calls.clear()
-    for b, n, expected in ((3, 37, [((3, 37),)]), (2, 70, [])):  # the teacher's dense (B, N, 3, H, Dh) call
+    for b, n, expected in ((3, 37, [((3, 37),)]), (2, 300, [])):  # the teacher's dense (B, N, 3, H, Dh) call
         dense = _qkv(((b, n),), 2, 16, dtype).reshape(b, n, 3, 2, 16)
         out = attention_qkv(dense, "triton")
         assert out.shape == (b, n, 2, 16) and calls == expected

@@ -13,11 +13,11 @@ Backends (``model.attention``):
 - ``mixed``: ``sdpa``, except that on CUDA a group of sequences of at most ``SHORT_TOKENS`` tokens (the
   recipe's 96-px local crops, 37 tokens) runs PyTorch's memory-efficient kernel instead of SDPA's own pick
   (cuDNN flash on Hopper, whose 64–128-row tiles are mostly padding at 37 tokens).
-- ``triton``: fastibot's tile-attention kernels (``fastibot.kernels.tile_attention``) for sequences of at most
-  ``TILE_TOKENS`` (64) tokens: a whole sequence in one tile of keys, read straight from the qkv projection's
-  ``(T, 3, H, Dh)`` buffer, the gradient written as one tensor; SDPA for longer sequences (at 197 tokens cuDNN
-  is faster than these kernels, see ``TILE_TOKENS``). The kernels run on CUDA with bf16/fp16 activations (or in
-  the Triton interpreter on the CPU); elsewhere every group runs SDPA.
+- ``triton``: fastibot's tile-attention kernels (``fastibot.kernels.tile_attention``) for sequences of up to
+  ``MAX_SEQ`` (256) tokens, every crop size of the recipe: q, k and v read straight from the qkv projection's
+  ``(T, 3, H, Dh)`` buffer, every group's output written into one tensor and the gradient as one tensor (no
+  per-size concatenation, no q/k/v gradient stack); SDPA for longer sequences. The kernels run on CUDA with
+  bf16/fp16 activations (or in the Triton interpreter on the CPU); elsewhere every group runs SDPA.
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention with
   cumulative sequence lengths, :func:`cu_seqlens`) over the whole packed batch;
   CUDA, bf16/fp16. It takes packed sequences only: dense calls (the teacher's
@@ -139,13 +139,6 @@ def _per_group(fn, q, k, v, layout: PackedLayout):
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
-# ``triton`` runs the tile kernels on sequences of at most this many tokens and SDPA on longer ones. Measured on
-# an H100 (one layer's fwd+bwd from the packed qkv buffer, 64 images, benchmarks/attention.py --groups,
-# 2026-12-06): at 37 tokens the tile kernels took 0.370 ms (ViT-B) against the memory-efficient kernel's 0.555 and
-# cuDNN's 0.724, and 0.193 against 0.291 and 0.375 (ViT-S); at 197 tokens 1.175 against cuDNN's 0.673 (ViT-B).
-TILE_TOKENS = 64
-
-
 def _tile_takes(qkv: torch.Tensor, length: int) -> bool:
     """Whether ``triton`` runs sequences of ``length`` tokens from this qkv buffer on the tile kernels."""
     from fastibot.kernels import interpreting
@@ -156,7 +149,7 @@ def _tile_takes(qkv: torch.Tensor, length: int) -> bool:
             return False
     elif not interpreting():
         return False
-    return length <= TILE_TOKENS and fits(length, qkv.shape[-1])
+    return fits(length, qkv.shape[-1])
 
 
 def _triton_qkv(qkv: torch.Tensor, layout: PackedLayout | None):
@@ -290,11 +283,12 @@ def check_backend(name: str, device_type: str, dtype: torch.dtype = torch.bfloat
 # fastest (15.7 ms vs 18.7 for varlen over ViT-S's 12 layers, fwd+bwd, 64 images), and
 # ``mixed`` (the memory-efficient kernel for the 37-token local crops) made the whole
 # compiled, captured step 3.1% faster than ``sdpa`` for ViT-S (1,542 vs 1,495 img/s) and
-# 1.4% for ViT-B (649 vs 640), same call; ``triton`` (fastibot's tile kernels for the locals,
-# cuDNN for the globals) then beat ``mixed`` by 2.1% for ViT-S (1,810 vs 1,773) and 1.1% for
-# ViT-B at 0.37 GiB less (713 vs 705 img/s, 12.16 vs 12.53 GiB), same call. Where triton cannot
-# run (fp32 activations on CUDA), mixed. varlen and xformers stay explicit choices (they pay off
-# with many sizes).
+# 1.4% for ViT-B (649 vs 640), same call; ``triton`` with fastibot's tile kernels on the locals
+# (cuDNN for the globals) beat ``mixed`` by 2.1% for ViT-S (1,810 vs 1,773) and 1.1% for ViT-B
+# (713 vs 705), same call; with the kernels on both sizes ``triton`` ran 2.4% faster again for
+# ViT-S at 0.36 GiB less (1,846 vs 1,803 img/s, 6.76 vs 7.12 GiB) and 2.7% for ViT-B (719 vs 700),
+# same H100 host. Where triton cannot run (fp32 activations on CUDA), mixed. varlen and xformers
+# stay explicit choices (they pay off with many sizes).
 AUTO_ORDER = {"cuda": ("triton", "mixed", "sdpa"), "cpu": ("sdpa",)}
 
 
