@@ -52,9 +52,9 @@ class ModelConfig:
     drop_path: float = _f(0.1, "stochastic depth rate of the student (the teacher uses 0)", ge=0, lt=1)
     attention: str = _f("auto", "attention backend; varlen needs model.packed=true (the teacher's dense pass runs "
                         "SDPA); mixed = SDPA, with the memory-efficient kernel for sequences of at most 64 "
-                        "tokens on CUDA; triton = SDPA, with fastibot's tile-attention kernels for sequences of "
-                        "at most 64 tokens (bf16/fp16 on CUDA); auto takes the first that runs of a fixed order "
-                        "(triton, mixed on CUDA; sdpa on the CPU)",
+                        "tokens on CUDA; triton = fastibot's tile-attention kernels for sequences of at "
+                        "most 256 tokens (both crop sizes; bf16/fp16 on CUDA), SDPA for longer ones; auto takes "
+                        "the first that runs of a fixed order (triton, mixed on CUDA; sdpa on the CPU)",
                         ("auto", "xformers", "varlen", "triton", "mixed", "sdpa", "reference"))
     pos_embed_resize: str = _f("official", "position embeddings for other crop sizes: bicubic with scale factor "
                                "(n + 0.1) / grid as the official ViT (official), or resized to exactly n (exact)",
