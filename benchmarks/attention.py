@@ -127,8 +127,10 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
             ("flash", from_qkv(via_sdpa(SDPBackend.FLASH_ATTENTION))),
             ("efficient", from_qkv(via_sdpa(SDPBackend.EFFICIENT_ATTENTION))),
             ("matmul, compiled", from_qkv(torch.compile(_matmul_attention, fullgraph=True, dynamic=False)))]
+    from fastibot.kernels import tile_attention as ta
+    defaults = dict(ta.TUNING)
     for cfg in tile_configs or [None]:
-        ways.append((f"fastibot tile {cfg or 'default'}", _tile_way(cfg)))
+        ways.append((f"fastibot tile {cfg or 'default'}", _tiled(cfg, defaults, ta.tile_attention)))
     for n, length in ((2 * b, 197), (10 * b, 37)):
         qkv = torch.randn(n * length, 3, h, dh, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         flop = 4 * n * h * length * length * dh * 3.5  # forward 2 matmuls, backward 2.5x
@@ -150,6 +152,8 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
                          "fwd+bwd ms (one layer)": ms, "fwd ms": fwd_ms,
                          "TFLOP/s": flop / (ms * 1e9) if ms == ms else ms, "max |out - sdpa|": err})
             qkv.grad = None
+    ta.TUNING.clear()
+    ta.TUNING.update(defaults)
     # the student's layer as the packed model runs it: both sizes in one buffer, the outputs and the gradient
     # in one tensor each (tile) against SDPA per size with the outputs concatenated (mixed)
     from fastibot.models.attention import PackedLayout, attention_qkv
@@ -161,21 +165,20 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
         qkv.grad = None
 
 
-def _tile_way(cfg):
-    """The tile kernels with ``cfg`` = "BM/BN/W" for key tiles of 128 and 256 (None: the module's defaults)."""
+def _tiled(cfg, defaults, fn):
+    """``fn`` with the tile kernels' block shapes ``cfg`` = "BM/BN/W" for key tiles of 128 and 256 (the longer
+    crops; the locals keep one tile), or ``defaults`` for None, in force from its forward on, so the backward
+    that the timed step runs after ``fn`` returns uses them too; the caller restores ``defaults``."""
     from fastibot.kernels import tile_attention as ta
 
-    def fn(qkv, groups):
-        saved = dict(ta.TUNING)
+    def tiled(qkv, groups):
+        ta.TUNING.clear()
+        ta.TUNING.update(defaults)
         if cfg:
             bm, bn, w = (int(x) for x in cfg.split("/"))
-            ta.TUNING.update({seq: (bm, bn, w) for seq in (128, 256)})  # the longer crops; locals keep one tile
-        try:
-            return ta.tile_attention(qkv, groups)
-        finally:
-            ta.TUNING.clear()
-            ta.TUNING.update(saved)
-    return fn
+            ta.TUNING.update({seq: (bm, bn, w) for seq in (128, 256)})
+        return fn(qkv, groups)
+    return tiled
 
 
 def main(argv=None):

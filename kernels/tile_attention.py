@@ -57,10 +57,10 @@ def fits(length: int, head_dim: int) -> bool:
 # key tile -> (BLOCK_M, BLOCK_N, warps): query rows per forward and dQ program and per step of the dK/dV
 # programs' loop, key rows per dK/dV program and per step of the forward and dQ programs' loop, warps per
 # program. Unlisted tiles take min(SEQ, 64) rows both ways and 4 warps. For the 197-token global crops (one
-# layer's fwd+bwd, 64 images, H100, benchmarks/attention.py --groups --tile-configs): 64/32/4 0.591 ms (ViT-B)
-# and 0.313 (ViT-S), 128/64/8 0.597 and 0.313, 64/64/4 0.602 and 0.323, 32/32/4 0.710 and 0.370; cuDNN 0.687
-# and 0.355.
-TUNING = {256: (64, 32, 4)}
+# layer, 64 images, H100, benchmarks/attention.py --groups): 64/64/4 ran fwd+bwd in 0.602 ms (ViT-B) and
+# 0.323 (ViT-S) against cuDNN's 0.687 and 0.355; 64/32/4 ran the backward 60% slower (0.874 ms, ViT-B).
+# Forward-only block shapes moved the total by under 2% (64/32/4: 0.591 and 0.313).
+TUNING = {}
 
 
 def blocks(length: int) -> Tuple[int, int, int, int]:
@@ -134,6 +134,33 @@ def _tile_attn_fwd(qkv_ptr, out_ptr, lse_ptr, L, H, scale_log2,
 
 
 @triton.jit
+def _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dq_base, start, L, s_tok, o_tok, g_tok, d_tok, d,
+              dk, dv, scale_log2, scale, BLOCK_M: tl.constexpr, WITH_DQ: tl.constexpr, F32: tl.constexpr):
+    """One block of query rows into a block of keys' ``dk`` (unscaled) and ``dv``; with ``WITH_DQ`` (the keys
+    are the whole sequence) also these rows' dQ, stored."""
+    rows = start + tl.arange(0, BLOCK_M)
+    q = _rows(base, rows, s_tok, d, L)
+    o = _rows(obase, rows, o_tok, d, L)
+    do = _rows(gbase, rows, g_tok, d, L)
+    # rows past L: zero q, o and dO and a log-sum-exp of 0, so they add nothing
+    lse = tl.load(lse_row + rows, mask=rows < L, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
+    st = _dot(k, tl.trans(q), F32) * scale_log2  # (keys, rows)
+    # padded keys (zero-filled k) score 0, which against a row's log-sum-exp far below 0 would overflow to
+    # inf and turn dQ into NaN: zero them
+    pt = tl.where(keys[:, None] < L, tl.exp2(st - lse[None, :]), 0.0)
+    dv += _dot(pt.to(do.dtype), do, F32)
+    dpt = _dot(v, tl.trans(do), F32)
+    dst = pt * (dpt - delta[None, :])
+    dk += _dot(dst.to(q.dtype), q, F32)
+    if WITH_DQ:
+        dq = _dot(tl.trans(dst).to(k.dtype), k, F32) * scale
+        tl.store(dq_base + rows[:, None] * d_tok + d[None, :], dq.to(dq_base.dtype.element_ty),
+                 mask=rows[:, None] < L)
+    return dk, dv
+
+
+@triton.jit
 def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale,
                    s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
                    SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
@@ -147,32 +174,21 @@ def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale
     obase = out_ptr + tok0 * o_tok + h * o_head
     gbase = dout_ptr + tok0 * g_tok + h * g_head
     dbase = dqkv_ptr + tok0 * d_tok + h * d_head
-    ty = dqkv_ptr.dtype.element_ty
+    lse_row = lse_ptr + tl.cast(bh, tl.int64) * SEQ
     keys = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     k = _rows(base + s_which, keys, s_tok, d, L)
     v = _rows(base + 2 * s_which, keys, s_tok, d, L)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    for start in range(0, L, BLOCK_M):  # blocks of query rows
-        rows = start + tl.arange(0, BLOCK_M)
-        q = _rows(base, rows, s_tok, d, L)
-        o = _rows(obase, rows, o_tok, d, L)
-        do = _rows(gbase, rows, g_tok, d, L)
-        # rows past L: zero q, o and dO and a log-sum-exp of 0, so they add nothing
-        lse = tl.load(lse_ptr + tl.cast(bh, tl.int64) * SEQ + rows, mask=rows < L, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
-        st = _dot(k, tl.trans(q), F32) * scale_log2  # (keys, rows)
-        # padded keys (zero-filled k) score 0, which against a row's log-sum-exp far below 0 would overflow
-        # to inf and turn dQ into NaN: zero them
-        pt = tl.where(keys[:, None] < L, tl.exp2(st - lse[None, :]), 0.0)
-        dv += _dot(pt.to(do.dtype), do, F32)
-        dpt = _dot(v, tl.trans(do), F32)
-        dst = pt * (dpt - delta[None, :])
-        dk += _dot(dst.to(q.dtype), q, F32)
-        if WITH_DQ:  # this program holds every key: dQ of these rows is complete here
-            dq = _dot(tl.trans(dst).to(k.dtype), k, F32) * scale
-            tl.store(dbase + rows[:, None] * d_tok + d[None, :], dq.to(ty), mask=rows[:, None] < L)
+    if SEQ <= BLOCK_M:  # one block of rows: no loop (as in the forward)
+        dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dbase, 0, L, s_tok, o_tok, g_tok, d_tok, d,
+                           dk, dv, scale_log2, scale, BLOCK_M, WITH_DQ, F32)
+    else:
+        for start in range(0, L, BLOCK_M):
+            dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dbase, start, L, s_tok, o_tok, g_tok,
+                               d_tok, d, dk, dv, scale_log2, scale, BLOCK_M, WITH_DQ, F32)
+    ty = dqkv_ptr.dtype.element_ty
     kmask = keys[:, None] < L
     tl.store(dbase + d_which + keys[:, None] * d_tok + d[None, :], (dk * scale).to(ty), mask=kmask)
     tl.store(dbase + 2 * d_which + keys[:, None] * d_tok + d[None, :], dv.to(ty), mask=kmask)
