@@ -24,6 +24,12 @@ so neither the forward's per-size outputs nor the backward's three gradients are
 copied into place afterwards. Every group of equal-length sequences in a packed
 batch runs in the same op (one launch per group), writing into one output.
 
+Bytes, with ``T·D`` = tokens × heads × head size in the input dtype: the forward reads q, k and v and writes
+the output (4·T·D, plus 4 bytes of log-sum-exp per row and head), the backward reads q, k, v, the output and
+its gradient and writes dq, dk, dv (8·T·D): 12·T·D in all, 0.44 GB for a ViT-B layer's 640 local crops at
+64 images (≈ 0.15 ms at 3 TB/s); a longer sequence's programs re-read their blocks from L2 once per step
+of their loop.
+
 Products run on the tensor cores in the input dtype (bf16/fp16) with fp32
 accumulation; ``P`` and ``dS`` are rounded to the input dtype before their
 products, as in flash attention. The eager reference is
@@ -58,7 +64,8 @@ def fits(length: int, head_dim: int) -> bool:
 # programs' loop, key rows per dK/dV program and per step of the forward and dQ programs' loop, warps per
 # program. Unlisted tiles take min(SEQ, 64) rows both ways and 4 warps. For the 197-token global crops (one
 # layer, 64 images, H100, benchmarks/attention.py --groups): 64/64/4 ran fwd+bwd in 0.602 ms (ViT-B) and
-# 0.323 (ViT-S) against cuDNN's 0.687 and 0.355; 64/32/4 ran the backward 60% slower (0.874 ms, ViT-B).
+# 0.323 (ViT-S) against cuDNN's 0.687 and 0.355; 64/32/4 in both passes took 0.874 ms (ViT-B), its backward
+# 60% slower.
 # Forward-only block shapes moved the total by under 2% (64/32/4: 0.591 and 0.313).
 TUNING = {}
 
