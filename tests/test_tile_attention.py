@@ -101,11 +101,12 @@ def test_reads_a_strided_qkv_buffer():
     assert _rel(out, ref) < tol and _rel(grad, ref_grad) < tol
 
 
-@pytest.mark.parametrize("bm,bn", [(16, 32), (128, 16)])
-def test_other_block_shapes_give_the_same_answer(monkeypatch, bm, bn):
-    """The block sizes are a tuning knob (``TUNING``): query and key blocks of other sizes than the default,
-    equal or not, must compute the same attention."""
-    monkeypatch.setitem(ta.TUNING, 128, (bm, bn, 4))
+@pytest.mark.parametrize("blocks", [(16, 32, 4), (128, 16, 4, 8)])
+def test_other_block_shapes_give_the_same_answer(monkeypatch, blocks):
+    """The block sizes are a tuning knob (``TUNING``, with one warp count or the forward's and the backward's):
+    query and key blocks of other sizes than the default, equal or not, must compute the same attention."""
+    monkeypatch.setitem(ta.TUNING, 128, blocks)
+    assert ta.blocks(70) == (128, blocks[0], blocks[1], blocks[2], blocks[-1])
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     out, grad, ref, ref_grad = _run(((2, 70), (3, 5)), 2, 16, dtype)
     assert _rel(out, ref) < REL[dtype] and _rel(grad, ref_grad) < REL[dtype]
