@@ -168,16 +168,19 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
 def _tiled(cfg, defaults, fn):
     """``fn`` with the tile kernels' block shapes ``cfg`` in force from its forward on, so the backward that the
     timed step runs after ``fn`` returns uses them too (the caller restores ``defaults``). ``cfg``: "BM/BN/W"
-    (or "BM/BN/Wf/Wb", the forward's and the backward's warps) for key tiles of 128 and 256 (the global
-    crops), "S:BM/BN/W" for key tile S only (e.g. 64: the locals), None for ``defaults``."""
+    for both passes, or "BM/BN/W+BM/BN/W" (the forward's, then the backward's), for key tiles of 128 and 256
+    (the global crops); "S:..." for key tile S only (e.g. 64: the locals); None for ``defaults``."""
     from fastibot.kernels import tile_attention as ta
 
     def tiled(qkv, groups):
         ta.TUNING.clear()
         ta.TUNING.update(defaults)
         if cfg:
-            tile, _, shape = cfg.rpartition(":")
-            blocks = tuple(int(x) for x in shape.split("/"))  # BM/BN/W or BM/BN/forward W/backward W
+            tile, _, shapes = cfg.rpartition(":")
+            fwd, _, bwd = shapes.partition("+")
+            blocks = tuple(int(x) for x in fwd.split("/"))
+            if bwd:
+                blocks = (blocks, tuple(int(x) for x in bwd.split("/")))
             ta.TUNING.update({seq: blocks for seq in ((int(tile),) if tile else (128, 256))})
         return fn(qkv, groups)
     return tiled
@@ -191,8 +194,9 @@ def main(argv=None):
     ap.add_argument("--arch", default="", choices=("", "vit_small", "vit_base", "vit_large"),
                     help="--groups: one architecture (default: ViT-S and ViT-B)")
     ap.add_argument("--tile-configs", default="",
-                    help="--groups: comma-separated BM/BN/W (or BM/BN/Wfwd/Wbwd) block shapes for the tile kernels on "
-                         "the global crops, or S:... for key tile S only (e.g. 64/64/8,64/64/4/8,64:64/64/8)")
+                    help="--groups: comma-separated BM/BN/W block shapes for the tile kernels on the global crops "
+                         "(BM/BN/W+BM/BN/W: the forward's, then the backward's), or S:... for key tile S only "
+                         "(e.g. 64/64/8,64/32/4+64/64/8,64:64/64/4+64/64/8)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

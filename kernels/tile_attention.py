@@ -60,23 +60,26 @@ def fits(length: int, head_dim: int) -> bool:
     return 0 < length <= MAX_SEQ and head_dim in (16, 32, 64, 128)
 
 
-# key tile -> (BLOCK_M, BLOCK_N, warps) or (BLOCK_M, BLOCK_N, forward warps, backward warps): query rows per
-# forward and dQ program and per step of the dK/dV programs' loop, key rows per dK/dV program and per step of
-# the forward and dQ programs' loop, warps per program. Unlisted tiles take min(SEQ, 64) rows both ways and 4
-# warps. For the 197-token global crops (one layer, 64 images, H100, benchmarks/attention.py --groups): 64/64/4
-# ran fwd+bwd in 0.602 ms (ViT-B) and 0.323 (ViT-S) against cuDNN's 0.687 and 0.355; 64/32/4 in both passes
-# took 0.874 ms (ViT-B), its backward 60% slower. Forward-only block shapes moved the total by under 2%
-# (64/32/4: 0.591 and 0.313). Backward warp counts other than 4 have not been timed
-# (benchmarks/kernel_resources.py reads their registers and spills without a GPU).
-TUNING = {}
+# key tile -> (BLOCK_M, BLOCK_N, warps) for both passes, or a pair of them, the forward's then the backward's:
+# query rows per forward and dQ program and per step of the dK/dV programs' loop, key rows per dK/dV program and
+# per step of the forward and dQ programs' loop, warps per program. Unlisted tiles take min(SEQ, 64) rows both
+# ways and 4 warps in both passes. Measured for the 197-token global crops (one layer, 64 images, H100,
+# benchmarks/attention.py --groups): the forward at 64/32/4 with the backward at 64/64/4 ran fwd+bwd in
+# 0.591 ms (ViT-B) and 0.313 (ViT-S), both passes at 64/64/4 0.602 and 0.323, cuDNN 0.687 and 0.355; the
+# backward at 64/32/4 ran 60% slower (0.874 ms in all, ViT-B). Backward warp counts other than 4 have not been
+# timed (benchmarks/kernel_resources.py reads their registers and spills without a GPU).
+TUNING = {256: ((64, 32, 4), (64, 64, 4))}
 
 
-def blocks(length: int) -> Tuple[int, int, int, int, int]:
-    """(SEQ, BLOCK_M, BLOCK_N, forward warps, backward warps) for sequences of ``length`` tokens. Up to 64
-    tokens one program holds the whole sequence in both passes."""
+def blocks(length: int, backward: bool = False) -> Tuple[int, int, int, int]:
+    """(SEQ, BLOCK_M, BLOCK_N, warps) of the forward (or the backward) for sequences of ``length`` tokens. Up to
+    64 tokens one program holds the whole sequence in both passes."""
     seq = seq_tile(length)
-    bm, bn, *warps = TUNING.get(seq, (min(seq, 64), min(seq, 64), 4))
-    return seq, min(bm, seq), min(bn, seq), warps[0], warps[-1]
+    shapes = TUNING.get(seq, (min(seq, 64), min(seq, 64), 4))
+    if isinstance(shapes[0], tuple):
+        shapes = shapes[1 if backward else 0]
+    bm, bn, warps = shapes
+    return seq, min(bm, seq), min(bn, seq), warps
 
 
 @triton.jit
@@ -271,7 +274,7 @@ def _fwd_op(qkv: torch.Tensor, lengths: List[int], counts: List[int]) -> Tuple[t
     lse = torch.empty(_lse_rows(lengths, counts, H), dtype=torch.float32, device=qkv.device)
     scale_log2 = D ** -0.5 * LOG2E
     for length, count, tok, row in _groups(lengths, counts):
-        seq, bm, bn, warps, _ = blocks(length)
+        seq, bm, bn, warps = blocks(length)
         _tile_attn_fwd[(triton.cdiv(length, bm), count * H)](
             qkv[tok:], out[tok:], lse[row * H:], length, H, scale_log2,
             qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
@@ -297,7 +300,7 @@ def _bwd_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_out: t
     strides = (qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
                grad_out.stride(0), grad_out.stride(1), dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
     for length, count, tok, row in _groups(lengths, counts):
-        seq, bm, bn, _, warps = blocks(length)
+        seq, bm, bn, warps = blocks(length, backward=True)
         args = (qkv[tok:], out[tok:], grad_out[tok:], lse[row * H:], dqkv[tok:], length, H, scale * LOG2E, scale)
         whole = bn >= length  # one block of keys holds the sequence: its program writes dQ too
         _tile_attn_bwd_kv[(triton.cdiv(length, bn), count * H)](

@@ -101,15 +101,36 @@ def test_reads_a_strided_qkv_buffer():
     assert _rel(out, ref) < tol and _rel(grad, ref_grad) < tol
 
 
-@pytest.mark.parametrize("blocks", [(16, 32, 4), (128, 16, 4, 8)])
+@pytest.mark.parametrize("blocks", [(16, 32, 4), ((128, 16, 4), (16, 64, 8)), ((32, 128, 4), (64, 16, 4))])
 def test_other_block_shapes_give_the_same_answer(monkeypatch, blocks):
-    """The block sizes are a tuning knob (``TUNING``, with one warp count or the forward's and the backward's):
-    query and key blocks of other sizes than the default, equal or not, must compute the same attention."""
+    """The block sizes are a tuning knob (``TUNING``: one shape for both passes, or the forward's and the
+    backward's): query and key blocks of other sizes than the default, equal or not, and a backward blocked
+    differently from its forward must compute the same attention."""
     monkeypatch.setitem(ta.TUNING, 128, blocks)
-    assert ta.blocks(70) == (128, blocks[0], blocks[1], blocks[2], blocks[-1])
+    fwd, bwd = blocks if isinstance(blocks[0], tuple) else (blocks, blocks)
+    assert ta.blocks(70) == (128, *fwd) and ta.blocks(70, backward=True) == (128, *bwd)
+    launched = []  # (kernel, BLOCK_M, BLOCK_N, warps) of each launch: each pass runs its own shapes
+
+    def spy(name):
+        kernel = getattr(ta, name)
+
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    launched.append((name, kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"]))
+                    return kernel[grid](*args, **kw)
+                return launch
+        monkeypatch.setattr(ta, name, Spy())
+
+    for name in ("_tile_attn_fwd", "_tile_attn_bwd_kv", "_tile_attn_bwd_q"):
+        spy(name)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     out, grad, ref, ref_grad = _run(((2, 70), (3, 5)), 2, 16, dtype)
     assert _rel(out, ref) < REL[dtype] and _rel(grad, ref_grad) < REL[dtype]
+    long = [x for x in launched if x[1:3] != (16, 16)]  # the 5-token group runs its own 16-key tile
+    assert long[0] == ("_tile_attn_fwd", *fwd)
+    assert {x[0] for x in long[1:]} <= {"_tile_attn_bwd_kv", "_tile_attn_bwd_q"}
+    assert all(x[1:] == tuple(bwd) for x in long[1:])
 
 
 def test_attention_stays_inside_each_sequence():
