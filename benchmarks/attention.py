@@ -128,7 +128,7 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
             ("efficient", from_qkv(via_sdpa(SDPBackend.EFFICIENT_ATTENTION))),
             ("matmul, compiled", from_qkv(torch.compile(_matmul_attention, fullgraph=True, dynamic=False)))]
     from fastibot.kernels import tile_attention as ta
-    defaults = dict(ta.TUNING)
+    defaults = (dict(ta.TUNING), ta.TAILS)
     for cfg in tile_configs or [None]:
         ways.append((f"fastibot tile {cfg or 'default'}", _tiled(cfg, defaults, ta.tile_attention)))
     for n, length in ((2 * b, 197), (10 * b, 37)):
@@ -152,8 +152,7 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
                          "fwd+bwd ms (one layer)": ms, "fwd ms": fwd_ms,
                          "TFLOP/s": flop / (ms * 1e9) if ms == ms else ms, "max |out - sdpa|": err})
             qkv.grad = None
-    ta.TUNING.clear()
-    ta.TUNING.update(defaults)
+    _restore(defaults)
     # the student's layer as the packed model runs it: both sizes in one buffer, the outputs and the gradient
     # in one tensor each (tile) against SDPA per size with the outputs concatenated (mixed)
     from fastibot.models.attention import PackedLayout, attention_qkv
@@ -169,21 +168,31 @@ def _tiled(cfg, defaults, fn):
     """``fn`` with the tile kernels' block shapes ``cfg`` in force from its forward on, so the backward that the
     timed step runs after ``fn`` returns uses them too (the caller restores ``defaults``). ``cfg``: "BM/BN/W"
     for both passes, or "BM/BN/W+BM/BN/W" (the forward's, then the backward's), for key tiles of 128 and 256
-    (the global crops); "S:..." for key tile S only (e.g. 64: the locals); None for ``defaults``."""
+    (the global crops); "S:..." for key tile S only (e.g. 64: the locals); a "+tails" part turns on
+    ``TAILS`` (a longer sequence's last, partial block in its smallest tile); None for ``defaults``."""
     from fastibot.kernels import tile_attention as ta
 
     def tiled(qkv, groups):
-        ta.TUNING.clear()
-        ta.TUNING.update(defaults)
+        _restore(defaults)
         if cfg:
             tile, _, shapes = cfg.rpartition(":")
-            fwd, _, bwd = shapes.partition("+")
-            blocks = tuple(int(x) for x in fwd.split("/"))
-            if bwd:
-                blocks = (blocks, tuple(int(x) for x in bwd.split("/")))
-            ta.TUNING.update({seq: blocks for seq in ((int(tile),) if tile else (128, 256))})
+            parts = shapes.split("+")
+            ta.TAILS = "tails" in parts
+            parts = [tuple(int(x) for x in p.split("/")) for p in parts if p != "tails"]
+            if parts:
+                blocks = parts[0] if len(parts) == 1 else (parts[0], parts[1])
+                ta.TUNING.update({seq: blocks for seq in ((int(tile),) if tile else (128, 256))})
         return fn(qkv, groups)
     return tiled
+
+
+def _restore(defaults):
+    """The tile kernels' module settings as ``defaults`` = (TUNING, TAILS) had them."""
+    from fastibot.kernels import tile_attention as ta
+
+    ta.TUNING.clear()
+    ta.TUNING.update(defaults[0])
+    ta.TAILS = defaults[1]
 
 
 def main(argv=None):
@@ -195,8 +204,9 @@ def main(argv=None):
                     help="--groups: one architecture (default: ViT-S and ViT-B)")
     ap.add_argument("--tile-configs", default="",
                     help="--groups: comma-separated BM/BN/W block shapes for the tile kernels on the global crops "
-                         "(BM/BN/W+BM/BN/W: the forward's, then the backward's), or S:... for key tile S only "
-                         "(e.g. 64/64/8,64/32/4+64/64/8,64:64/64/4+64/64/8)")
+                         "(BM/BN/W+BM/BN/W: the forward's, then the backward's; +tails: the last, partial block "
+                         "in its smallest tile), or S:... for key tile S only "
+                         "(e.g. 64/64/8,64/32/4+64/64/8+tails,tails,64:64/64/4+64/64/8)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

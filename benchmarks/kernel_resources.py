@@ -1,14 +1,15 @@
 """Registers and spills of the tile-attention kernels per block shape, compiled for a GPU without one.
 
     python benchmarks/kernel_resources.py --warps 4,8
-    python benchmarks/kernel_resources.py --configs 64:64/64/4,256:64/64/8 --sm 90
+    python benchmarks/kernel_resources.py --configs 37:64/64,197:64/32 --tails --sm 90
 
 Compiles each kernel with Triton for ``sm_<SM>`` (no GPU needed: ``triton.compile`` with a ``GPUTarget``)
 and reads the register count and spill bytes from the ``ptxas -v`` that ships with Triton. On Hopper a
 program of 4 warps at 255 registers leaves room for two programs per SM; a spilling one pays local-memory
 traffic. This is a compile-time reading, not a timing: it narrows which block shapes are worth device time
-(``benchmarks/attention.py --groups --tile-configs`` times them). Each configuration ``S:BM/BN`` is the key
-tile S (64: the 37-token locals, 256: the 197-token globals) and the blocks of ``kernels/tile_attention.py``.
+(``benchmarks/attention.py --groups --tile-configs`` times them). Each configuration ``L:BM/BN`` is a sequence
+length (37: the locals, 197: the globals) and the blocks of ``kernels/tile_attention.py``; one row per kernel
+launch as the op splits the sequence (``--tails``: its last, partial block in the smallest tile).
 """
 from __future__ import annotations
 
@@ -71,37 +72,52 @@ def ptxas_info(fn, constexprs: dict, warps: int, sm: int) -> dict:
             "spill loads": int(spills.group(2))}
 
 
-def rows_for(config: str, warps: int, head_dim: int, sm: int):
-    """One row per kernel the op launches for ``config`` = "S:BM/BN" (S the key tile)."""
-    tile, _, shape = config.partition(":")
-    seq = int(tile)
-    bm, bn = (int(x) for x in shape.split("/"))
-    bm, bn = min(bm, seq), min(bn, seq)
-    base = dict(SEQ=seq, BLOCK_M=bm, BLOCK_N=bn, D=head_dim, F32=False)
-    whole = bn >= seq  # as the launcher decides for a sequence that fills its tile
-    kernels = [("forward", ta._tile_attn_fwd, base),
-               ("dK/dV" + (" + dQ" if whole else ""), ta._tile_attn_bwd_kv, dict(base, WITH_DQ=whole))]
-    if not whole:
-        kernels.append(("dQ", ta._tile_attn_bwd_q, base))
-    for label, fn, constexprs in kernels:
-        yield {"tile": seq, "blocks": f"{bm}/{bn}", "warps": warps, "kernel": label,
-               **ptxas_info(fn, constexprs, warps, sm)}
+def rows_for(config: str, warps: int, head_dim: int, sm: int, tails: bool):
+    """One row per kernel launch of the op for ``config`` = "L:BM/BN" (L the sequence length), as the op's
+    launcher splits it (``tails``: ``tile_attention.TAILS``)."""
+    length, _, shape = config.partition(":")
+    length = int(length)
+    seq = ta.seq_tile(length)
+    bm, bn = (min(int(x), seq) for x in shape.split("/"))
+    saved, ta.TAILS = ta.TAILS, tails
+    try:
+        loop_m, tail_m = ta._split(length, bm)
+        loop_n, tail_n = ta._split(length, bn)
+        whole = bn >= length  # as the launcher decides: one block of keys holds the sequence
+        launches = [("forward", ta._tile_attn_fwd, dict(BLOCK_M=rows, BLOCK_N=bn, LOOP_N=loop_n > 0, TAIL_N=tail_n))
+                    for _, rows, _ in ta._launches(length, bm)]
+        launches += [("dK/dV" + (" + dQ" if whole else ""), ta._tile_attn_bwd_kv,
+                      dict(BLOCK_M=bm, BLOCK_N=keys, LOOP_M=loop_m > 0, TAIL_M=tail_m, WITH_DQ=whole))
+                     for _, keys, _ in ta._launches(length, bn)]
+        if not whole:
+            launches += [("dQ", ta._tile_attn_bwd_q, dict(BLOCK_M=rows, BLOCK_N=bn, LOOP_N=loop_n > 0, TAIL_N=tail_n))
+                         for _, rows, _ in ta._launches(length, bm)]
+    finally:
+        ta.TAILS = saved
+    for label, fn, constexprs in launches:
+        block = constexprs["BLOCK_N"] if fn is ta._tile_attn_bwd_kv else constexprs["BLOCK_M"]
+        tail = constexprs.get("TAIL_N", constexprs.get("TAIL_M"))
+        yield {"length": length, "blocks": f"{bm}/{bn}", "warps": warps, "kernel": label,
+               "program rows": block, "last step": tail or "-",
+               **ptxas_info(fn, dict(SEQ=seq, D=head_dim, F32=False, **constexprs), warps, sm)}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="64:64/64,256:64/64,256:64/32,256:128/64",
-                    help="comma-separated S:BM/BN (key tile S, query block BM, key block BN)")
+    ap.add_argument("--configs", default="37:64/64,197:64/64,197:64/32,197:128/64",
+                    help="comma-separated L:BM/BN (sequence length L, query block BM, key block BN)")
+    ap.add_argument("--tails", action="store_true", help="the last, partial block in its smallest tile (TAILS)")
     ap.add_argument("--warps", default="4,8", help="comma-separated warp counts")
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--sm", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     rows = [r for w in args.warps.split(",") if w for c in args.configs.split(",") if c
-            for r in rows_for(c, int(w), args.head_dim, args.sm)]
+            for r in rows_for(c, int(w), args.head_dim, args.sm, args.tails)]
     print_table(f"tile attention, head size {args.head_dim}, compiled for sm_{args.sm} by triton "
                 f"{triton.__version__} (registers per thread; spill bytes)", rows,
-                ["tile", "blocks", "warps", "kernel", "registers", "spill stores", "spill loads"])
+                ["length", "blocks", "warps", "kernel", "program rows", "last step", "registers", "spill stores",
+                 "spill loads"])
     write_json(args.json, {"triton": triton.__version__, "sm": args.sm, "rows": rows})
     return rows
 

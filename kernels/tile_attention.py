@@ -6,7 +6,9 @@ tiles with an online softmax, mostly padding at 37 tokens. Here a sequence of up
 to 64 tokens (the locals) sits in one tile of keys per program, so its softmax is
 a plain row softmax and nothing loops; a longer one (up to ``MAX_SEQ``) loops over
 a few blocks of ``BLOCK_N`` keys with an online softmax. ``SEQ`` is the length
-rounded up to a power of two.
+rounded up to a power of two. With ``TAILS`` the last, partial block of a longer
+sequence (of programs and of loop steps) runs in the smallest tile that covers
+it instead of a full block.
 
 - forward, one program per (block of ``BLOCK_M`` query rows, sequence, head):
   ``S = Q Kᵀ``, ``P = softmax(S·scale)``, ``O = P V``, over the key blocks with a
@@ -115,29 +117,33 @@ def _fwd_keys(q, kbase, vbase, start, L, s_tok, d, m, den, acc, scale_log2,
 
 
 @triton.jit
-def _tile_attn_fwd(qkv_ptr, out_ptr, lse_ptr, L, H, scale_log2,
+def _tile_attn_fwd(qkv_ptr, out_ptr, lse_ptr, L, H, row0, scale_log2,
                 s_tok, s_which, s_head, o_tok, o_head,
-                SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                F32: tl.constexpr):
+                SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_N: tl.constexpr,
+                TAIL_N: tl.constexpr, D: tl.constexpr, F32: tl.constexpr):
     mblk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     tok0 = tl.cast(b, tl.int64) * L  # first token of this sequence
     base = qkv_ptr + tok0 * s_tok + h * s_head
-    rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row0 + mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     q = _rows(base, rows, s_tok, d, L)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of the base-2 logits
     den = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if SEQ <= BLOCK_N:  # one block holds every key: no loop (a loop's pipelining costs the short crops ~5%)
-        m, den, acc = _fwd_keys(q, base + s_which, base + 2 * s_which, 0, L, s_tok, d, m, den, acc, scale_log2,
-                                BLOCK_N, F32)
-    else:
-        for start in range(0, L, BLOCK_N):
+    tail0 = 0
+    if LOOP_N:  # blocks of keys (a sequence of one block runs without a loop: ~5% faster for the locals)
+        tail0 = L
+        if TAIL_N > 0:  # the last, partial block runs below in a smaller tile
+            tail0 = L - L % BLOCK_N
+        for start in range(0, tail0, BLOCK_N):
             m, den, acc = _fwd_keys(q, base + s_which, base + 2 * s_which, start, L, s_tok, d, m, den, acc,
                                     scale_log2, BLOCK_N, F32)
+    if TAIL_N > 0:  # the last, partial block in the smallest tile that covers it
+        m, den, acc = _fwd_keys(q, base + s_which, base + 2 * s_which, tail0, L, s_tok, d, m, den, acc,
+                                scale_log2, TAIL_N, F32)
     out = out_ptr + tok0 * o_tok + h * o_head
     tl.store(out + rows[:, None] * o_tok + d[None, :], (acc / den[:, None]).to(out_ptr.dtype.element_ty),
              mask=rows[:, None] < L)
@@ -172,10 +178,10 @@ def _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dq_base, start, L, s_tok,
 
 
 @triton.jit
-def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale,
+def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale, key0,
                    s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
-                   SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                   WITH_DQ: tl.constexpr, F32: tl.constexpr):
+                   SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_M: tl.constexpr,
+                   TAIL_M: tl.constexpr, D: tl.constexpr, WITH_DQ: tl.constexpr, F32: tl.constexpr):
     nblk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -186,19 +192,23 @@ def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale
     gbase = dout_ptr + tok0 * g_tok + h * g_head
     dbase = dqkv_ptr + tok0 * d_tok + h * d_head
     lse_row = lse_ptr + tl.cast(bh, tl.int64) * SEQ
-    keys = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+    keys = key0 + nblk * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     k = _rows(base + s_which, keys, s_tok, d, L)
     v = _rows(base + 2 * s_which, keys, s_tok, d, L)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    if SEQ <= BLOCK_M:  # one block of rows: no loop (as in the forward)
-        dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dbase, 0, L, s_tok, o_tok, g_tok, d_tok, d,
-                           dk, dv, scale_log2, scale, BLOCK_M, WITH_DQ, F32)
-    else:
-        for start in range(0, L, BLOCK_M):
+    tail0 = 0
+    if LOOP_M:  # blocks of query rows (no loop for a sequence of one block, as in the forward)
+        tail0 = L
+        if TAIL_M > 0:
+            tail0 = L - L % BLOCK_M
+        for start in range(0, tail0, BLOCK_M):
             dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dbase, start, L, s_tok, o_tok, g_tok,
                                d_tok, d, dk, dv, scale_log2, scale, BLOCK_M, WITH_DQ, F32)
+    if TAIL_M > 0:
+        dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dbase, tail0, L, s_tok, o_tok, g_tok, d_tok,
+                           d, dk, dv, scale_log2, scale, TAIL_M, WITH_DQ, F32)
     ty = dqkv_ptr.dtype.element_ty
     kmask = keys[:, None] < L
     tl.store(dbase + d_which + keys[:, None] * d_tok + d[None, :], (dk * scale).to(ty), mask=kmask)
@@ -206,36 +216,79 @@ def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale
 
 
 @triton.jit
-def _tile_attn_bwd_q(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale,
+def _dq_keys(q, do, lse, delta, kbase, vbase, start, L, s_tok, d, dq, scale_log2,
+             BLOCK_N: tl.constexpr, F32: tl.constexpr):
+    """One block of keys into these rows' ``dq`` (unscaled)."""
+    keys = start + tl.arange(0, BLOCK_N)
+    k = _rows(kbase, keys, s_tok, d, L)
+    v = _rows(vbase, keys, s_tok, d, L)
+    s = _dot(q, tl.trans(k), F32) * scale_log2
+    p = tl.where(keys[None, :] < L, tl.exp2(s - lse[:, None]), 0.0)  # padded keys: see _bwd_rows
+    dp = _dot(do, tl.trans(v), F32)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, F32)
+
+
+@triton.jit
+def _tile_attn_bwd_q(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale, row0,
                   s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
-                  SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                  F32: tl.constexpr):
+                  SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_N: tl.constexpr,
+                  TAIL_N: tl.constexpr, D: tl.constexpr, F32: tl.constexpr):
     mblk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     tok0 = tl.cast(b, tl.int64) * L
     base = qkv_ptr + tok0 * s_tok + h * s_head
-    rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row0 + mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
-    rmask = rows[:, None] < L
     q = _rows(base, rows, s_tok, d, L)
     o = _rows(out_ptr + tok0 * o_tok + h * o_head, rows, o_tok, d, L)
     do = _rows(dout_ptr + tok0 * g_tok + h * g_head, rows, g_tok, d, L)
     lse = tl.load(lse_ptr + tl.cast(bh, tl.int64) * SEQ + rows, mask=rows < L, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    for start in range(0, L, BLOCK_N):  # blocks of keys
-        keys = start + tl.arange(0, BLOCK_N)
-        k = _rows(base + s_which, keys, s_tok, d, L)
-        v = _rows(base + 2 * s_which, keys, s_tok, d, L)
-        s = _dot(q, tl.trans(k), F32) * scale_log2
-        p = tl.where(keys[None, :] < L, tl.exp2(s - lse[:, None]), 0.0)  # padded keys: see _tile_attn_bwd_kv
-        dp = _dot(do, tl.trans(v), F32)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, F32)
+    tail0 = 0
+    if LOOP_N:
+        tail0 = L
+        if TAIL_N > 0:
+            tail0 = L - L % BLOCK_N
+        for start in range(0, tail0, BLOCK_N):
+            dq = _dq_keys(q, do, lse, delta, base + s_which, base + 2 * s_which, start, L, s_tok, d, dq,
+                          scale_log2, BLOCK_N, F32)
+    if TAIL_N > 0:
+        dq = _dq_keys(q, do, lse, delta, base + s_which, base + 2 * s_which, tail0, L, s_tok, d, dq, scale_log2,
+                      TAIL_N, F32)
     tl.store(dqkv_ptr + tok0 * d_tok + h * d_head + rows[:, None] * d_tok + d[None, :],
-             (dq * scale).to(dqkv_ptr.dtype.element_ty), mask=rmask)
+             (dq * scale).to(dqkv_ptr.dtype.element_ty), mask=rows[:, None] < L)
+
+
+# Whether a longer sequence's last, partial block runs in the smallest tile that covers it (197 tokens in blocks
+# of 64: three blocks and a tile of 16, 208 rows of work instead of 256) instead of a full block. Not yet timed
+# on a GPU (benchmarks/attention.py --groups times both), so off.
+TAILS = False
+
+
+def _split(length: int, block: int) -> Tuple[int, int]:
+    """(full blocks, size of the last block or 0) covering ``length`` rows in blocks of ``block``. A sequence of
+    at most ``block`` tokens is one block: the smallest tile (≥ 16, tl.dot's minimum) that covers it. A longer
+    one: ``length // block`` full blocks and, with ``TAILS``, the smallest such tile for the rest; without,
+    ``cdiv(length, block)`` blocks of ``block`` rows (the last one partly padding)."""
+    if length <= block:
+        return 0, min(block, seq_tile(length))
+    full, rest = divmod(length, block)
+    if not TAILS:
+        return full + (rest > 0), 0
+    return full, (min(block, seq_tile(rest)) if rest else 0)
+
+
+def _launches(length: int, block: int):
+    """(first row, rows per program, programs) of the launches whose programs cover ``length`` rows."""
+    full, tail = _split(length, block)
+    if full:
+        yield 0, block, full
+    if tail:
+        yield full * block, tail, 1
 
 
 def _groups(lengths: Sequence[int], counts: Sequence[int]):
@@ -275,10 +328,13 @@ def _fwd_op(qkv: torch.Tensor, lengths: List[int], counts: List[int]) -> Tuple[t
     scale_log2 = D ** -0.5 * LOG2E
     for length, count, tok, row in _groups(lengths, counts):
         seq, bm, bn, warps = blocks(length)
-        _tile_attn_fwd[(triton.cdiv(length, bm), count * H)](
-            qkv[tok:], out[tok:], lse[row * H:], length, H, scale_log2,
-            qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
-            SEQ=seq, BLOCK_M=bm, BLOCK_N=bn, D=D, F32=interpreting(), num_warps=warps)
+        loop_n, tail_n = _split(length, bn)
+        for row0, rows, programs in _launches(length, bm):
+            _tile_attn_fwd[(programs, count * H)](
+                qkv[tok:], out[tok:], lse[row * H:], length, H, row0, scale_log2,
+                qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
+                SEQ=seq, BLOCK_M=rows, BLOCK_N=bn, LOOP_N=loop_n > 0, TAIL_N=tail_n, D=D, F32=interpreting(),
+                num_warps=warps)
     return out, lse
 
 
@@ -303,12 +359,17 @@ def _bwd_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_out: t
         seq, bm, bn, warps = blocks(length, backward=True)
         args = (qkv[tok:], out[tok:], grad_out[tok:], lse[row * H:], dqkv[tok:], length, H, scale * LOG2E, scale)
         whole = bn >= length  # one block of keys holds the sequence: its program writes dQ too
-        _tile_attn_bwd_kv[(triton.cdiv(length, bn), count * H)](
-            *args, *strides, SEQ=seq, BLOCK_M=bm, BLOCK_N=bn, D=D, WITH_DQ=whole, F32=interpreting(),
-            num_warps=warps)
+        loop_m, tail_m = _split(length, bm)
+        for key0, keys, programs in _launches(length, bn):
+            _tile_attn_bwd_kv[(programs, count * H)](
+                *args, key0, *strides, SEQ=seq, BLOCK_M=bm, BLOCK_N=keys, LOOP_M=loop_m > 0, TAIL_M=tail_m, D=D,
+                WITH_DQ=whole, F32=interpreting(), num_warps=warps)
         if not whole:
-            _tile_attn_bwd_q[(triton.cdiv(length, bm), count * H)](
-                *args, *strides, SEQ=seq, BLOCK_M=bm, BLOCK_N=bn, D=D, F32=interpreting(), num_warps=warps)
+            loop_n, tail_n = _split(length, bn)
+            for row0, rows, programs in _launches(length, bm):
+                _tile_attn_bwd_q[(programs, count * H)](
+                    *args, row0, *strides, SEQ=seq, BLOCK_M=rows, BLOCK_N=bn, LOOP_N=loop_n > 0, TAIL_N=tail_n,
+                    D=D, F32=interpreting(), num_warps=warps)
     return dqkv
 
 
