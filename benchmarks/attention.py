@@ -136,6 +136,8 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
         flop = 4 * n * h * length * length * dh * 3.5  # forward 2 matmuls, backward 2.5x
         expected = _sdpa_dense(*qkv.detach().view(n, length, 3, h, dh).unbind(2)).float()
         for label, fn in ways:
+            if label.startswith("fastibot tile ") and not _applies(label[len("fastibot tile "):], length):
+                label += " (defaults at this length)"
             def step():
                 fn(qkv, ((n, length),)).sum().backward()
             def forward():  # the teacher's pass: no gradient
@@ -184,6 +186,16 @@ def _tiled(cfg, defaults, fn):
                 ta.TUNING.update({seq: blocks for seq in ((int(tile),) if tile else (128, 256))})
         return fn(qkv, groups)
     return tiled
+
+
+def _applies(cfg: str, length: int) -> bool:
+    """Whether ``--tile-configs`` entry ``cfg`` changes anything for sequences of ``length`` tokens."""
+    from fastibot.kernels import tile_attention as ta
+
+    tile, _, shapes = cfg.rpartition(":")
+    if cfg == "default" or "tails" in shapes.split("+"):
+        return True
+    return ta.seq_tile(length) in ((int(tile),) if tile else (128, 256))
 
 
 def _restore(defaults):

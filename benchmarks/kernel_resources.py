@@ -54,8 +54,12 @@ def _signature(fn, constexprs: dict) -> dict:
 def ptxas_info(fn, constexprs: dict, warps: int, sm: int) -> dict:
     """{"registers", "spill stores", "spill loads"} of ``fn`` compiled for ``sm_<sm>`` with ``warps`` warps."""
     names = list(inspect.signature(fn.fn).parameters)
+    # what a launch specialises on: 16-byte-aligned pointers, strides and block offsets that are multiples of 16
+    # (the recipe's heads of 64 features); the lengths and head counts are not
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs and
+               (n.endswith("_ptr") or n.startswith(("s_", "o_", "g_", "d_")) or n in ("row0", "key0"))}
     src = ASTSource(fn=fn, signature=_signature(fn, constexprs),
-                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
+                    constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=aligned)
     compiled = triton.compile(src, target=GPUTarget("cuda", sm, 32), options={"num_warps": warps})
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,19 +77,22 @@ def ptxas_info(fn, constexprs: dict, warps: int, sm: int) -> dict:
 
 
 def rows_for(config: str, warps: int, head_dim: int, sm: int, tails: bool):
-    """One row per kernel launch of the op for ``config`` = "L:BM/BN" (L the sequence length), as the op's
-    launcher splits it (``tails``: ``tile_attention.TAILS``)."""
-    length, _, shape = config.partition(":")
+    """One row per kernel launch of the op for ``config`` = "L:BM/BN" or "L:BM/BN+BM/BN" (L the sequence length;
+    the forward's blocks, then the backward's), as the op's launcher splits it (``tails``:
+    ``tile_attention.TAILS``)."""
+    length, _, shapes = config.partition(":")
     length = int(length)
     seq = ta.seq_tile(length)
-    bm, bn = (min(int(x), seq) for x in shape.split("/"))
+    fwd, _, bwd = shapes.partition("+")
+    (fm, f_n), (bm, bn) = ((min(int(x), seq) for x in spec.split("/")) for spec in (fwd, bwd or fwd))
     saved, ta.TAILS = ta.TAILS, tails
     try:
+        f_loop, f_tail = ta._split(length, f_n)
         loop_m, tail_m = ta._split(length, bm)
         loop_n, tail_n = ta._split(length, bn)
         whole = bn >= length  # as the launcher decides: one block of keys holds the sequence
-        launches = [("forward", ta._tile_attn_fwd, dict(BLOCK_M=rows, BLOCK_N=bn, LOOP_N=loop_n > 0, TAIL_N=tail_n))
-                    for _, rows, _ in ta._launches(length, bm)]
+        launches = [("forward", ta._tile_attn_fwd, dict(BLOCK_M=rows, BLOCK_N=f_n, LOOP_N=f_loop > 0, TAIL_N=f_tail))
+                    for _, rows, _ in ta._launches(length, fm)]
         launches += [("dK/dV" + (" + dQ" if whole else ""), ta._tile_attn_bwd_kv,
                       dict(BLOCK_M=bm, BLOCK_N=keys, LOOP_M=loop_m > 0, TAIL_M=tail_m, WITH_DQ=whole))
                      for _, keys, _ in ta._launches(length, bn)]
@@ -97,15 +104,16 @@ def rows_for(config: str, warps: int, head_dim: int, sm: int, tails: bool):
     for label, fn, constexprs in launches:
         block = constexprs["BLOCK_N"] if fn is ta._tile_attn_bwd_kv else constexprs["BLOCK_M"]
         tail = constexprs.get("TAIL_N", constexprs.get("TAIL_M"))
-        yield {"length": length, "blocks": f"{bm}/{bn}", "warps": warps, "kernel": label,
+        yield {"length": length, "blocks": shapes, "warps": warps, "kernel": label,
                "program rows": block, "last step": tail or "-",
                **ptxas_info(fn, dict(SEQ=seq, D=head_dim, F32=False, **constexprs), warps, sm)}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="37:64/64,197:64/64,197:64/32,197:128/64",
-                    help="comma-separated L:BM/BN (sequence length L, query block BM, key block BN)")
+    ap.add_argument("--configs", default="37:64/64,197:64/32+64/64,197:64/64,197:128/64",
+                    help="comma-separated L:BM/BN (sequence length L, query block BM, key block BN), or "
+                         "L:BM/BN+BM/BN (the forward's blocks, then the backward's)")
     ap.add_argument("--tails", action="store_true", help="the last, partial block in its smallest tile (TAILS)")
     ap.add_argument("--warps", default="4,8", help="comma-separated warp counts")
     ap.add_argument("--head-dim", type=int, default=64)

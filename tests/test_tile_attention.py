@@ -109,6 +109,25 @@ def test_reads_a_strided_qkv_buffer():
     assert _rel(out, ref) < tol and _rel(grad, ref_grad) < tol
 
 
+@pytest.mark.parametrize("length,blocks", [
+    (100, (16, 64, 4)),  # rows: 6 blocks of 16 and 4 more; keys: a block of 64 and 36 more
+    (100, (64, 16, 4)),  # the same, transposed: each loop's rest must come from its own block
+    (81, (32, 16, 4)),  # rests of 17 (a tile of 32) and of 1 (a tile of 16)
+    (90, (64, 32, 4)),  # a key rest of 26: its tile is the whole block
+    (128, (32, 64, 4)),  # exact multiples: no rest, no tail
+    (50, (16, 64, 4)),  # one block of keys (dQ from the dK/dV program) over a loop of row blocks
+])
+def test_every_split_of_a_sequence_matches_the_reference(monkeypatch, length, blocks, tails):
+    """The host splits a sequence into programs and loop steps (full blocks, and with ``TAILS`` the rest in its
+    own smaller tile); every split, with unequal query and key blocks, must give the reference's attention."""
+    monkeypatch.setitem(ta.TUNING, ta.seq_tile(length), blocks)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    out, grad, ref, ref_grad = _run(((2, length),), 1, 16, dtype)
+    assert _rel(out, ref) < REL[dtype]
+    for i, name in enumerate("qkv"):
+        assert _rel(grad[:, i], ref_grad[:, i]) < REL[dtype], name
+
+
 @pytest.mark.parametrize("blocks", [(16, 32, 4), ((128, 16, 4), (16, 64, 8)), ((32, 128, 4), (64, 16, 4))])
 def test_other_block_shapes_give_the_same_answer(monkeypatch, blocks, tails):
     """The block sizes are a tuning knob (``TUNING``: one shape for both passes, or the forward's and the
