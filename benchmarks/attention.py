@@ -129,14 +129,19 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
             ("matmul, compiled", from_qkv(torch.compile(_matmul_attention, fullgraph=True, dynamic=False)))]
     from fastibot.kernels import tile_attention as ta
     defaults = (dict(ta.TUNING), ta.TAILS)
+    reach = {}  # label -> the key tiles its configuration sets, unless it sets TAILS (every length)
     for cfg in tile_configs or [None]:
-        ways.append((f"fastibot tile {cfg or 'default'}", _tiled(cfg, defaults, ta.tile_attention)))
+        tiles, blocks, tails = _tile_config(cfg) if cfg else ((), None, defaults[1])
+        label = f"fastibot tile {cfg or 'default'}"
+        ways.append((label, _tiled(tiles, blocks, tails, defaults, ta.tile_attention)))
+        if cfg and not tails:
+            reach[label] = tiles
     for n, length in ((2 * b, 197), (10 * b, 37)):
         qkv = torch.randn(n * length, 3, h, dh, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         flop = 4 * n * h * length * length * dh * 3.5  # forward 2 matmuls, backward 2.5x
         expected = _sdpa_dense(*qkv.detach().view(n, length, 3, h, dh).unbind(2)).float()
         for label, fn in ways:
-            if label.startswith("fastibot tile ") and not _applies(label[len("fastibot tile "):], length):
+            if label in reach and ta.seq_tile(length) not in reach[label]:
                 label += " (defaults at this length)"
             def step():
                 fn(qkv, ((n, length),)).sum().backward()
@@ -166,36 +171,31 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
         qkv.grad = None
 
 
-def _tiled(cfg, defaults, fn):
-    """``fn`` with the tile kernels' block shapes ``cfg`` in force from its forward on, so the backward that the
-    timed step runs after ``fn`` returns uses them too (the caller restores ``defaults``). ``cfg``: "BM/BN/W"
-    for both passes, or "BM/BN/W+BM/BN/W" (the forward's, then the backward's), for key tiles of 128 and 256
-    (the global crops); "S:..." for key tile S only (e.g. 64: the locals); a "+tails" part turns on
-    ``TAILS`` (a longer sequence's last, partial block in its smallest tile); None for ``defaults``."""
+def _tile_config(cfg: str):
+    """A ``--tile-configs`` entry -> (the key tiles it sets, their ``TUNING`` value or None, ``TAILS``). ``cfg``:
+    "BM/BN/W" for both passes, or "BM/BN/W+BM/BN/W" (the forward's, then the backward's), for key tiles of 128
+    and 256 (the global crops); "S:..." for key tile S only (e.g. 64: the locals); a "+tails" part turns on
+    ``TAILS`` (a longer sequence's last, partial block in its smallest tile)."""
+    tile, _, spec = cfg.rpartition(":")
+    parts = spec.split("+")
+    shapes = [tuple(int(x) for x in p.split("/")) for p in parts if p != "tails"]
+    blocks = None if not shapes else shapes[0] if len(shapes) == 1 else (shapes[0], shapes[1])
+    return ((int(tile),) if tile else (128, 256)), blocks, "tails" in parts
+
+
+def _tiled(tiles, blocks, tails, defaults, fn):
+    """``fn`` with ``blocks`` in ``TUNING`` for ``tiles`` and ``tails`` as ``TAILS``, in force from its forward
+    on, so the backward that the timed step runs after ``fn`` returns uses them too (the caller restores
+    ``defaults``)."""
     from fastibot.kernels import tile_attention as ta
 
     def tiled(qkv, groups):
         _restore(defaults)
-        if cfg:
-            tile, _, shapes = cfg.rpartition(":")
-            parts = shapes.split("+")
-            ta.TAILS = "tails" in parts
-            parts = [tuple(int(x) for x in p.split("/")) for p in parts if p != "tails"]
-            if parts:
-                blocks = parts[0] if len(parts) == 1 else (parts[0], parts[1])
-                ta.TUNING.update({seq: blocks for seq in ((int(tile),) if tile else (128, 256))})
+        ta.TAILS = tails
+        if blocks is not None:
+            ta.TUNING.update({seq: blocks for seq in tiles})
         return fn(qkv, groups)
     return tiled
-
-
-def _applies(cfg: str, length: int) -> bool:
-    """Whether ``--tile-configs`` entry ``cfg`` changes anything for sequences of ``length`` tokens."""
-    from fastibot.kernels import tile_attention as ta
-
-    tile, _, shapes = cfg.rpartition(":")
-    if cfg == "default" or "tails" in shapes.split("+"):
-        return True
-    return ta.seq_tile(length) in ((int(tile),) if tile else (128, 256))
 
 
 def _restore(defaults):

@@ -76,37 +76,32 @@ def ptxas_info(fn, constexprs: dict, warps: int, sm: int) -> dict:
             "spill loads": int(spills.group(2))}
 
 
+LABELS = {"_tile_attn_fwd": "forward", "_tile_attn_bwd_kv": "dK/dV", "_tile_attn_bwd_q": "dQ"}
+
+
 def rows_for(config: str, warps: int, head_dim: int, sm: int, tails: bool):
     """One row per kernel launch of the op for ``config`` = "L:BM/BN" or "L:BM/BN+BM/BN" (L the sequence length;
-    the forward's blocks, then the backward's), as the op's launcher splits it (``tails``:
-    ``tile_attention.TAILS``)."""
+    the forward's blocks, then the backward's): the op's own launch plan with these blocks in ``TUNING`` and
+    ``tails`` as ``TAILS``."""
     length, _, shapes = config.partition(":")
     length = int(length)
     seq = ta.seq_tile(length)
     fwd, _, bwd = shapes.partition("+")
-    (fm, f_n), (bm, bn) = ((min(int(x), seq) for x in spec.split("/")) for spec in (fwd, bwd or fwd))
-    saved, ta.TAILS = ta.TAILS, tails
+    tuning = tuple(tuple(int(x) for x in spec.split("/")) + (warps,) for spec in (fwd, bwd or fwd))
+    saved = dict(ta.TUNING), ta.TAILS
+    ta.TUNING[seq], ta.TAILS = tuning, tails
     try:
-        f_loop, f_tail = ta._split(length, f_n)
-        loop_m, tail_m = ta._split(length, bm)
-        loop_n, tail_n = ta._split(length, bn)
-        whole = bn >= length  # as the launcher decides: one block of keys holds the sequence
-        launches = [("forward", ta._tile_attn_fwd, dict(BLOCK_M=rows, BLOCK_N=f_n, LOOP_N=f_loop > 0, TAIL_N=f_tail))
-                    for _, rows, _ in ta._launches(length, fm)]
-        launches += [("dK/dV" + (" + dQ" if whole else ""), ta._tile_attn_bwd_kv,
-                      dict(BLOCK_M=bm, BLOCK_N=keys, LOOP_M=loop_m > 0, TAIL_M=tail_m, WITH_DQ=whole))
-                     for _, keys, _ in ta._launches(length, bn)]
-        if not whole:
-            launches += [("dQ", ta._tile_attn_bwd_q, dict(BLOCK_M=rows, BLOCK_N=bn, LOOP_N=loop_n > 0, TAIL_N=tail_n))
-                         for _, rows, _ in ta._launches(length, bm)]
+        plan = ta._plan(length) + ta._plan(length, backward=True)
     finally:
-        ta.TAILS = saved
-    for label, fn, constexprs in launches:
-        block = constexprs["BLOCK_N"] if fn is ta._tile_attn_bwd_kv else constexprs["BLOCK_M"]
-        tail = constexprs.get("TAIL_N", constexprs.get("TAIL_M"))
+        ta.TUNING.clear()
+        ta.TUNING.update(saved[0])
+        ta.TAILS = saved[1]
+    for kernel, _, _, meta, _ in plan:
+        label = LABELS[kernel.fn.__name__] + (" + dQ" if meta.get("WITH_DQ") else "")
         yield {"length": length, "blocks": shapes, "warps": warps, "kernel": label,
-               "program rows": block, "last step": tail or "-",
-               **ptxas_info(fn, dict(SEQ=seq, D=head_dim, F32=False, **constexprs), warps, sm)}
+               "program rows": meta["BLOCK_N"] if kernel is ta._tile_attn_bwd_kv else meta["BLOCK_M"],
+               "last step": meta.get("TAIL_N", meta.get("TAIL_M")) or "-",
+               **ptxas_info(kernel, dict(meta, D=head_dim, F32=False), warps, sm)}
 
 
 def main(argv=None):

@@ -100,6 +100,24 @@ def _rows(ptr, idx, stride, d, L):
 
 
 @triton.jit
+def _sequence(qkv_ptr, L, H, s_tok, s_head):
+    """(sequence-and-head index, head, first token of the sequence, the head's q pointer) of this program."""
+    bh = tl.program_id(1)
+    h = bh % H
+    tok0 = tl.cast(bh // H, tl.int64) * L
+    return bh, h, tok0, qkv_ptr + tok0 * s_tok + h * s_head
+
+
+@triton.jit
+def _loop_end(L, BLOCK: tl.constexpr, TAIL: tl.constexpr):
+    """Where a loop over blocks of ``BLOCK`` rows stops: at L, or where a last block of ``TAIL`` rows takes over."""
+    end = L
+    if TAIL > 0:
+        end = L - L % BLOCK
+    return end
+
+
+@triton.jit
 def _fwd_keys(q, kbase, vbase, start, L, s_tok, d, m, den, acc, scale_log2,
               BLOCK_N: tl.constexpr, F32: tl.constexpr):
     """One block of keys into the running row max ``m``, denominator ``den`` and output ``acc``."""
@@ -122,11 +140,7 @@ def _tile_attn_fwd(qkv_ptr, out_ptr, lse_ptr, L, H, row0, scale_log2,
                 SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_N: tl.constexpr,
                 TAIL_N: tl.constexpr, D: tl.constexpr, F32: tl.constexpr):
     mblk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    tok0 = tl.cast(b, tl.int64) * L  # first token of this sequence
-    base = qkv_ptr + tok0 * s_tok + h * s_head
+    bh, h, tok0, base = _sequence(qkv_ptr, L, H, s_tok, s_head)
     rows = row0 + mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     q = _rows(base, rows, s_tok, d, L)
@@ -135,9 +149,7 @@ def _tile_attn_fwd(qkv_ptr, out_ptr, lse_ptr, L, H, row0, scale_log2,
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     tail0 = 0
     if LOOP_N:  # blocks of keys (a sequence of one block runs without a loop: ~5% faster for the locals)
-        tail0 = L
-        if TAIL_N > 0:  # the last, partial block runs below in a smaller tile
-            tail0 = L - L % BLOCK_N
+        tail0 = _loop_end(L, BLOCK_N, TAIL_N)  # the last, partial block may run below in a smaller tile
         for start in range(0, tail0, BLOCK_N):
             m, den, acc = _fwd_keys(q, base + s_which, base + 2 * s_which, start, L, s_tok, d, m, den, acc,
                                     scale_log2, BLOCK_N, F32)
@@ -183,11 +195,7 @@ def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale
                    SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_M: tl.constexpr,
                    TAIL_M: tl.constexpr, D: tl.constexpr, WITH_DQ: tl.constexpr, F32: tl.constexpr):
     nblk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    tok0 = tl.cast(b, tl.int64) * L
-    base = qkv_ptr + tok0 * s_tok + h * s_head
+    bh, h, tok0, base = _sequence(qkv_ptr, L, H, s_tok, s_head)
     obase = out_ptr + tok0 * o_tok + h * o_head
     gbase = dout_ptr + tok0 * g_tok + h * g_head
     dbase = dqkv_ptr + tok0 * d_tok + h * d_head
@@ -200,9 +208,7 @@ def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     tail0 = 0
     if LOOP_M:  # blocks of query rows (no loop for a sequence of one block, as in the forward)
-        tail0 = L
-        if TAIL_M > 0:
-            tail0 = L - L % BLOCK_M
+        tail0 = _loop_end(L, BLOCK_M, TAIL_M)
         for start in range(0, tail0, BLOCK_M):
             dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dbase, start, L, s_tok, o_tok, g_tok,
                                d_tok, d, dk, dv, scale_log2, scale, BLOCK_M, WITH_DQ, F32)
@@ -235,11 +241,7 @@ def _tile_attn_bwd_q(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_
                   SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_N: tl.constexpr,
                   TAIL_N: tl.constexpr, D: tl.constexpr, F32: tl.constexpr):
     mblk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    tok0 = tl.cast(b, tl.int64) * L
-    base = qkv_ptr + tok0 * s_tok + h * s_head
+    bh, h, tok0, base = _sequence(qkv_ptr, L, H, s_tok, s_head)
     rows = row0 + mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     q = _rows(base, rows, s_tok, d, L)
@@ -250,9 +252,7 @@ def _tile_attn_bwd_q(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     tail0 = 0
     if LOOP_N:
-        tail0 = L
-        if TAIL_N > 0:
-            tail0 = L - L % BLOCK_N
+        tail0 = _loop_end(L, BLOCK_N, TAIL_N)
         for start in range(0, tail0, BLOCK_N):
             dq = _dq_keys(q, do, lse, delta, base + s_which, base + 2 * s_which, start, L, s_tok, d, dq,
                           scale_log2, BLOCK_N, F32)
@@ -291,6 +291,28 @@ def _launches(length: int, block: int):
         yield full * block, tail, 1
 
 
+def _plan(length: int, backward: bool = False):
+    """The kernel launches of one pass over a group of ``length``-token sequences: (kernel, first row or key of
+    its programs, programs per sequence and head, constexprs, warps)."""
+    seq, bm, bn, warps = blocks(length, backward)
+    if not backward:
+        loop_n, tail_n = _split(length, bn)
+        return [(_tile_attn_fwd, first, programs,
+                 dict(SEQ=seq, BLOCK_M=rows, BLOCK_N=bn, LOOP_N=loop_n > 0, TAIL_N=tail_n), warps)
+                for first, rows, programs in _launches(length, bm)]
+    whole = bn >= length  # one block of keys holds the sequence: its program writes dQ too
+    loop_m, tail_m = _split(length, bm)
+    plan = [(_tile_attn_bwd_kv, first, programs,
+             dict(SEQ=seq, BLOCK_M=bm, BLOCK_N=keys, LOOP_M=loop_m > 0, TAIL_M=tail_m, WITH_DQ=whole), warps)
+            for first, keys, programs in _launches(length, bn)]
+    if not whole:
+        loop_n, tail_n = _split(length, bn)
+        plan += [(_tile_attn_bwd_q, first, programs,
+                  dict(SEQ=seq, BLOCK_M=rows, BLOCK_N=bn, LOOP_N=loop_n > 0, TAIL_N=tail_n), warps)
+                 for first, rows, programs in _launches(length, bm)]
+    return plan
+
+
 def _groups(lengths: Sequence[int], counts: Sequence[int]):
     """(length, count, first token, first log-sum-exp row) of each non-empty group."""
     tok = lse = 0
@@ -327,14 +349,11 @@ def _fwd_op(qkv: torch.Tensor, lengths: List[int], counts: List[int]) -> Tuple[t
     lse = torch.empty(_lse_rows(lengths, counts, H), dtype=torch.float32, device=qkv.device)
     scale_log2 = D ** -0.5 * LOG2E
     for length, count, tok, row in _groups(lengths, counts):
-        seq, bm, bn, warps = blocks(length)
-        loop_n, tail_n = _split(length, bn)
-        for row0, rows, programs in _launches(length, bm):
-            _tile_attn_fwd[(programs, count * H)](
+        for kernel, row0, programs, meta, warps in _plan(length):
+            kernel[(programs, count * H)](
                 qkv[tok:], out[tok:], lse[row * H:], length, H, row0, scale_log2,
                 qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
-                SEQ=seq, BLOCK_M=rows, BLOCK_N=bn, LOOP_N=loop_n > 0, TAIL_N=tail_n, D=D, F32=interpreting(),
-                num_warps=warps)
+                D=D, F32=interpreting(), num_warps=warps, **meta)
     return out, lse
 
 
@@ -356,20 +375,9 @@ def _bwd_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_out: t
     strides = (qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
                grad_out.stride(0), grad_out.stride(1), dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
     for length, count, tok, row in _groups(lengths, counts):
-        seq, bm, bn, warps = blocks(length, backward=True)
         args = (qkv[tok:], out[tok:], grad_out[tok:], lse[row * H:], dqkv[tok:], length, H, scale * LOG2E, scale)
-        whole = bn >= length  # one block of keys holds the sequence: its program writes dQ too
-        loop_m, tail_m = _split(length, bm)
-        for key0, keys, programs in _launches(length, bn):
-            _tile_attn_bwd_kv[(programs, count * H)](
-                *args, key0, *strides, SEQ=seq, BLOCK_M=bm, BLOCK_N=keys, LOOP_M=loop_m > 0, TAIL_M=tail_m, D=D,
-                WITH_DQ=whole, F32=interpreting(), num_warps=warps)
-        if not whole:
-            loop_n, tail_n = _split(length, bn)
-            for row0, rows, programs in _launches(length, bm):
-                _tile_attn_bwd_q[(programs, count * H)](
-                    *args, row0, *strides, SEQ=seq, BLOCK_M=rows, BLOCK_N=bn, LOOP_N=loop_n > 0, TAIL_N=tail_n,
-                    D=D, F32=interpreting(), num_warps=warps)
+        for kernel, first, programs, meta, warps in _plan(length, backward=True):  # dK/dV, then dQ if apart
+            kernel[(programs, count * H)](*args, first, *strides, D=D, F32=interpreting(), num_warps=warps, **meta)
     return dqkv
 
 
