@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # a source checkout works without installing
-from common import device_info, peak_mib, print_table, time_ms, write_json  # noqa: E402
+from common import device_info, peak_mib, print_table, tile_config, time_ms, write_json  # noqa: E402
 
 from fastibot.data.masking import MaskGenerator  # noqa: E402
 from fastibot.models.attention import BackendUnavailable, PackedLayout, attention, check_backend  # noqa: E402
@@ -131,7 +131,7 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
     defaults = (dict(ta.TUNING), ta.TAILS)
     reach = {}  # label -> the key tiles its configuration sets, unless it sets TAILS (every length)
     for cfg in tile_configs or [None]:
-        tiles, blocks, tails = _tile_config(cfg) if cfg else ((), None, defaults[1])
+        tiles, blocks, tails = tile_config(cfg) if cfg else ((), None, defaults[1])
         label = f"fastibot tile {cfg or 'default'}"
         ways.append((label, _tiled(tiles, blocks, tails, defaults, ta.tile_attention)))
         if cfg and not tails:
@@ -169,18 +169,6 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
         ms = time_graph_ms(lambda: attention_qkv(qkv, backend, layout).sum().backward(), rep=20)
         rows.append({"arch": arch, "crops": "both sizes, packed", "kernel": label, "fwd+bwd ms (one layer)": ms})
         qkv.grad = None
-
-
-def _tile_config(cfg: str):
-    """A ``--tile-configs`` entry -> (the key tiles it sets, their ``TUNING`` value or None, ``TAILS``). ``cfg``:
-    "BM/BN/W" for both passes, or "BM/BN/W+BM/BN/W" (the forward's, then the backward's), for key tiles of 128
-    and 256 (the global crops); "S:..." for key tile S only (e.g. 64: the locals); a "+tails" part turns on
-    ``TAILS`` (a longer sequence's last, partial block in its smallest tile)."""
-    tile, _, spec = cfg.rpartition(":")
-    parts = spec.split("+")
-    shapes = [tuple(int(x) for x in p.split("/")) for p in parts if p != "tails"]
-    blocks = None if not shapes else shapes[0] if len(shapes) == 1 else (shapes[0], shapes[1])
-    return ((int(tile),) if tile else (128, 256)), blocks, "tails" in parts
 
 
 def _tiled(tiles, blocks, tails, defaults, fn):

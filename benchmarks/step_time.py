@@ -27,7 +27,8 @@ local shards, and the CUDA graph of ``default`` is off (FSDP2 gathers from Pytho
 kernels per step, GPU busy share and GPU time by kind (GEMM, attention, fastibot's Triton kernels,
 compiler-generated Triton, other), and recompiles after warm-up; ``--memory-sweep`` runs the default
 at several ``runtime.activation_memory`` budgets (``A/R``: with ``runtime.recompute_blocks`` R) and prints
-img/s against peak memory. Peak memory is
+img/s against peak memory; ``--tile-configs`` runs the default again under other tile-kernel block shapes
+(the syntax of ``benchmarks/attention.py``). Peak memory is
 the allocator's peak over the whole variant (warm-up and capture included), and what it reserved;
 ``warm-up s`` is the wall time of the untimed steps, compiling and capturing included.
 ``--stream-priority -1`` runs every variant's steps (and the loader's copies into them) on a
@@ -51,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # a source checkout works without installing
 from common import (PEAK_BF16_TFLOPS, device_info, endless, matmul_tflops, peak_tflops, print_table,  # noqa: E402
-                    write_json)
+                    tile_settings, write_json)
 
 from fastibot.config import load_config  # noqa: E402
 from fastibot.flops import step_flops_per_image  # noqa: E402
@@ -328,6 +329,9 @@ def main(argv=None):
     ap.add_argument("--stream-priority", type=int, default=None,
                     help="run the steps on a new CUDA stream of this priority (lower is higher; -1 is high on "
                          "current GPUs); default: the current stream")
+    ap.add_argument("--tile-configs", default="",
+                    help="comma-separated tile-kernel block shapes, one more default run each, as "
+                         "benchmarks/attention.py takes them (e.g. tails,64/32/4+64/64/8)")
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
@@ -354,13 +358,15 @@ def main(argv=None):
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    runs = [(n, VARIANTS[n]) for n in names]
-    runs += [sweep_point(a) for a in args.memory_sweep.split(",") if a]
+    runs = [(n, VARIANTS[n], "") for n in names]
+    runs += [(*sweep_point(a), "") for a in args.memory_sweep.split(",") if a]
+    runs += [(f"default, tiles {c}", VARIANTS["default"], c) for c in args.tile_configs.split(",") if c]
     results = []
-    for n, o in runs:
+    for n, o, tiles in runs:
         try:
             with (contextlib.nullcontext() if args.stream_priority is None
-                  else torch.cuda.stream(torch.cuda.Stream(priority=args.stream_priority))):
+                  else torch.cuda.stream(torch.cuda.Stream(priority=args.stream_priority))), \
+                    (tile_settings(tiles) if tiles else contextlib.nullcontext()):
                 results.append(run_variant(n, o, args, matmul))
         except Exception:  # report and go on: one broken variant must not cost the others' numbers
             import traceback
