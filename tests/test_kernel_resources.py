@@ -26,3 +26,27 @@ def test_reports_registers_and_spills_for_every_launch(tmp_path):
     for r in rows:
         assert r["warps"] == 8 and 16 <= r["registers"] <= 255
         assert r["spill stores"] >= 0 and r["spill loads"] >= 0
+
+
+def test_benchmark_tile_settings_reach_the_launch_plan_and_are_restored():
+    """``--tile-configs`` entries (attention.py, step_time.py) set the tile kernels' block shapes, warps and
+    TAILS for what runs inside them, forward and backward apart, and leave the shipped settings behind, also
+    when the timed run fails."""
+    import pytest
+    sys.path.insert(0, str(SCRIPT.parent))
+    from common import tile_settings
+
+    from fastibot.kernels import tile_attention as ta
+
+    def shapes(length, backward):
+        return sorted((c["BLOCK_M"], c["BLOCK_N"], w) for _, _, _, c, w in ta._plan(length, backward))
+
+    shipped = {(n, b): shapes(n, b) for n in (37, 197) for b in (False, True)}
+    with tile_settings("64/16/2+32/32/8+tails"):
+        assert shapes(197, False) == [(16, 16, 2), (64, 16, 2)]  # three blocks of 64 rows, a last one of 16
+        assert shapes(197, True) == [(16, 32, 8), (32, 16, 8), (32, 32, 8), (32, 32, 8)]
+        assert shapes(37, True) == shipped[(37, True)]  # the locals' tile is not the entry's
+    with pytest.raises(RuntimeError), tile_settings("64:32/32/8"):
+        assert shapes(37, False) == [(32, 32, 8)] and shapes(197, False) == shipped[(197, False)]
+        raise RuntimeError("a failed run")
+    assert {(n, b): shapes(n, b) for n in (37, 197) for b in (False, True)} == shipped
