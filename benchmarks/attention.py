@@ -23,6 +23,7 @@ run where xformers' compiled extension does not load; it is off by default.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # a source checkout works without installing
-from common import device_info, peak_mib, print_table, tile_config, time_ms, write_json  # noqa: E402
+from common import device_info, peak_mib, print_table, tile_config, tile_settings, time_ms, write_json  # noqa: E402
 
 from fastibot.data.masking import MaskGenerator  # noqa: E402
 from fastibot.models.attention import BackendUnavailable, PackedLayout, attention, check_backend  # noqa: E402
@@ -123,24 +124,24 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
     def from_qkv(fn):  # the SDPA-style kernels take q, k and v views of the buffer
         return lambda qkv, groups: fn(*qkv.view(groups[0][0], groups[0][1], 3, h, dh).unbind(2))
 
-    ways = [("sdpa default", from_qkv(_sdpa_dense)), ("cudnn", from_qkv(via_sdpa(SDPBackend.CUDNN_ATTENTION))),
-            ("flash", from_qkv(via_sdpa(SDPBackend.FLASH_ATTENTION))),
-            ("efficient", from_qkv(via_sdpa(SDPBackend.EFFICIENT_ATTENTION))),
-            ("matmul, compiled", from_qkv(torch.compile(_matmul_attention, fullgraph=True, dynamic=False)))]
+    ways = [("sdpa default", from_qkv(_sdpa_dense), None),  # (label, kernel, its --tile-configs entry)
+            ("cudnn", from_qkv(via_sdpa(SDPBackend.CUDNN_ATTENTION)), None),
+            ("flash", from_qkv(via_sdpa(SDPBackend.FLASH_ATTENTION)), None),
+            ("efficient", from_qkv(via_sdpa(SDPBackend.EFFICIENT_ATTENTION)), None),
+            ("matmul, compiled", from_qkv(torch.compile(_matmul_attention, fullgraph=True, dynamic=False)), None)]
     from fastibot.kernels import tile_attention as ta
-    defaults = (dict(ta.TUNING), ta.TAILS)
     reach = {}  # label -> the key tiles its configuration sets, unless it sets TAILS (every length)
     for cfg in tile_configs or [None]:
-        tiles, blocks, tails = tile_config(cfg) if cfg else ((), None, defaults[1])
         label = f"fastibot tile {cfg or 'default'}"
-        ways.append((label, _tiled(tiles, blocks, tails, defaults, ta.tile_attention)))
-        if cfg and not tails:
+        ways.append((label, ta.tile_attention, cfg))
+        tiles, _, tails = tile_config(cfg) if cfg else ((), None, True)
+        if not tails:
             reach[label] = tiles
     for n, length in ((2 * b, 197), (10 * b, 37)):
         qkv = torch.randn(n * length, 3, h, dh, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         flop = 4 * n * h * length * length * dh * 3.5  # forward 2 matmuls, backward 2.5x
         expected = _sdpa_dense(*qkv.detach().view(n, length, 3, h, dh).unbind(2)).float()
-        for label, fn in ways:
+        for label, fn, cfg in ways:
             if label in reach and ta.seq_tile(length) not in reach[label]:
                 label += " (defaults at this length)"
             def step():
@@ -149,9 +150,11 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
                 with torch.no_grad():
                     fn(qkv.detach(), ((n, length),))
             try:
-                err = (fn(qkv.detach(), ((n, length),)).float().reshape(expected.shape) - expected).abs().max().item()
-                ms = time_graph_ms(step, rep=20)
-                fwd_ms = time_graph_ms(forward, rep=20)
+                with tile_settings(cfg) if cfg else contextlib.nullcontext():  # for the captured backward too
+                    err = (fn(qkv.detach(), ((n, length),)).float().reshape(expected.shape)
+                           - expected).abs().max().item()
+                    ms = time_graph_ms(step, rep=20)
+                    fwd_ms = time_graph_ms(forward, rep=20)
             except Exception as e:  # noqa: BLE001 - reported in the table
                 ms = fwd_ms = err = float("nan")
                 print(f"{label} {n}x{length}: {type(e).__name__}: {e}")
@@ -159,7 +162,6 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
                          "fwd+bwd ms (one layer)": ms, "fwd ms": fwd_ms,
                          "TFLOP/s": flop / (ms * 1e9) if ms == ms else ms, "max |out - sdpa|": err})
             qkv.grad = None
-    _restore(defaults)
     # the student's layer as the packed model runs it: both sizes in one buffer, the outputs and the gradient
     # in one tensor each (tile) against SDPA per size with the outputs concatenated (mixed)
     from fastibot.models.attention import PackedLayout, attention_qkv
@@ -169,30 +171,6 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
         ms = time_graph_ms(lambda: attention_qkv(qkv, backend, layout).sum().backward(), rep=20)
         rows.append({"arch": arch, "crops": "both sizes, packed", "kernel": label, "fwd+bwd ms (one layer)": ms})
         qkv.grad = None
-
-
-def _tiled(tiles, blocks, tails, defaults, fn):
-    """``fn`` with ``blocks`` in ``TUNING`` for ``tiles`` and ``tails`` as ``TAILS``, in force from its forward
-    on, so the backward that the timed step runs after ``fn`` returns uses them too (the caller restores
-    ``defaults``)."""
-    from fastibot.kernels import tile_attention as ta
-
-    def tiled(qkv, groups):
-        _restore(defaults)
-        ta.TAILS = tails
-        if blocks is not None:
-            ta.TUNING.update({seq: blocks for seq in tiles})
-        return fn(qkv, groups)
-    return tiled
-
-
-def _restore(defaults):
-    """The tile kernels' module settings as ``defaults`` = (TUNING, TAILS) had them."""
-    from fastibot.kernels import tile_attention as ta
-
-    ta.TUNING.clear()
-    ta.TUNING.update(defaults[0])
-    ta.TAILS = defaults[1]
 
 
 def main(argv=None):

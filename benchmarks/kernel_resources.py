@@ -29,7 +29,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from common import print_table, write_json  # noqa: E402
+from common import print_table, tile_settings, write_json  # noqa: E402
 
 from fastibot.kernels import tile_attention as ta  # noqa: E402
 
@@ -87,15 +87,9 @@ def rows_for(config: str, warps: int, head_dim: int, sm: int, tails: bool):
     length = int(length)
     seq = ta.seq_tile(length)
     fwd, _, bwd = shapes.partition("+")
-    tuning = tuple(tuple(int(x) for x in spec.split("/")) + (warps,) for spec in (fwd, bwd or fwd))
-    saved = dict(ta.TUNING), ta.TAILS
-    ta.TUNING[seq], ta.TAILS = tuning, tails
-    try:
+    entry = f"{seq}:{fwd}/{warps}+{bwd or fwd}/{warps}" + ("+tails" if tails else "")  # --tile-configs' syntax
+    with tile_settings(entry):
         plan = ta._plan(length) + ta._plan(length, backward=True)
-    finally:
-        ta.TUNING.clear()
-        ta.TUNING.update(saved[0])
-        ta.TAILS = saved[1]
     for kernel, _, _, meta, _ in plan:
         label = LABELS[kernel.fn.__name__] + (" + dQ" if meta.get("WITH_DQ") else "")
         yield {"length": length, "blocks": shapes, "warps": warps, "kernel": label,
