@@ -130,13 +130,12 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
             ("efficient", from_qkv(via_sdpa(SDPBackend.EFFICIENT_ATTENTION)), None),
             ("matmul, compiled", from_qkv(torch.compile(_matmul_attention, fullgraph=True, dynamic=False)), None)]
     from fastibot.kernels import tile_attention as ta
-    reach = {}  # label -> the key tiles its configuration sets, unless it sets TAILS (every length)
+    reach = {}  # label -> the key tiles its configuration sets
     for cfg in tile_configs or [None]:
         label = f"fastibot tile {cfg or 'default'}"
         ways.append((label, ta.tile_attention, cfg))
-        tiles, _, tails = tile_config(cfg) if cfg else ((), None, True)
-        if not tails:
-            reach[label] = tiles
+        if cfg:
+            reach[label] = tile_config(cfg)[0]
     for n, length in ((2 * b, 197), (10 * b, 37)):
         qkv = torch.randn(n * length, 3, h, dh, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         flop = 4 * n * h * length * length * dh * 3.5  # forward 2 matmuls, backward 2.5x
@@ -182,9 +181,8 @@ def main(argv=None):
                     help="--groups: one architecture (default: ViT-S and ViT-B)")
     ap.add_argument("--tile-configs", default="",
                     help="--groups: comma-separated BM/BN/W block shapes for the tile kernels on the global crops "
-                         "(BM/BN/W+BM/BN/W: the forward's, then the backward's; +tails: the last, partial block "
-                         "in its smallest tile), or S:... for key tile S only "
-                         "(e.g. 64/64/8,64/32/4+64/64/8+tails,tails,64:64/64/4+64/64/8)")
+                         "(BM/BN/W+BM/BN/W: the forward's, then the backward's), or S:... for key tile S only "
+                         "(e.g. 64/64/8,64/32/4+64/64/8,64:64/64/4+64/64/8)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

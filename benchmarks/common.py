@@ -145,29 +145,28 @@ def endless(data):
 
 
 def tile_config(cfg: str):
-    """A ``--tile-configs`` entry -> (the key tiles it sets, their ``TUNING`` value or None, ``TAILS``). ``cfg``:
-    "BM/BN/W" for both passes, or "BM/BN/W+BM/BN/W" (the forward's, then the backward's), for key tiles of 128
-    and 256 (the global crops); "S:..." for key tile S only (e.g. 64: the locals); a "+tails" part turns on
-    ``TAILS`` (a longer sequence's last, partial block in its smallest tile)."""
+    """A ``--tile-configs`` entry -> (the key tiles it sets, their ``TUNING`` value). ``cfg``: "BM/BN/W" for both
+    passes, or "BM/BN/W+BM/BN/W" (the forward's, then the backward's), for key tiles of 128 and 256 (the global
+    crops); "S:..." for key tile S only (e.g. 64: the locals)."""
     tile, _, spec = cfg.rpartition(":")
-    parts = spec.split("+")
-    shapes = [tuple(int(x) for x in p.split("/")) for p in parts if p != "tails"]
-    blocks = None if not shapes else shapes[0] if len(shapes) == 1 else (shapes[0], shapes[1])
-    return ((int(tile),) if tile else (128, 256)), blocks, "tails" in parts
+    try:
+        shapes = [tuple(int(x) for x in p.split("/")) for p in spec.split("+")]
+    except ValueError:
+        raise SystemExit(f"--tile-configs: {cfg!r} is not BM/BN/W or BM/BN/W+BM/BN/W, optionally after S:")
+    if len(shapes) > 2 or any(len(s) != 3 for s in shapes):
+        raise SystemExit(f"--tile-configs: {cfg!r} is not BM/BN/W or BM/BN/W+BM/BN/W, optionally after S:")
+    return ((int(tile),) if tile else (128, 256)), shapes[0] if len(shapes) == 1 else (shapes[0], shapes[1])
 
 
 @contextlib.contextmanager
 def tile_settings(cfg: str):
     """The tile kernels' module settings as the ``--tile-configs`` entry ``cfg`` sets them, restored on exit."""
     from fastibot.kernels import tile_attention as ta
-    saved = (dict(ta.TUNING), ta.TAILS)
-    tiles, blocks, tails = tile_config(cfg)
-    ta.TAILS = tails
-    if blocks is not None:
-        ta.TUNING.update({seq: blocks for seq in tiles})
+    saved = dict(ta.TUNING)
+    tiles, blocks = tile_config(cfg)
+    ta.TUNING.update({seq: blocks for seq in tiles})
     try:
         yield
     finally:
         ta.TUNING.clear()
-        ta.TUNING.update(saved[0])
-        ta.TAILS = saved[1]
+        ta.TUNING.update(saved)

@@ -1,7 +1,7 @@
 """Registers and spills of the tile-attention kernels per block shape, compiled for a GPU without one.
 
     python benchmarks/kernel_resources.py --warps 4,8
-    python benchmarks/kernel_resources.py --configs 37:64/64,197:64/32 --tails --sm 90
+    python benchmarks/kernel_resources.py --configs 37:64/64,197:64/32+64/64 --sm 90
 
 Compiles each kernel with Triton for ``sm_<SM>`` (no GPU needed: ``triton.compile`` with a ``GPUTarget``)
 and reads the register count and spill bytes from the ``ptxas -v`` that ships with Triton. On Hopper a
@@ -9,7 +9,7 @@ program of 4 warps at 255 registers leaves room for two programs per SM; a spill
 traffic. This is a compile-time reading, not a timing: it narrows which block shapes are worth device time
 (``benchmarks/attention.py --groups --tile-configs`` times them). Each configuration ``L:BM/BN`` is a sequence
 length (37: the locals, 197: the globals) and the blocks of ``kernels/tile_attention.py``; one row per kernel
-launch as the op splits the sequence (``--tails``: its last, partial block in the smallest tile).
+the op launches for it.
 """
 from __future__ import annotations
 
@@ -54,10 +54,10 @@ def _signature(fn, constexprs: dict) -> dict:
 def ptxas_info(fn, constexprs: dict, warps: int, sm: int) -> dict:
     """{"registers", "spill stores", "spill loads"} of ``fn`` compiled for ``sm_<sm>`` with ``warps`` warps."""
     names = list(inspect.signature(fn.fn).parameters)
-    # what a launch specialises on: 16-byte-aligned pointers, strides and block offsets that are multiples of 16
-    # (the recipe's heads of 64 features); the lengths and head counts are not
+    # what a launch specialises on: 16-byte-aligned pointers and strides that are multiples of 16 (the recipe's
+    # heads of 64 features); the lengths and head counts are not
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs and
-               (n.endswith("_ptr") or n.startswith(("s_", "o_", "g_", "d_")) or n in ("row0", "key0"))}
+               (n.endswith("_ptr") or n.startswith(("s_", "o_", "g_", "d_")))}
     src = ASTSource(fn=fn, signature=_signature(fn, constexprs),
                     constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=aligned)
     compiled = triton.compile(src, target=GPUTarget("cuda", sm, 32), options={"num_warps": warps})
@@ -79,22 +79,21 @@ def ptxas_info(fn, constexprs: dict, warps: int, sm: int) -> dict:
 LABELS = {"_tile_attn_fwd": "forward", "_tile_attn_bwd_kv": "dK/dV", "_tile_attn_bwd_q": "dQ"}
 
 
-def rows_for(config: str, warps: int, head_dim: int, sm: int, tails: bool):
+def rows_for(config: str, warps: int, head_dim: int, sm: int):
     """One row per kernel launch of the op for ``config`` = "L:BM/BN" or "L:BM/BN+BM/BN" (L the sequence length;
-    the forward's blocks, then the backward's): the op's own launch plan with these blocks in ``TUNING`` and
-    ``tails`` as ``TAILS``."""
+    the forward's blocks, then the backward's): the op's own launch plan with these blocks in ``TUNING``."""
     length, _, shapes = config.partition(":")
     length = int(length)
     seq = ta.seq_tile(length)
     fwd, _, bwd = shapes.partition("+")
-    entry = f"{seq}:{fwd}/{warps}+{bwd or fwd}/{warps}" + ("+tails" if tails else "")  # --tile-configs' syntax
+    entry = f"{seq}:{fwd}/{warps}+{bwd or fwd}/{warps}"  # --tile-configs' syntax
     with tile_settings(entry):
         plan = ta._plan(length) + ta._plan(length, backward=True)
-    for kernel, _, _, meta, _ in plan:
+    for kernel, _, meta, _ in plan:
         label = LABELS[kernel.fn.__name__] + (" + dQ" if meta.get("WITH_DQ") else "")
         yield {"length": length, "blocks": shapes, "warps": warps, "kernel": label,
                "program rows": meta["BLOCK_N"] if kernel is ta._tile_attn_bwd_kv else meta["BLOCK_M"],
-               "last step": meta.get("TAIL_N", meta.get("TAIL_M")) or "-",
+               "loops": bool(meta.get("LOOP_N", meta.get("LOOP_M", True))),
                **ptxas_info(kernel, dict(meta, D=head_dim, F32=False), warps, sm)}
 
 
@@ -103,17 +102,16 @@ def main(argv=None):
     ap.add_argument("--configs", default="37:64/64,197:64/32+64/64,197:64/64,197:128/64",
                     help="comma-separated L:BM/BN (sequence length L, query block BM, key block BN), or "
                          "L:BM/BN+BM/BN (the forward's blocks, then the backward's)")
-    ap.add_argument("--tails", action="store_true", help="the last, partial block in its smallest tile (TAILS)")
     ap.add_argument("--warps", default="4,8", help="comma-separated warp counts")
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--sm", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     rows = [r for w in args.warps.split(",") if w for c in args.configs.split(",") if c
-            for r in rows_for(c, int(w), args.head_dim, args.sm, args.tails)]
+            for r in rows_for(c, int(w), args.head_dim, args.sm)]
     print_table(f"tile attention, head size {args.head_dim}, compiled for sm_{args.sm} by triton "
                 f"{triton.__version__} (registers per thread; spill bytes)", rows,
-                ["length", "blocks", "warps", "kernel", "program rows", "last step", "registers", "spill stores",
+                ["length", "blocks", "warps", "kernel", "program rows", "loops", "registers", "spill stores",
                  "spill loads"])
     write_json(args.json, {"triton": triton.__version__, "sm": args.sm, "rows": rows})
     return rows

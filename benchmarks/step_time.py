@@ -139,7 +139,7 @@ def profile_steps(tr, batches, steps: int) -> dict:
         by_name[e.name[:90]] = by_name.get(e.name[:90], 0.0) + ms
         count += 1
         busy += ms
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
     print_table(f"top kernels of {getattr(tr, 'variant_name', '')} (ms per step)",
                 [{"kernel": k, "ms/step": v / steps, "kind": kernel_kind(k)} for k, v in top],
                 ["kernel", "kind", "ms/step"])
@@ -331,7 +331,7 @@ def main(argv=None):
                          "current GPUs); default: the current stream")
     ap.add_argument("--tile-configs", default="",
                     help="comma-separated tile-kernel block shapes, one more default run each, as "
-                         "benchmarks/attention.py takes them (e.g. tails,64/32/4+64/64/8)")
+                         "benchmarks/attention.py takes them (e.g. 64/64/4,64/32/4+64/64/8)")
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)

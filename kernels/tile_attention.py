@@ -6,9 +6,7 @@ tiles with an online softmax, mostly padding at 37 tokens. Here a sequence of up
 to 64 tokens (the locals) sits in one tile of keys per program, so its softmax is
 a plain row softmax and nothing loops; a longer one (up to ``MAX_SEQ``) loops over
 a few blocks of ``BLOCK_N`` keys with an online softmax. ``SEQ`` is the length
-rounded up to a power of two. With ``TAILS`` the last, partial block of a longer
-sequence (of programs and of loop steps) runs in the smallest tile that covers
-it instead of a full block.
+rounded up to a power of two; a longer sequence's last block is partly padding.
 
 - forward, one program per (block of ``BLOCK_M`` query rows, sequence, head):
   ``S = Q Kᵀ``, ``P = softmax(S·scale)``, ``O = P V``, over the key blocks with a
@@ -68,8 +66,8 @@ def fits(length: int, head_dim: int) -> bool:
 # ways and 4 warps in both passes. Measured for the 197-token global crops (one layer, 64 images, H100,
 # benchmarks/attention.py --groups): the forward at 64/32/4 with the backward at 64/64/4 ran fwd+bwd in
 # 0.591 ms (ViT-B) and 0.313 (ViT-S), both passes at 64/64/4 0.602 and 0.323, cuDNN 0.687 and 0.355; the
-# backward at 64/32/4 ran 60% slower (0.874 ms in all, ViT-B). Backward warp counts other than 4 have not been
-# timed (benchmarks/kernel_resources.py reads their registers and spills without a GPU).
+# backward at 64/32/4 ran 60% slower (0.874 ms in all, ViT-B), and at 64/64/8 47% slower (0.860 ms against 0.587
+# in a later call); the locals at 64/64/8 ran 0.398 ms against 0.355 at 4 warps.
 TUNING = {256: ((64, 32, 4), (64, 64, 4))}
 
 
@@ -109,15 +107,6 @@ def _sequence(qkv_ptr, L, H, s_tok, s_head):
 
 
 @triton.jit
-def _loop_end(L, BLOCK: tl.constexpr, TAIL: tl.constexpr):
-    """Where a loop over blocks of ``BLOCK`` rows stops: at L, or where a last block of ``TAIL`` rows takes over."""
-    end = L
-    if TAIL > 0:
-        end = L - L % BLOCK
-    return end
-
-
-@triton.jit
 def _fwd_keys(q, kbase, vbase, start, L, s_tok, d, m, den, acc, scale_log2,
               BLOCK_N: tl.constexpr, F32: tl.constexpr):
     """One block of keys into the running row max ``m``, denominator ``den`` and output ``acc``."""
@@ -135,27 +124,25 @@ def _fwd_keys(q, kbase, vbase, start, L, s_tok, d, m, den, acc, scale_log2,
 
 
 @triton.jit
-def _tile_attn_fwd(qkv_ptr, out_ptr, lse_ptr, L, H, row0, scale_log2,
+def _tile_attn_fwd(qkv_ptr, out_ptr, lse_ptr, L, H, scale_log2,
                 s_tok, s_which, s_head, o_tok, o_head,
                 SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_N: tl.constexpr,
-                TAIL_N: tl.constexpr, D: tl.constexpr, F32: tl.constexpr):
+                D: tl.constexpr, F32: tl.constexpr):
     mblk = tl.program_id(0)
     bh, h, tok0, base = _sequence(qkv_ptr, L, H, s_tok, s_head)
-    rows = row0 + mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     q = _rows(base, rows, s_tok, d, L)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of the base-2 logits
     den = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    tail0 = 0
-    if LOOP_N:  # blocks of keys (a sequence of one block runs without a loop: ~5% faster for the locals)
-        tail0 = _loop_end(L, BLOCK_N, TAIL_N)  # the last, partial block may run below in a smaller tile
-        for start in range(0, tail0, BLOCK_N):
+    if LOOP_N:  # blocks of keys
+        for start in range(0, L, BLOCK_N):
             m, den, acc = _fwd_keys(q, base + s_which, base + 2 * s_which, start, L, s_tok, d, m, den, acc,
                                     scale_log2, BLOCK_N, F32)
-    if TAIL_N > 0:  # the last, partial block in the smallest tile that covers it
-        m, den, acc = _fwd_keys(q, base + s_which, base + 2 * s_which, tail0, L, s_tok, d, m, den, acc,
-                                scale_log2, TAIL_N, F32)
+    else:  # one block holds the sequence: no loop (~5% faster for the locals)
+        m, den, acc = _fwd_keys(q, base + s_which, base + 2 * s_which, 0, L, s_tok, d, m, den, acc,
+                                scale_log2, BLOCK_N, F32)
     out = out_ptr + tok0 * o_tok + h * o_head
     tl.store(out + rows[:, None] * o_tok + d[None, :], (acc / den[:, None]).to(out_ptr.dtype.element_ty),
              mask=rows[:, None] < L)
@@ -190,31 +177,29 @@ def _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dq_base, start, L, s_tok,
 
 
 @triton.jit
-def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale, key0,
+def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale,
                    s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
                    SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_M: tl.constexpr,
-                   TAIL_M: tl.constexpr, D: tl.constexpr, WITH_DQ: tl.constexpr, F32: tl.constexpr):
+                   D: tl.constexpr, WITH_DQ: tl.constexpr, F32: tl.constexpr):
     nblk = tl.program_id(0)
     bh, h, tok0, base = _sequence(qkv_ptr, L, H, s_tok, s_head)
     obase = out_ptr + tok0 * o_tok + h * o_head
     gbase = dout_ptr + tok0 * g_tok + h * g_head
     dbase = dqkv_ptr + tok0 * d_tok + h * d_head
     lse_row = lse_ptr + tl.cast(bh, tl.int64) * SEQ
-    keys = key0 + nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+    keys = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     k = _rows(base + s_which, keys, s_tok, d, L)
     v = _rows(base + 2 * s_which, keys, s_tok, d, L)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    tail0 = 0
-    if LOOP_M:  # blocks of query rows (no loop for a sequence of one block, as in the forward)
-        tail0 = _loop_end(L, BLOCK_M, TAIL_M)
-        for start in range(0, tail0, BLOCK_M):
+    if LOOP_M:  # blocks of query rows
+        for start in range(0, L, BLOCK_M):
             dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dbase, start, L, s_tok, o_tok, g_tok,
                                d_tok, d, dk, dv, scale_log2, scale, BLOCK_M, WITH_DQ, F32)
-    if TAIL_M > 0:
-        dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dbase, tail0, L, s_tok, o_tok, g_tok, d_tok,
-                           d, dk, dv, scale_log2, scale, TAIL_M, WITH_DQ, F32)
+    else:  # one block of rows, no loop, as in the forward
+        dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dbase, 0, L, s_tok, o_tok, g_tok, d_tok,
+                           d, dk, dv, scale_log2, scale, BLOCK_M, WITH_DQ, F32)
     ty = dqkv_ptr.dtype.element_ty
     kmask = keys[:, None] < L
     tl.store(dbase + d_which + keys[:, None] * d_tok + d[None, :], (dk * scale).to(ty), mask=kmask)
@@ -236,13 +221,13 @@ def _dq_keys(q, do, lse, delta, kbase, vbase, start, L, s_tok, d, dq, scale_log2
 
 
 @triton.jit
-def _tile_attn_bwd_q(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale, row0,
+def _tile_attn_bwd_q(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale,
                   s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
-                  SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_N: tl.constexpr,
-                  TAIL_N: tl.constexpr, D: tl.constexpr, F32: tl.constexpr):
+                  SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                  F32: tl.constexpr):
     mblk = tl.program_id(0)
     bh, h, tok0, base = _sequence(qkv_ptr, L, H, s_tok, s_head)
-    rows = row0 + mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     q = _rows(base, rows, s_tok, d, L)
     o = _rows(out_ptr + tok0 * o_tok + h * o_head, rows, o_tok, d, L)
@@ -250,66 +235,26 @@ def _tile_attn_bwd_q(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_
     lse = tl.load(lse_ptr + tl.cast(bh, tl.int64) * SEQ + rows, mask=rows < L, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    tail0 = 0
-    if LOOP_N:
-        tail0 = _loop_end(L, BLOCK_N, TAIL_N)
-        for start in range(0, tail0, BLOCK_N):
-            dq = _dq_keys(q, do, lse, delta, base + s_which, base + 2 * s_which, start, L, s_tok, d, dq,
-                          scale_log2, BLOCK_N, F32)
-    if TAIL_N > 0:
-        dq = _dq_keys(q, do, lse, delta, base + s_which, base + 2 * s_which, tail0, L, s_tok, d, dq, scale_log2,
-                      TAIL_N, F32)
+    for start in range(0, L, BLOCK_N):  # runs only for sequences of several key blocks
+        dq = _dq_keys(q, do, lse, delta, base + s_which, base + 2 * s_which, start, L, s_tok, d, dq,
+                      scale_log2, BLOCK_N, F32)
     tl.store(dqkv_ptr + tok0 * d_tok + h * d_head + rows[:, None] * d_tok + d[None, :],
              (dq * scale).to(dqkv_ptr.dtype.element_ty), mask=rows[:, None] < L)
 
 
-# Whether a longer sequence's last, partial block runs in the smallest tile that covers it (197 tokens in blocks
-# of 64: three blocks and a tile of 16, 208 rows of work instead of 256) instead of a full block. Not yet timed
-# on a GPU (benchmarks/attention.py --groups times both), so off.
-TAILS = False
-
-
-def _split(length: int, block: int) -> Tuple[int, int]:
-    """(full blocks, size of the last block or 0) covering ``length`` rows in blocks of ``block``. A sequence of
-    at most ``block`` tokens is one block: the smallest tile (≥ 16, tl.dot's minimum) that covers it. A longer
-    one: ``length // block`` full blocks and, with ``TAILS``, the smallest such tile for the rest; without,
-    ``cdiv(length, block)`` blocks of ``block`` rows (the last one partly padding)."""
-    if length <= block:
-        return 0, min(block, seq_tile(length))
-    full, rest = divmod(length, block)
-    if not TAILS:
-        return full + (rest > 0), 0
-    return full, (min(block, seq_tile(rest)) if rest else 0)
-
-
-def _launches(length: int, block: int):
-    """(first row, rows per program, programs) of the launches whose programs cover ``length`` rows."""
-    full, tail = _split(length, block)
-    if full:
-        yield 0, block, full
-    if tail:
-        yield full * block, tail, 1
-
-
 def _plan(length: int, backward: bool = False):
-    """The kernel launches of one pass over a group of ``length``-token sequences: (kernel, first row or key of
-    its programs, programs per sequence and head, constexprs, warps)."""
+    """The kernel launches of one pass over a group of ``length``-token sequences: (kernel, programs per sequence
+    and head, constexprs, warps). Programs cover ``cdiv(length, block)`` blocks; a loop runs over the other
+    dimension's blocks unless one block holds the sequence."""
     seq, bm, bn, warps = blocks(length, backward)
     if not backward:
-        loop_n, tail_n = _split(length, bn)
-        return [(_tile_attn_fwd, first, programs,
-                 dict(SEQ=seq, BLOCK_M=rows, BLOCK_N=bn, LOOP_N=loop_n > 0, TAIL_N=tail_n), warps)
-                for first, rows, programs in _launches(length, bm)]
+        return [(_tile_attn_fwd, triton.cdiv(length, bm), dict(SEQ=seq, BLOCK_M=bm, BLOCK_N=bn, LOOP_N=length > bn),
+                 warps)]
     whole = bn >= length  # one block of keys holds the sequence: its program writes dQ too
-    loop_m, tail_m = _split(length, bm)
-    plan = [(_tile_attn_bwd_kv, first, programs,
-             dict(SEQ=seq, BLOCK_M=bm, BLOCK_N=keys, LOOP_M=loop_m > 0, TAIL_M=tail_m, WITH_DQ=whole), warps)
-            for first, keys, programs in _launches(length, bn)]
+    plan = [(_tile_attn_bwd_kv, triton.cdiv(length, bn),
+             dict(SEQ=seq, BLOCK_M=bm, BLOCK_N=bn, LOOP_M=length > bm, WITH_DQ=whole), warps)]
     if not whole:
-        loop_n, tail_n = _split(length, bn)
-        plan += [(_tile_attn_bwd_q, first, programs,
-                  dict(SEQ=seq, BLOCK_M=rows, BLOCK_N=bn, LOOP_N=loop_n > 0, TAIL_N=tail_n), warps)
-                 for first, rows, programs in _launches(length, bm)]
+        plan.append((_tile_attn_bwd_q, triton.cdiv(length, bm), dict(SEQ=seq, BLOCK_M=bm, BLOCK_N=bn), warps))
     return plan
 
 
@@ -349,9 +294,9 @@ def _fwd_op(qkv: torch.Tensor, lengths: List[int], counts: List[int]) -> Tuple[t
     lse = torch.empty(_lse_rows(lengths, counts, H), dtype=torch.float32, device=qkv.device)
     scale_log2 = D ** -0.5 * LOG2E
     for length, count, tok, row in _groups(lengths, counts):
-        for kernel, row0, programs, meta, warps in _plan(length):
+        for kernel, programs, meta, warps in _plan(length):
             kernel[(programs, count * H)](
-                qkv[tok:], out[tok:], lse[row * H:], length, H, row0, scale_log2,
+                qkv[tok:], out[tok:], lse[row * H:], length, H, scale_log2,
                 qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
                 D=D, F32=interpreting(), num_warps=warps, **meta)
     return out, lse
@@ -376,8 +321,8 @@ def _bwd_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_out: t
                grad_out.stride(0), grad_out.stride(1), dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
     for length, count, tok, row in _groups(lengths, counts):
         args = (qkv[tok:], out[tok:], grad_out[tok:], lse[row * H:], dqkv[tok:], length, H, scale * LOG2E, scale)
-        for kernel, first, programs, meta, warps in _plan(length, backward=True):  # dK/dV, then dQ if apart
-            kernel[(programs, count * H)](*args, first, *strides, D=D, F32=interpreting(), num_warps=warps, **meta)
+        for kernel, programs, meta, warps in _plan(length, backward=True):  # dK/dV, then dQ if apart
+            kernel[(programs, count * H)](*args, *strides, D=D, F32=interpreting(), num_warps=warps, **meta)
     return dqkv
 
 

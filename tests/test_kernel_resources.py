@@ -13,24 +13,22 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.
 def test_reports_registers_and_spills_for_every_launch(tmp_path):
     out = tmp_path / "res.json"
     env = dict(os.environ, TRITON_INTERPRET="1")  # the script compiles for the GPU whatever the caller set
-    subprocess.run([sys.executable, str(SCRIPT), "--configs", "37:64/64,197:64/64", "--warps", "8", "--tails",
+    subprocess.run([sys.executable, str(SCRIPT), "--configs", "37:64/64,197:64/32+64/64", "--warps", "8",
                     "--json", str(out)], check=True, env=env, capture_output=True, text=True, timeout=600)
     rows = json.loads(out.read_text())["rows"]
-    launches = Counter((r["length"], r["kernel"], r["program rows"], r["last step"]) for r in rows)
-    # 37 tokens: one block, dQ from the dK/dV program; 197 with tails: programs of 64 rows (or keys) and one of
-    # 16 for the last 5, every loop ending in a step of 16
-    assert launches == Counter({(37, "forward", 64, 64): 1, (37, "dK/dV + dQ", 64, 64): 1,
-                                (197, "forward", 64, 16): 1, (197, "forward", 16, 16): 1,
-                                (197, "dK/dV", 64, 16): 1, (197, "dK/dV", 16, 16): 1,
-                                (197, "dQ", 64, 16): 1, (197, "dQ", 16, 16): 1})
+    launches = Counter((r["length"], r["kernel"], r["program rows"], r["loops"]) for r in rows)
+    # 37 tokens: one block, no loop, dQ from the dK/dV program; 197: four programs of 64 rows (or keys) per
+    # sequence looping over the other side's blocks, and dQ in a kernel of its own
+    assert launches == Counter({(37, "forward", 64, False): 1, (37, "dK/dV + dQ", 64, False): 1,
+                                (197, "forward", 64, True): 1, (197, "dK/dV", 64, True): 1, (197, "dQ", 64, True): 1})
     for r in rows:
         assert r["warps"] == 8 and 16 <= r["registers"] <= 255
         assert r["spill stores"] >= 0 and r["spill loads"] >= 0
 
 
 def test_benchmark_tile_settings_reach_the_launch_plan_and_are_restored():
-    """``--tile-configs`` entries (attention.py, step_time.py) set the tile kernels' block shapes, warps and
-    TAILS for what runs inside them, forward and backward apart, and leave the shipped settings behind, also
+    """``--tile-configs`` entries (attention.py, step_time.py) set the tile kernels' block shapes and warps
+    for what runs inside them, forward and backward apart, and leave the shipped settings behind, also
     when the timed run fails."""
     import pytest
     sys.path.insert(0, str(SCRIPT.parent))
@@ -39,14 +37,14 @@ def test_benchmark_tile_settings_reach_the_launch_plan_and_are_restored():
     from fastibot.kernels import tile_attention as ta
 
     def shapes(length, backward):
-        return sorted((c["BLOCK_M"], c["BLOCK_N"], w) for _, _, _, c, w in ta._plan(length, backward))
+        return sorted((c["BLOCK_M"], c["BLOCK_N"], w, programs) for _, programs, c, w in ta._plan(length, backward))
 
     shipped = {(n, b): shapes(n, b) for n in (37, 197) for b in (False, True)}
-    with tile_settings("64/16/2+32/32/8+tails"):
-        assert shapes(197, False) == [(16, 16, 2), (64, 16, 2)]  # three blocks of 64 rows, a last one of 16
-        assert shapes(197, True) == [(16, 32, 8), (32, 16, 8), (32, 32, 8), (32, 32, 8)]
+    with tile_settings("64/16/2+32/32/8"):
+        assert shapes(197, False) == [(64, 16, 2, 4)]  # four blocks of 64 rows, looping over keys 16 at a time
+        assert shapes(197, True) == [(32, 32, 8, 7), (32, 32, 8, 7)]  # dK/dV and dQ, seven blocks of 32 each
         assert shapes(37, True) == shipped[(37, True)]  # the locals' tile is not the entry's
     with pytest.raises(RuntimeError), tile_settings("64:32/32/8"):
-        assert shapes(37, False) == [(32, 32, 8)] and shapes(197, False) == shipped[(197, False)]
+        assert shapes(37, False) == [(32, 32, 8, 2)] and shapes(197, False) == shipped[(197, False)]
         raise RuntimeError("a failed run")
     assert {(n, b): shapes(n, b) for n in (37, 197) for b in (False, True)} == shipped

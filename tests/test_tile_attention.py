@@ -56,22 +56,15 @@ def _run(groups, heads, head_dim, dtype, pad=0):
 
 CASES = [
     (((3, 5), (2, 37)), 2, 16),  # two short groups: one program per sequence and head
-    (((2, 70), (1, 1)), 3, 32),  # 70 tokens: a block of 64 and 6 more (a tile of 16 with tails)
+    (((2, 70), (1, 1)), 3, 32),  # 70 tokens: a block of 64 and a second one of 6 tokens and 58 padding
     (((1, 197), (2, 9)), 1, 16),  # a recipe-length global crop (three blocks of 64 and 5 more) and short locals
     (((1, 90), (1, 100)), 2, 16),  # the rest after a block of 64 in a tile of 32, and of 64
 ]
 
 
-@pytest.fixture(params=[False, True], ids=["full-blocks", "tails"])
-def tails(request, monkeypatch):
-    """Both ways of covering a longer sequence's last, partial block (``TAILS``)."""
-    monkeypatch.setattr(ta, "TAILS", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("groups,heads,head_dim", CASES)
-def test_forward_and_gradient_match_the_reference(groups, heads, head_dim, dtype, tails):
+def test_forward_and_gradient_match_the_reference(groups, heads, head_dim, dtype):
     if DEVICE == "cuda" and dtype == torch.float32:
         pytest.skip("on CUDA the products run on the tensor cores in bf16/fp16 (fp32 runs in the interpreter)")
     out, grad, ref, ref_grad = _run(groups, heads, head_dim, dtype)
@@ -84,7 +77,7 @@ def test_forward_and_gradient_match_the_reference(groups, heads, head_dim, dtype
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2")  # the interpreter evaluates both sides of tl.where
 @pytest.mark.parametrize("length", [37, 70])  # one program per sequence, and the separate dQ kernel
-def test_logits_far_below_zero_stay_finite(length, tails):
+def test_logits_far_below_zero_stay_finite(length):
     """Every query opposite every key: the softmax is well defined (all logits ≈ -1,000 in base 2), but a
     padded key's logit of 0 would overflow exp2(0 - lse); the gradient must stay finite and right."""
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -117,9 +110,9 @@ def test_reads_a_strided_qkv_buffer():
     (128, (32, 64, 4)),  # exact multiples: no rest, no tail
     (50, (16, 64, 4)),  # one block of keys (dQ from the dK/dV program) over a loop of row blocks
 ])
-def test_every_split_of_a_sequence_matches_the_reference(monkeypatch, length, blocks, tails):
-    """The host splits a sequence into programs and loop steps (full blocks, and with ``TAILS`` the rest in its
-    own smaller tile); every split, with unequal query and key blocks, must give the reference's attention."""
+def test_every_split_of_a_sequence_matches_the_reference(monkeypatch, length, blocks):
+    """The host splits a sequence into programs and loop steps of full blocks, the last one partly padding;
+    every split, with unequal query and key blocks, must give the reference's attention."""
     monkeypatch.setitem(ta.TUNING, ta.seq_tile(length), blocks)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     out, grad, ref, ref_grad = _run(((2, length),), 1, 16, dtype)
@@ -129,14 +122,14 @@ def test_every_split_of_a_sequence_matches_the_reference(monkeypatch, length, bl
 
 
 @pytest.mark.parametrize("blocks", [(16, 32, 4), ((128, 16, 4), (16, 64, 8)), ((32, 128, 4), (64, 16, 4))])
-def test_other_block_shapes_give_the_same_answer(monkeypatch, blocks, tails):
+def test_other_block_shapes_give_the_same_answer(monkeypatch, blocks):
     """The block sizes are a tuning knob (``TUNING``: one shape for both passes, or the forward's and the
     backward's): query and key blocks of other sizes than the default, equal or not, and a backward blocked
     differently from its forward must compute the same attention."""
     monkeypatch.setitem(ta.TUNING, 128, blocks)
     fwd, bwd = blocks if isinstance(blocks[0], tuple) else (blocks, blocks)
     assert ta.blocks(70) == (128, *fwd) and ta.blocks(70, backward=True) == (128, *bwd)
-    launched = []  # (sequence length, kernel, BLOCK_M, BLOCK_N, warps) of each launch
+    launched = []  # (sequence length, kernel, BLOCK_M, BLOCK_N, warps, programs per sequence) of each launch
 
     def spy(name):
         kernel = getattr(ta, name)
@@ -145,7 +138,8 @@ def test_other_block_shapes_give_the_same_answer(monkeypatch, blocks, tails):
         class Spy:
             def __getitem__(self, grid):
                 def launch(*args, **kw):
-                    launched.append((args[length_at], name, kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"]))
+                    launched.append((args[length_at], name, kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"],
+                                     grid[0]))
                     return kernel[grid](*args, **kw)
                 return launch
         monkeypatch.setattr(ta, name, Spy())
@@ -155,16 +149,14 @@ def test_other_block_shapes_give_the_same_answer(monkeypatch, blocks, tails):
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     out, grad, ref, ref_grad = _run(((2, 70), (3, 5)), 2, 16, dtype)
     assert _rel(out, ref) < REL[dtype] and _rel(grad, ref_grad) < REL[dtype]
-    # each pass runs its own shapes: its warps, its loop's block, and programs of a full block (or, with tails,
-    # the smaller tile of the last, partial block)
+    # each pass runs its own shapes: its warps, its loop's block, and enough programs of a full block to cover
+    # the 70 tokens
     long = [x[1:] for x in launched if x[0] == 70]
-    assert {x[0] for x in long} == {"_tile_attn_fwd", "_tile_attn_bwd_kv", "_tile_attn_bwd_q"}
-    for name, bm, bn, warps in long:
+    assert sorted(x[0] for x in long) == ["_tile_attn_bwd_kv", "_tile_attn_bwd_q", "_tile_attn_fwd"]
+    for name, bm, bn, warps, programs in long:
         shape = fwd if name == "_tile_attn_fwd" else bwd
-        step, per_program = (bm, bn) if name == "_tile_attn_bwd_kv" else (bn, bm)  # (loop block, program block)
-        full_step, full_program = (shape[0], shape[1]) if name == "_tile_attn_bwd_kv" else (shape[1], shape[0])
-        assert warps == shape[2] and step == full_step
-        assert per_program == full_program or (tails and per_program < full_program)
+        per_program = bn if name == "_tile_attn_bwd_kv" else bm
+        assert (bm, bn, warps) == shape and programs == -(-70 // per_program)
 
 
 def test_attention_stays_inside_each_sequence():
