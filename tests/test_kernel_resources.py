@@ -48,3 +48,17 @@ def test_benchmark_tile_settings_reach_the_launch_plan_and_are_restored():
         assert shapes(37, False) == [(32, 32, 8, 2)] and shapes(197, False) == shipped[(197, False)]
         raise RuntimeError("a failed run")
     assert {(n, b): shapes(n, b) for n in (37, 197) for b in (False, True)} == shipped
+
+
+def test_a_malformed_tile_config_is_refused_with_its_syntax():
+    """A ``--tile-configs`` entry that is not BM/BN/W (or F+B, after an optional S:) stops the benchmark with the
+    syntax, before any device time is spent; well-formed entries parse to the key tiles and shapes they name."""
+    import pytest
+    sys.path.insert(0, str(SCRIPT.parent))
+    from common import tile_config
+
+    assert tile_config("64/32/4+64/64/4") == ((128, 256), ((64, 32, 4), (64, 64, 4)))
+    assert tile_config("64:32/32/8") == ((64,), (32, 32, 8))
+    for bad in ("64/64", "tails", "64/32/4+64/64/4+32/32/4", "a/b/c"):
+        with pytest.raises(SystemExit, match="BM/BN/W"):
+            tile_config(bad)
