@@ -23,7 +23,6 @@ run where xformers' compiled extension does not load; it is off by default.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -149,7 +148,7 @@ def bench_groups(arch: str, b: int, rows: list, tile_configs=()) -> None:
                 with torch.no_grad():
                     fn(qkv.detach(), ((n, length),))
             try:
-                with tile_settings(cfg) if cfg else contextlib.nullcontext():  # for the captured backward too
+                with tile_settings(cfg):  # in force for the captured backward too
                     err = (fn(qkv.detach(), ((n, length),)).float().reshape(expected.shape)
                            - expected).abs().max().item()
                     ms = time_graph_ms(step, rep=20)

@@ -149,22 +149,23 @@ def tile_config(cfg: str):
     passes, or "BM/BN/W+BM/BN/W" (the forward's, then the backward's), for key tiles of 128 and 256 (the global
     crops); "S:..." for key tile S only (e.g. 64: the locals)."""
     tile, _, spec = cfg.rpartition(":")
-    try:
-        shapes = [tuple(int(x) for x in p.split("/")) for p in spec.split("+")]
-    except ValueError:
+    shapes = [p.split("/") for p in spec.split("+")]
+    if len(shapes) > 2 or any(len(s) != 3 or not all(x.isdigit() for x in s) for s in shapes) or \
+            not (tile == "" or tile.isdigit()):
         raise SystemExit(f"--tile-configs: {cfg!r} is not BM/BN/W or BM/BN/W+BM/BN/W, optionally after S:")
-    if len(shapes) > 2 or any(len(s) != 3 for s in shapes):
-        raise SystemExit(f"--tile-configs: {cfg!r} is not BM/BN/W or BM/BN/W+BM/BN/W, optionally after S:")
+    shapes = [tuple(int(x) for x in s) for s in shapes]
     return ((int(tile),) if tile else (128, 256)), shapes[0] if len(shapes) == 1 else (shapes[0], shapes[1])
 
 
 @contextlib.contextmanager
 def tile_settings(cfg: str):
-    """The tile kernels' module settings as the ``--tile-configs`` entry ``cfg`` sets them, restored on exit."""
+    """The tile kernels' module settings as the ``--tile-configs`` entry ``cfg`` sets them (an empty entry: the
+    shipped settings), restored on exit."""
     from fastibot.kernels import tile_attention as ta
     saved = dict(ta.TUNING)
-    tiles, blocks = tile_config(cfg)
-    ta.TUNING.update({seq: blocks for seq in tiles})
+    if cfg:
+        tiles, blocks = tile_config(cfg)
+        ta.TUNING.update({seq: blocks for seq in tiles})
     try:
         yield
     finally:

@@ -366,7 +366,7 @@ def main(argv=None):
         try:
             with (contextlib.nullcontext() if args.stream_priority is None
                   else torch.cuda.stream(torch.cuda.Stream(priority=args.stream_priority))), \
-                    (tile_settings(tiles) if tiles else contextlib.nullcontext()):
+                    tile_settings(tiles):
                 results.append(run_variant(n, o, args, matmul))
         except Exception:  # report and go on: one broken variant must not cost the others' numbers
             import traceback

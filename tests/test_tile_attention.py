@@ -58,7 +58,7 @@ CASES = [
     (((3, 5), (2, 37)), 2, 16),  # two short groups: one program per sequence and head
     (((2, 70), (1, 1)), 3, 32),  # 70 tokens: a block of 64 and a second one of 6 tokens and 58 padding
     (((1, 197), (2, 9)), 1, 16),  # a recipe-length global crop (three blocks of 64 and 5 more) and short locals
-    (((1, 90), (1, 100)), 2, 16),  # the rest after a block of 64 in a tile of 32, and of 64
+    (((1, 90), (1, 100)), 2, 16),  # a second block of 64 holding 26 and 36 tokens
 ]
 
 
@@ -105,9 +105,9 @@ def test_reads_a_strided_qkv_buffer():
 @pytest.mark.parametrize("length,blocks", [
     (100, (16, 64, 4)),  # rows: 6 blocks of 16 and 4 more; keys: a block of 64 and 36 more
     (100, (64, 16, 4)),  # the same, transposed: each loop's rest must come from its own block
-    (81, (32, 16, 4)),  # rests of 17 (a tile of 32) and of 1 (a tile of 16)
-    (90, (64, 32, 4)),  # a key rest of 26: its tile is the whole block
-    (128, (32, 64, 4)),  # exact multiples: no rest, no tail
+    (81, (32, 16, 4)),  # last blocks holding 17 rows and 1 key
+    (90, (64, 32, 4)),  # a last key block holding 26 keys
+    (128, (32, 64, 4)),  # exact multiples: no padding
     (50, (16, 64, 4)),  # one block of keys (dQ from the dK/dV program) over a loop of row blocks
 ])
 def test_every_split_of_a_sequence_matches_the_reference(monkeypatch, length, blocks):
