@@ -130,19 +130,21 @@ def profile_steps(tr, batches, steps: int) -> dict:
         end.record()
         torch.cuda.synchronize()
     wall_ms = start.elapsed_time(end)
-    kinds, count, busy, by_name = {}, 0, 0.0, {}
+    kinds, count, busy, by_name, calls = {}, 0, 0.0, {}, {}
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
         ms = e.time_range.elapsed_us() / 1e3
         kinds[kernel_kind(e.name)] = kinds.get(kernel_kind(e.name), 0.0) + ms
         by_name[e.name[:90]] = by_name.get(e.name[:90], 0.0) + ms
+        calls[e.name[:90]] = calls.get(e.name[:90], 0) + 1
         count += 1
         busy += ms
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:40]
     print_table(f"top kernels of {getattr(tr, 'variant_name', '')} (ms per step)",
-                [{"kernel": k, "ms/step": v / steps, "kind": kernel_kind(k)} for k, v in top],
-                ["kernel", "kind", "ms/step"])
+                [{"kernel": k, "ms/step": v / steps, "calls/step": calls[k] / steps, "kind": kernel_kind(k)}
+                 for k, v in top],
+                ["kernel", "kind", "calls/step", "ms/step"])
     out = {"kernels/step": count / steps, "GPU busy %": 100 * busy / max(wall_ms, 1e-9),
            "GPU ms/step": busy / steps}
     out.update({f"{k} ms": v / steps for k, v in sorted(kinds.items())})
