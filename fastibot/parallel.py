@@ -12,7 +12,7 @@
 - **Precision.** With bf16/fp16 autocast the gathered parameters are in that dtype (fp32 master shards);
   gradients are reduce-scattered in ``runtime.fsdp_reduce_dtype`` and land as fp32 shards.
 - **Update.** AdamW, weight decay, clipping and the EMA work on local shards. Per-parameter clipping
-  needs each parameter's norm over all its shards: :class:`ShardedGrads` adds the local squared norms of
+  needs each parameter's norm over all its shards: :class:`fastibot.optim.ShardedGrads` adds the local squared norms of
   all parameters and the "loss not finite" flag into one buffer and all-reduces it once, on the device,
   so every rank takes the same clip factors and the same skip decision.
 - **hsdp.** A 2-D mesh (replicate, shard): parameters sharded inside groups of ``runtime.shard_size``
@@ -129,42 +129,6 @@ def compile_blocks(model: nn.Module, options: Optional[dict] = None) -> None:
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * len(blocks) + 64)
     for block in blocks:
         block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False, options=options)
-
-
-class ShardedGrads:
-    """The gradients of sharded parameters (FSDP2 reduce-scatters them into ``p.grad`` as fp32 shards).
-
-    Same interface as :class:`fastibot.optim.GradBuffer`: ``zero_``, ``grads`` (this rank's shards) and
-    ``reduce`` (the skip flag, the overflow flag and every parameter's norm, agreed by all ranks)."""
-
-    def __init__(self, params: List[nn.Parameter], replicas: int):
-        self.params, self.replicas = params, replicas
-
-    def zero_(self) -> None:
-        for p in self.params:
-            p.grad = None  # FSDP2 assigns the reduced shard; a present .grad would be added to
-
-    @property
-    def grads(self) -> List[torch.Tensor]:
-        for p in self.params:
-            if p.grad is None:  # a parameter the forward did not reach: a zero gradient, as the flat buffer has
-                p.grad = torch.zeros_like(p)
-        return [local(p.grad) for p in self.params]
-
-    def reduce(self, bad_loss: torch.Tensor, scaler) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[torch.Tensor]]:
-        """One all-reduce of [local squared norm of each parameter (P,), loss-not-finite flag, overflow flag];
-        returns (flag summed over ranks, overflow 0/1 or None, per-parameter norms over all shards)."""
-        grads = self.grads
-        found_inf = scaler.unscale_(grads) if scaler is not None else torch.zeros((), device=grads[0].device)
-        sq = torch.stack(torch._foreach_norm(grads)).float().square()  # (P,) this rank's partial sums
-        buf = torch.cat([sq, bad_loss.float().reshape(1), found_inf.float().reshape(1)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(buf)
-        n = len(grads)
-        # every replica group holds every element once: the world sum counts each element `replicas` times
-        norms = list((buf[:n] / self.replicas).sqrt().unbind())
-        overflow = (buf[n + 1] > 0).float() if scaler is not None else None
-        return buf[n], overflow, norms
 
 
 @torch.no_grad()

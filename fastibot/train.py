@@ -32,8 +32,8 @@ from .models.ibot import build_model
 from .resume import RunState
 from .rundir import claim
 from .kernels import resolve_impl
-from .optim import GradBuffer, IBOTAdamW, LossScaler
-from .parallel import ParallelError, ShardedGrads, build_mesh, compile_blocks, gather_full, shard_model, shard_size
+from .optim import GradBuffer, IBOTAdamW, LocalGrads, LossScaler, ShardedGrads
+from .parallel import ParallelError, build_mesh, compile_blocks, gather_full, shard_model, shard_size
 from .runtime import (AMP_DTYPES, Runtime, StopSignals, TrainingError, compile_options, init_runtime, resolve_switch,
                       seed_everything)
 from .step import TrainStep
@@ -114,7 +114,10 @@ class Trainer(RunState):
             self.ema_impl = "foreach"  # FSDP2 owns the shards' storage: the EMA runs on each rank's local shards
         self.ema = EMA(student, teacher, self.ema_impl)
         params = [p for p in student.parameters() if p.requires_grad]
-        self.grads = GradBuffer(params) if cfg.runtime.parallel == "ddp" else ShardedGrads(params, replicas)
+        if cfg.runtime.parallel != "ddp":
+            self.grads = ShardedGrads(params, replicas)
+        else:
+            self.grads = GradBuffer(params) if rt.world > 1 else LocalGrads(params)
         self.centers = Centers(cfg.model.out_dim, cfg.model.patch_out_dim, cfg.ibot.center_momentum,
                                cfg.ibot.center_momentum2).to(rt.device)
         self.opt = IBOTAdamW(student, cfg.optim.betas)

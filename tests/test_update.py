@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fastibot.optim import GradBuffer, clip_
-from fastibot.parallel import ShardedGrads
+from fastibot.optim import GradBuffer, LocalGrads, ShardedGrads, clip_
 from fastibot.runtime import Runtime
 from fastibot.step import StepMetrics
 from fastibot.train import Trainer
@@ -137,6 +136,45 @@ def test_the_gradient_buffer_averages_over_processes_and_sums_the_flag(monkeypat
     assert flag.item() == 1.0  # this rank 0 + the other's 1
     torch.testing.assert_close(a.grad, (mine_a + 10.0) / 2, rtol=0, atol=0)
     torch.testing.assert_close(b.grad, (mine_b + other[6:10]) / 2, rtol=0, atol=0)
+
+
+def test_one_process_keeps_autograds_gradients_and_trains_bit_for_bit_as_the_flat_buffer(tmp_path):
+    """One process trains on the gradients autograd hands over (no zeroed buffer to add into): three steps of
+    two micro-batches each give the same student, teacher and logged sums, bit for bit, as the flat buffer
+    that several processes all-reduce (0 + g is g exactly). A step that kept the last step's gradients, or a
+    second micro-batch that replaced the first's instead of adding to it, would part the two runs."""
+    runs = {}
+    for kind in ("local", "flat"):
+        tr = _trainer(tmp_path / kind, **{"optim.accum_steps": 2})
+        assert isinstance(tr.grads, LocalGrads)
+        if kind == "flat":
+            tr.grads = tr.stepper.grads = GradBuffer(tr.grads.params)
+        bs = _batches(tr, 6)
+        for i in range(3):
+            tr.train_step(bs[2 * i: 2 * i + 2])
+            if kind == "local":  # each step's gradients are tensors of their own, not views of one buffer
+                assert all(p.grad._base is None for p in tr.grads.params)
+        runs[kind] = (_doubles(tr.student), _doubles(tr.teacher), tr.log_metrics())
+    (s_local, t_local, m_local), (s_flat, t_flat, m_flat) = runs["local"], runs["flat"]
+    for n in s_flat:
+        assert torch.equal(s_local[n], s_flat[n]), n
+        assert torch.equal(t_local[n], t_flat[n]), n
+    assert m_local["loss"] == m_flat["loss"] and m_local["grad_norm"] == m_flat["grad_norm"]
+
+
+def test_local_gradients_start_each_step_empty_and_fill_what_the_forward_missed():
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    grads = LocalGrads([p, q])
+    (p * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    grads.zero_()
+    assert p.grad is None and q.grad is None
+    (p * 2.0).sum().backward()
+    (p * 3.0).sum().backward()  # a second micro-batch adds
+    flag, overflow, norms = grads.reduce(torch.tensor(True), None)
+    assert flag.item() == 1.0 and overflow is None
+    torch.testing.assert_close(p.grad, torch.full((3,), 5.0))
+    assert torch.equal(q.grad, torch.zeros(2))  # not reached by the forward: a zero gradient
+    torch.testing.assert_close(torch.stack(norms), torch.tensor([5.0 * 3 ** 0.5, 0.0]))
 
 
 def test_sharded_norms_count_each_element_once_and_flags_keep_their_meaning(monkeypatch):
