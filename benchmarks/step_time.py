@@ -15,7 +15,9 @@ Variants, each in the same process so ratios are measured side by side:
 - ``default``: what ``fastibot train`` runs on a GPU: ``compiled`` replayed as one CUDA graph;
 - ``mixed``, ``triton``: ``default`` with ``model.attention=mixed`` or ``triton`` (``auto``, the default's, is
   ``triton`` on CUDA);
-- ``tuned`` and ``max-autotune``: ``default`` with ``runtime.autotune=kernels`` and ``max``.
+- ``tuned`` and ``max-autotune``: ``default`` with ``runtime.autotune=kernels`` and ``max``;
+- ``flat-grads``: ``default`` with the gradients in one zeroed flat buffer that every backward adds into (what
+  several processes all-reduce; one process keeps autograd's own gradient tensors).
 
 Several GPUs: ``torchrun --nproc_per_node N benchmarks/step_time.py --parallel ddp|fsdp|hsdp ...``;
 ``--batch`` is then per GPU, ``img/s`` the whole step's (all GPUs) and ``img/s/GPU`` that divided by N, and
@@ -73,7 +75,16 @@ VARIANTS = {
     "triton": {"model.attention": "triton"},
     "tuned": {"runtime.autotune": "kernels"},
     "max-autotune": {"runtime.autotune": "max"},
+    "flat-grads": {},  # default with the flat gradient buffer several processes use (AFTER_BUILD)
 }
+
+
+def _flat_grads(tr) -> None:
+    from fastibot.optim import GradBuffer
+    tr.grads = tr.stepper.grads = GradBuffer(tr.grads.params)
+
+
+AFTER_BUILD = {"flat-grads": _flat_grads}  # variants that change a built trainer before its first step
 
 
 class PhaseMarker:
@@ -186,6 +197,8 @@ def run_variant(name, overrides, args, matmul):
     cfg = load_config(args.config, [f"{k}={v}" for k, v in o.items()] + args.set)
     tr = Trainer(cfg, init_runtime(cfg))
     tr.variant_name = name
+    if name in AFTER_BUILD:
+        AFTER_BUILD[name](tr)
     batches = endless(tr.data)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
