@@ -15,8 +15,10 @@ rounded up to a power of two; a longer sequence's last block is partly padding.
   looping over blocks of ``BLOCK_M`` query rows: ``P`` is recomputed from the
   log-sum-exp, ``dV = Pᵀ dO``, ``dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O))``,
   ``dK = dSᵀ Q·scale``. When one block of keys holds the whole sequence the same
-  program also writes ``dQ = dS K·scale``; otherwise a second kernel, one program
-  per block of query rows looping over the key blocks, does.
+  program also writes ``dQ = dS K·scale``; otherwise a kernel with one program
+  per block of query rows looping over the key blocks does, and runs first: it
+  also stores ``rowsum(dO ∘ O)``, which the dK/dV programs then read instead of
+  re-reading ``O`` once per block of rows.
 
 The op reads q, k and v straight from the packed ``(T, 3, H, Dh)`` buffer the
 qkv projection writes and returns the gradient as one ``(T, 3, H, Dh)`` tensor,
@@ -150,17 +152,21 @@ def _tile_attn_fwd(qkv_ptr, out_ptr, lse_ptr, L, H, scale_log2,
 
 
 @triton.jit
-def _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dq_base, start, L, s_tok, o_tok, g_tok, d_tok, d,
-              dk, dv, scale_log2, scale, BLOCK_M: tl.constexpr, WITH_DQ: tl.constexpr, F32: tl.constexpr):
+def _bwd_rows(k, v, keys, base, obase, gbase, lse_row, delta_row, dq_base, start, L, s_tok, o_tok, g_tok, d_tok,
+              d, dk, dv, scale_log2, scale, BLOCK_M: tl.constexpr, WITH_DQ: tl.constexpr, F32: tl.constexpr):
     """One block of query rows into a block of keys' ``dk`` (unscaled) and ``dv``; with ``WITH_DQ`` (the keys
-    are the whole sequence) also these rows' dQ, stored."""
+    are the whole sequence) also these rows' dQ, stored; without, the rows' rowsum(dO ∘ O) comes from the dQ
+    kernel, which ran first."""
     rows = start + tl.arange(0, BLOCK_M)
     q = _rows(base, rows, s_tok, d, L)
-    o = _rows(obase, rows, o_tok, d, L)
     do = _rows(gbase, rows, g_tok, d, L)
-    # rows past L: zero q, o and dO and a log-sum-exp of 0, so they add nothing
+    # rows past L: zero q and dO, a log-sum-exp and a delta of 0, so they add nothing
     lse = tl.load(lse_row + rows, mask=rows < L, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
+    if WITH_DQ:
+        o = _rows(obase, rows, o_tok, d, L)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
+    else:
+        delta = tl.load(delta_row + rows, mask=rows < L, other=0.0)
     st = _dot(k, tl.trans(q), F32) * scale_log2  # (keys, rows)
     # padded keys (zero-filled k) score 0, which against a row's log-sum-exp far below 0 would overflow to
     # inf and turn dQ into NaN: zero them
@@ -177,7 +183,7 @@ def _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dq_base, start, L, s_tok,
 
 
 @triton.jit
-def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale,
+def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, scale_log2, scale,
                    s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
                    SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_M: tl.constexpr,
                    D: tl.constexpr, WITH_DQ: tl.constexpr, F32: tl.constexpr):
@@ -187,6 +193,7 @@ def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale
     gbase = dout_ptr + tok0 * g_tok + h * g_head
     dbase = dqkv_ptr + tok0 * d_tok + h * d_head
     lse_row = lse_ptr + tl.cast(bh, tl.int64) * SEQ
+    delta_row = delta_ptr + tl.cast(bh, tl.int64) * SEQ
     keys = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     k = _rows(base + s_which, keys, s_tok, d, L)
@@ -195,11 +202,11 @@ def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     if LOOP_M:  # blocks of query rows
         for start in range(0, L, BLOCK_M):
-            dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dbase, start, L, s_tok, o_tok, g_tok,
-                               d_tok, d, dk, dv, scale_log2, scale, BLOCK_M, WITH_DQ, F32)
+            dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, delta_row, dbase, start, L, s_tok, o_tok,
+                               g_tok, d_tok, d, dk, dv, scale_log2, scale, BLOCK_M, WITH_DQ, F32)
     else:  # one block of rows, no loop, as in the forward
-        dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, dbase, 0, L, s_tok, o_tok, g_tok, d_tok,
-                           d, dk, dv, scale_log2, scale, BLOCK_M, WITH_DQ, F32)
+        dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, delta_row, dbase, 0, L, s_tok, o_tok, g_tok,
+                           d_tok, d, dk, dv, scale_log2, scale, BLOCK_M, WITH_DQ, F32)
     ty = dqkv_ptr.dtype.element_ty
     kmask = keys[:, None] < L
     tl.store(dbase + d_which + keys[:, None] * d_tok + d[None, :], (dk * scale).to(ty), mask=kmask)
@@ -221,7 +228,7 @@ def _dq_keys(q, do, lse, delta, kbase, vbase, start, L, s_tok, d, dq, scale_log2
 
 
 @triton.jit
-def _tile_attn_bwd_q(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_log2, scale,
+def _tile_attn_bwd_q(qkv_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, scale_log2, scale,
                   s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
                   SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                   F32: tl.constexpr):
@@ -234,6 +241,8 @@ def _tile_attn_bwd_q(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, scale_
     do = _rows(dout_ptr + tok0 * g_tok + h * g_head, rows, g_tok, d, L)
     lse = tl.load(lse_ptr + tl.cast(bh, tl.int64) * SEQ + rows, mask=rows < L, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    # kept for the dK/dV programs that run next: each of them would otherwise re-read O for every row block
+    tl.store(delta_ptr + tl.cast(bh, tl.int64) * SEQ + rows, delta, mask=rows < L)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     for start in range(0, L, BLOCK_N):  # runs only for sequences of several key blocks
         dq = _dq_keys(q, do, lse, delta, base + s_which, base + 2 * s_which, start, L, s_tok, d, dq,
@@ -253,8 +262,8 @@ def _plan(length: int, backward: bool = False):
     whole = bn >= length  # one block of keys holds the sequence: its program writes dQ too
     plan = [(_tile_attn_bwd_kv, triton.cdiv(length, bn),
              dict(SEQ=seq, BLOCK_M=bm, BLOCK_N=bn, LOOP_M=length > bm, WITH_DQ=whole), warps)]
-    if not whole:
-        plan.append((_tile_attn_bwd_q, triton.cdiv(length, bm), dict(SEQ=seq, BLOCK_M=bm, BLOCK_N=bn), warps))
+    if not whole:  # dQ first: it writes rowsum(dO ∘ O), which the dK/dV programs read
+        plan.insert(0, (_tile_attn_bwd_q, triton.cdiv(length, bm), dict(SEQ=seq, BLOCK_M=bm, BLOCK_N=bn), warps))
     return plan
 
 
@@ -316,12 +325,14 @@ def _bwd_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_out: t
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     dqkv = torch.empty((T, 3, H, D), dtype=qkv.dtype, device=qkv.device)
+    delta = torch.empty_like(lse)  # rowsum(dO ∘ O) per (sequence, head, row), as the log-sum-exp is laid out
     scale = D ** -0.5
     strides = (qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
                grad_out.stride(0), grad_out.stride(1), dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
     for length, count, tok, row in _groups(lengths, counts):
-        args = (qkv[tok:], out[tok:], grad_out[tok:], lse[row * H:], dqkv[tok:], length, H, scale * LOG2E, scale)
-        for kernel, programs, meta, warps in _plan(length, backward=True):  # dK/dV, then dQ if apart
+        args = (qkv[tok:], out[tok:], grad_out[tok:], lse[row * H:], delta[row * H:], dqkv[tok:], length, H,
+                scale * LOG2E, scale)
+        for kernel, programs, meta, warps in _plan(length, backward=True):  # dQ if apart, then dK/dV
             kernel[(programs, count * H)](*args, *strides, D=D, F32=interpreting(), num_warps=warps, **meta)
     return dqkv
 
