@@ -159,6 +159,10 @@ class KernelsConfig:
                    "reference elsewhere)", ("reference", "triton", "auto"))
     ema: str = _f("auto", "teacher EMA: triton (one fused launch), foreach, reference (the official per-tensor loop), "
                   "auto (triton on CUDA, foreach elsewhere)", ("reference", "foreach", "triton", "auto"))
+    update: str = _f("auto", "the update after the gradients: triton (clipping, weight decay, AdamW and the teacher "
+                     "EMA in one pass over flat buffers; needs the triton EMA), torch (foreach clipping and decay, "
+                     "PyTorch's fused AdamW, then kernels.ema), auto (triton where the EMA is triton, else torch)",
+                     ("torch", "triton", "auto"))
 
 
 @dataclass
@@ -403,6 +407,9 @@ def validate(cfg: Config) -> Config:
          "varlen attention runs on packed sequences only, and with model.packed=false every attention call is "
          "dense (it would run SDPA): set model.packed=true, or model.attention=sdpa|auto")
     _validate_parallel(cfg, need)
+    need(cfg.kernels.update != "triton" or cfg.kernels.ema in ("triton", "auto"), "kernels.update",
+         f"triton runs the teacher EMA inside its pass over the flat buffers of the triton EMA; with kernels.ema="
+         f"{cfg.kernels.ema} set kernels.update=torch or auto")
     if cfg.model.shared_head or cfg.model.shared_head_teacher:
         need(cfg.model.out_dim == cfg.model.patch_out_dim, "model.patch_out_dim",
              "must equal model.out_dim when a head is shared")
@@ -419,6 +426,9 @@ def _validate_parallel(cfg: Config, need) -> None:
     need(not sharded or cfg.kernels.ema != "triton", "kernels.ema",
          f"triton moves parameters into flat buffers, but under runtime.parallel={r.parallel} FSDP2 owns the "
          "storage of each shard; set kernels.ema=foreach or auto (the EMA then runs on each rank's local shards)")
+    need(not sharded or cfg.kernels.update != "triton", "kernels.update",
+         f"triton updates flat parameter buffers, but under runtime.parallel={r.parallel} FSDP2 owns the storage of "
+         "each shard; set kernels.update=torch or auto")
     need(r.parallel == "hsdp" or r.shard_size == 0, "runtime.shard_size",
          f"is read only with runtime.parallel=hsdp (this run uses {r.parallel})")
     need(sharded or r.fsdp_reduce_dtype == "fp32", "runtime.fsdp_reduce_dtype",

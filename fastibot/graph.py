@@ -65,4 +65,7 @@ class CapturedStep:
         with torch.cuda.graph(graph, stream=self._side, capture_error_mode="thread_local"):
             self.step(self.static)
         self.graph = graph
+        after = getattr(self.step, "after_capture", None)
+        if after is not None:
+            after()
         log.info("captured the training step as a CUDA graph after %d eager steps", self.warmup)

@@ -122,22 +122,31 @@ class ShardedGrads(LocalGrads):
         return buf[n], overflow, norms
 
 
+def clip_coefficients(norms: List[torch.Tensor], max_norm: float, mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(each gradient's clip factor (P,), the total norm before clipping (0-d)) from the per-parameter norms:
+    ``per_param`` scales each tensor to at most ``max_norm`` (the official rule), ``global`` the whole set;
+    ``max_norm`` 0 leaves every factor at 1."""
+    norms = torch.stack(norms).float()
+    total = torch.linalg.vector_norm(norms)
+    if max_norm > 0 and mode == "per_param":
+        coef = (norms + 1e-6).reciprocal_().mul_(max_norm).clamp_max_(1.0)
+    elif max_norm > 0:
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0).expand(norms.shape[0])
+    else:
+        coef = torch.ones_like(norms)
+    return coef, total
+
+
 def clip_(grads: List[torch.Tensor], max_norm: float, mode: str,
           norms: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
-    """Clip in place (``per_param``: each tensor to ``max_norm``, the official rule; ``global``: the whole
-    set); returns the total norm before clipping (0-d, fp32). ``norms``: each tensor's norm when ``grads``
-    are shards of larger tensors (their norms come from all ranks); by default the norms of ``grads``."""
+    """Clip in place by :func:`clip_coefficients`; returns the total norm before clipping (0-d, fp32).
+    ``norms``: each tensor's norm when ``grads`` are shards of larger tensors (their norms come from all
+    ranks); by default the norms of ``grads``."""
     if norms is None:
         norms = torch._foreach_norm(grads)  # per-parameter norms, on the device
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    if max_norm > 0 and mode == "per_param":
-        coef = torch._foreach_add(norms, 1e-6)
-        torch._foreach_reciprocal_(coef)
-        torch._foreach_mul_(coef, max_norm)
-        torch._foreach_clamp_max_(coef, 1.0)
-        torch._foreach_mul_(grads, coef)
-    elif max_norm > 0:
-        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    coef, total = clip_coefficients(list(norms), max_norm, mode)
+    if max_norm > 0:
+        torch._foreach_mul_(grads, list(coef.unbind()))
     return total
 
 
@@ -167,6 +176,14 @@ class LossScaler:
         self.growth_tracker.copy_(state["growth_tracker"])
 
 
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    return name.endswith(".bias") or p.ndim == 1
+
+
+def _last_layer(name: str) -> bool:
+    return "last_layer" in name
+
+
 def param_groups(model: nn.Module) -> Tuple[List[nn.Parameter], ...]:
     """(decay, no_decay, last_decay, last_no_decay): no weight decay on biases and 1-D parameters (the
     official grouping); the head's last layer apart, for the freeze."""
@@ -174,8 +191,7 @@ def param_groups(model: nn.Module) -> Tuple[List[nn.Parameter], ...]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = name.endswith(".bias") or p.ndim == 1
-        out[2 * ("last_layer" in name) + no_decay].append(p)
+        out[2 * _last_layer(name) + _no_decay(name, p)].append(p)
     return out
 
 
@@ -183,9 +199,14 @@ class IBOTAdamW:
     """AdamW for the student; ``step`` reads every hyperparameter from device tensors.
 
     The parameters may be FSDP2 shards (DTensors): the fused kernel runs on them as on plain tensors, and the
-    weight decay here multiplies each rank's local shard."""
+    weight decay here multiplies each rank's local shard.
 
-    def __init__(self, model: nn.Module, betas=(0.9, 0.999), eps: float = 1e-8):
+    ``flat`` = (student flat buffer, teacher flat buffer, every student parameter (views of the first), the
+    trainable ones in gradient order) makes :meth:`fused_step` available: clipping, decay, AdamW and the EMA
+    in one pass (``fastibot.kernels.fused_update``). The torch optimizers then only hold the state, as views
+    of that pass's flat moments and step counts, so checkpoints keep their form."""
+
+    def __init__(self, model: nn.Module, betas=(0.9, 0.999), eps: float = 1e-8, flat=None):
         self.names = {p: n for n, p in model.named_parameters()}
         decay, no_decay, last_decay, last_no_decay = param_groups(model)
         device = (decay or no_decay)[0].device
@@ -202,10 +223,42 @@ class IBOTAdamW:
 
         self.main = adamw([decay, no_decay])
         self.last = adamw([last_decay, last_no_decay])
+        self.fused = None
+        if flat is not None:
+            from .kernels.fused_update import FusedUpdate
+            s_flat, t_flat, every, trainable = flat
+            self.trainable = list(trainable)
+            self.fused = FusedUpdate(s_flat, t_flat, every, self.trainable,
+                                     [not _no_decay(self.names[p], p) for p in self.trainable],
+                                     [_last_layer(self.names[p]) for p in self.trainable], betas, eps)
+            self._point_state(keep=False)
 
     @property
     def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
         return {k: v for k, v in (("main", self.main), ("last", self.last)) if v is not None}
+
+    def _point_state(self, keep: bool) -> None:
+        """Make every parameter's state the fused pass's views (``keep``: copy the values held now into them)."""
+        where = {id(p): k for k, p in enumerate(self.trainable)}
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    step, exp_avg, exp_avg_sq = self.fused.state_views(where[id(p)])
+                    old = opt.state.get(p)
+                    if keep and old:
+                        with torch.no_grad():
+                            step.copy_(old["step"].reshape(()))
+                            exp_avg.copy_(old["exp_avg"])
+                            exp_avg_sq.copy_(old["exp_avg_sq"])
+                    opt.state[p] = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+    def fused_step(self, grads: List[torch.Tensor], coef: torch.Tensor, lr: torch.Tensor, wd: torch.Tensor,
+                   skip: torch.Tensor, frozen: torch.Tensor, momentum: torch.Tensor,
+                   one_minus_momentum: torch.Tensor) -> None:
+        """Clip (``coef``: per gradient), decay, AdamW and the teacher EMA in one pass; ``grads`` in the order
+        of ``flat``'s trainable parameters; the rest 0-d device values."""
+        self.fused.set_grads(grads)
+        self.fused(coef, lr, wd, skip, frozen, momentum, one_minus_momentum)
 
     @torch.no_grad()
     def step(self, lr: torch.Tensor, wd: torch.Tensor, skip: torch.Tensor, frozen: torch.Tensor) -> None:
@@ -256,3 +309,5 @@ class IBOTAdamW:
             opt.load_state_dict(state[k])
             for g in opt.param_groups:  # keep reading the one device lr the step writes
                 g["lr"] = self.lr
+        if self.fused is not None:  # the loaded tensors into the fused pass's buffers
+            self._point_state(keep=True)

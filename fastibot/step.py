@@ -20,7 +20,7 @@ import torch
 
 from .data.batch import Batch
 from .loss import LossSpec, ibot_terms
-from .optim import GradBuffer, IBOTAdamW, LossScaler, clip_
+from .optim import GradBuffer, IBOTAdamW, LossScaler, clip_coefficients
 from .runtime import compile_options
 from .teacher import EMA, Centers, Schedules
 
@@ -157,14 +157,22 @@ class TrainStep:
         o = self.cfg.optim
         # flag > 0 if any rank's loss was not finite; norms: each parameter's, over all ranks' shards
         flag, found_inf, norms = self.grads.reduce(bad_loss, self.scaler)
-        total = clip_(self.grads.grads, o.clip_grad, o.clip_mode, norms)
+        coef, total = clip_coefficients(norms, o.clip_grad, o.clip_mode)
         skip = ((flag > 0) | ~torch.isfinite(total)).float()
         if found_inf is not None:
             skip = torch.maximum(skip, found_inf)
             self.scaler.update(found_inf)
-        self.opt.step(h["lr"].float(), h["wd"].float(), skip, h["frozen"].float())
-        self.mark("optimizer")
-        self.ema(h["momentum"], h["one_minus_momentum"])
+        lr, wd, frozen = h["lr"].float(), h["wd"].float(), h["frozen"].float()
+        if self.opt.fused is not None:  # clipping, decay, AdamW and the EMA in one pass (kernels.update=triton)
+            self.opt.fused_step(self.grads.grads, coef, lr, wd, skip, frozen, h["momentum"].float(),
+                                h["one_minus_momentum"].float())
+            self.mark("optimizer")
+        else:
+            if o.clip_grad > 0:
+                torch._foreach_mul_(self.grads.grads, list(coef.unbind()))
+            self.opt.step(lr, wd, skip, frozen)
+            self.mark("optimizer")
+            self.ema(h["momentum"], h["one_minus_momentum"])
         self.mark("EMA")
         m = self.metrics
         m.add("nonfinite_steps", skip)
@@ -172,6 +180,11 @@ class TrainStep:
         m.set("max_bad_run", torch.maximum(m.get("max_bad_run"), m.get("bad_run")))
         m.add("grad_norm", torch.where(torch.isfinite(total), total, 0.0))
         self.step_t += 1
+
+    def after_capture(self) -> None:
+        """Called once a CUDA graph has captured the step (the fused update learns its gradients' addresses)."""
+        if self.opt.fused is not None:
+            self.opt.fused.after_capture()
 
     def __call__(self, micro: List[Batch]) -> None:
         h = self.hyper()

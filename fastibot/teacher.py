@@ -184,6 +184,12 @@ class EMA:
             from .kernels.ema import FlatEMA
             self._flat = FlatEMA(self.t_params, self.s_params)
 
+    def flat_buffers(self):
+        """[(teacher, student)] flat buffers of the triton EMA, one pair per dtype."""
+        if self.impl != "triton":
+            raise ValueError(f"the {self.impl} EMA keeps no flat buffers")
+        return self._flat.buffers
+
     @torch.no_grad()
     def __call__(self, m, one_minus_m) -> None:
         m, one_minus_m = _fp32(m), _fp32(one_minus_m)

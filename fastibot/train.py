@@ -120,7 +120,17 @@ class Trainer(RunState):
             self.grads = GradBuffer(params) if rt.world > 1 else LocalGrads(params)
         self.centers = Centers(cfg.model.out_dim, cfg.model.patch_out_dim, cfg.ibot.center_momentum,
                                cfg.ibot.center_momentum2).to(rt.device)
-        self.opt = IBOTAdamW(student, cfg.optim.betas)
+        self.update_impl = self._kernel_impl("update", "torch")
+        if self.update_impl == "triton" and self.ema_impl != "triton":
+            if cfg.kernels.update == "triton":
+                raise TrainingError(f"kernels.update=triton runs the EMA inside its pass over the triton EMA's flat "
+                                    f"buffers, but this run's EMA is {self.ema_impl}")
+            self.update_impl = "torch"  # auto: the torch update where the EMA has no flat buffers
+        flat = None
+        if self.update_impl == "triton":
+            (t_flat, s_flat), = self.ema.flat_buffers()
+            flat = (s_flat, t_flat, self.ema.s_params, params)
+        self.opt = IBOTAdamW(student, cfg.optim.betas, flat=flat)
         self.scaler = LossScaler(rt.device) if rt.amp_dtype == torch.float16 else None
         self.loss_impl = self._kernel_impl("loss", "reference")
         self.stepper = TrainStep(cfg, student, teacher, self.centers, self.ema, self.opt, self.grads, self.scaler,
@@ -128,10 +138,10 @@ class Trainer(RunState):
                                     compile=self.compile and cfg.runtime.parallel == "ddp")
         self.run_step = CapturedStep(self.stepper, rt.device) if self.cuda_graph else self.stepper
         self._delivering = False  # whether the loader writes into the captured step's input buffers yet
-        log.info("fastibot: %s/%d, %s, data=%s, attention=%s, packed=%s, loss=%s, ema=%s, precision=%s, "
+        log.info("fastibot: %s/%d, %s, data=%s, attention=%s, packed=%s, loss=%s, ema=%s, update=%s, precision=%s, "
                  "compile=%s, cuda_graph=%s, masked rows per batch=%d, world=%d, parallel=%s%s",
                  cfg.model.arch, cfg.model.patch_size, rt.device, self.data.kind, self.attention, cfg.model.packed_forward(),
-                 self.loss_impl, self.ema_impl, PRECISION_NAMES[rt.amp_dtype],
+                 self.loss_impl, self.ema_impl, self.update_impl, PRECISION_NAMES[rt.amp_dtype],
                  f"{self.compile} (autotune={cfg.runtime.autotune})" if self.compile else False, self.cuda_graph,
                  row_capacity(cfg), rt.world, cfg.runtime.parallel,
                  f" ({replicas} x {rt.world // replicas})" if cfg.runtime.parallel == "hsdp" else "")

@@ -22,6 +22,11 @@ def _trainer(tmp_path, **extra):
     return Trainer(tiny_config(tmp_path, **extra), CPU)
 
 
+# the update after the gradients: PyTorch's foreach ops and fused AdamW then the EMA, or the one fused pass
+# (run here by Triton's interpreter)
+UPDATES = {"torch": {}, "triton": {"kernels.ema": "triton", "kernels.update": "triton"}}
+
+
 def _batches(tr, n):
     it, out = iter(tr.data), []
     while len(out) < n:
@@ -33,13 +38,15 @@ def _doubles(model):
     return {n: p.detach().double().clone() for n, p in model.named_parameters()}
 
 
-def test_two_steps_equal_adamw_and_the_ema_written_out_in_float64(tmp_path):
+@pytest.mark.parametrize("update", list(UPDATES))
+def test_two_steps_equal_adamw_and_the_ema_written_out_in_float64(tmp_path, update):
     """Two steps after the warm-up, clipping off (so ``p.grad`` after a step is the gradient AdamW used):
     every student parameter follows θ ← θ·(1 − lr·wd) − lr·m̂/(√v̂ + ε) with the schedule's lr and wd at
     that step, no decay on biases and 1-D parameters, betas (0.9, 0.999); every teacher parameter follows
     θt ← m·θt + (1 − m)·θs with the schedule's momentum, after the student moved."""
     tr = _trainer(tmp_path, **{"optim.lr": 0.32, "optim.weight_decay": 0.3, "optim.weight_decay_end": 0.3,
-                               "optim.clip_grad": 0.0, "optim.freeze_last_layer": 0.0})
+                               "optim.clip_grad": 0.0, "optim.freeze_last_layer": 0.0, **UPDATES[update]})
+    assert tr.update_impl == update
     assert tuple(tr.cfg.optim.betas) == BETAS
     k = tr.steps_per_epoch + 1  # past the warm-up: lr ~1e-2, so the decay term (~lr·wd·θ) is well resolved
     tr.stepper.step_t.fill_(k)
@@ -72,11 +79,12 @@ def test_two_steps_equal_adamw_and_the_ema_written_out_in_float64(tmp_path):
     assert any("last_layer" in n for n in names)  # the last layer decays and steps like the rest once unfrozen
 
 
-def test_a_nonfinite_step_leaves_the_unfrozen_last_layer_alone_and_the_logs_finite(tmp_path, monkeypatch):
+@pytest.mark.parametrize("update", list(UPDATES))
+def test_a_nonfinite_step_leaves_the_unfrozen_last_layer_alone_and_the_logs_finite(tmp_path, update, monkeypatch):
     """After the freeze period the last head layer has its own AdamW, which must skip a non-finite step as the
     main one does (no update, no decay, no step count); the logged loss and gradient norm average the finite
     step only."""
-    tr = _trainer(tmp_path, **{"optim.freeze_last_layer": 0.0})
+    tr = _trainer(tmp_path, **{"optim.freeze_last_layer": 0.0, **UPDATES[update]})
     nan_loss_at(monkeypatch, {1})
     b = _batches(tr, 1)[0]
     tr.stepper.step_t.fill_(tr.steps_per_epoch)  # lr and wd well above 0
@@ -97,10 +105,11 @@ def test_a_nonfinite_step_leaves_the_unfrozen_last_layer_alone_and_the_logs_fini
     assert first["grad_norm"] > 0 and row["grad_norm"] > 0
 
 
-def test_a_nonfinite_gradient_under_a_finite_loss_skips_the_step(tmp_path):
+@pytest.mark.parametrize("update", list(UPDATES))
+def test_a_nonfinite_gradient_under_a_finite_loss_skips_the_step(tmp_path, update):
     """An inf gradient (an overflow inside the backward) with a finite loss: the step is skipped on the
     device, the weights stay put, and the logged gradient norm stays finite."""
-    tr = _trainer(tmp_path, **{"optim.freeze_last_layer": 0.0})
+    tr = _trainer(tmp_path, **{"optim.freeze_last_layer": 0.0, **UPDATES[update]})
     b = _batches(tr, 1)[0]
     tr.stepper.step_t.fill_(tr.steps_per_epoch)
     pos = tr.student.backbone.pos_embed
