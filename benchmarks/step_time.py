@@ -16,6 +16,8 @@ Variants, each in the same process so ratios are measured side by side:
 - ``mixed``, ``triton``: ``default`` with ``model.attention=mixed`` or ``triton`` (``auto``, the default's, is
   ``triton`` on CUDA);
 - ``tuned`` and ``max-autotune``: ``default`` with ``runtime.autotune=kernels`` and ``max``;
+- ``torch-update``: ``default`` with ``kernels.update=torch`` (foreach clipping and decay, PyTorch's fused AdamW,
+  then the EMA kernel, instead of the one fused pass);
 - ``flat-grads``: ``default`` with the gradients in one zeroed flat buffer that every backward adds into (what
   several processes all-reduce; one process keeps autograd's own gradient tensors).
 
@@ -76,6 +78,7 @@ VARIANTS = {
     "tuned": {"runtime.autotune": "kernels"},
     "max-autotune": {"runtime.autotune": "max"},
     "flat-grads": {},  # default with the flat gradient buffer several processes use (AFTER_BUILD)
+    "torch-update": {"kernels.update": "torch"},
 }
 
 
