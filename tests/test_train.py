@@ -34,10 +34,14 @@ def test_max_minutes_stops_with_a_checkpoint(tmp_path):
     assert [s for s, _ in checkpoints(tmp_path)] == [2]
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_resume_is_bit_exact(tmp_path, packed):
+@pytest.mark.parametrize("packed, update", [(True, {}), (False, {}),
+                                            (True, {"kernels.ema": "triton", "kernels.update": "triton"})],
+                         ids=["packed", "dense", "fused-update"])
+def test_resume_is_bit_exact(tmp_path, packed, update):
+    """Also with the fused update pass, whose AdamW state lives in flat buffers: the checkpoint holds views of
+    them and a resume loads it back into them."""
     extra = {"runtime.max_steps": 8, "model.drop_path": 0.2, "data.num_workers": 1,  # 6 steps per epoch
-             "model.packed": packed}
+             "model.packed": packed, **update}
     full = tmp_path / "full"
     train(tiny_config(full, **extra))
     part = tmp_path / "part"
