@@ -44,6 +44,14 @@ def test_errors_name_the_key(override, key):
     assert key in str(e.value)
 
 
+def test_the_fused_update_needs_the_flat_buffers_of_the_triton_ema():
+    for ema in ("foreach", "reference"):
+        with pytest.raises(ConfigError, match=r"kernels\.update.*kernels\.ema=" + ema):
+            load_config(packaged_config("quickstart"), ["kernels.update=triton", f"kernels.ema={ema}"])
+    cfg = load_config(packaged_config("quickstart"), ["kernels.update=triton", "kernels.ema=auto"])
+    assert cfg.kernels.update == "triton"
+
+
 def test_suggests_close_key():
     with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
         load_config(None, ["data.batch_sise=3"])

@@ -121,6 +121,7 @@ def test_a_compiled_swin_under_fsdp_fits_dynamos_cache_and_trains_the_uncompiled
 @pytest.mark.parametrize("override, key", [
     ({"runtime.cuda_graph": "true"}, "runtime.cuda_graph"),
     ({"kernels.ema": "triton"}, "kernels.ema"),
+    ({"kernels.update": "triton"}, "kernels.update"),
 ])
 def test_combinations_that_cannot_run_under_fsdp_are_errors(tmp_path, override, key):
     for parallel in ("fsdp", "hsdp"):
