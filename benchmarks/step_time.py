@@ -125,7 +125,8 @@ def kernel_kind(name: str) -> str:
         return "attention"
     if any(k in n for k in ("gemm", "xmma", "cutlass", "nvjet", "matmul", "cublas", "sm90_", "wgmma")):
         return "GEMM"
-    if any(k in n for k in ("_distill_ce", "_softmax_rows", "_scale_inplace", "_ema_kernel", "_block_mask")):
+    if any(k in n for k in ("_distill_ce", "_softmax_rows", "_scale_inplace", "_ema_kernel", "_block_mask",
+                            "_fused_update")):
         return "fastibot Triton"
     if n.startswith("triton"):
         return "compiled Triton"

@@ -10,6 +10,7 @@ from fastibot.optim import clip_, clip_coefficients
 from fastibot.teacher import ema_reference
 
 BETAS, EPS = (0.9, 0.999), 1e-8
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (shape, trains, decays, in the last layer)
 LAYOUT = [((37, 5), True, True, False), ((7,), True, False, False), ((3, 11), False, False, False),
           ((1000,), True, False, False), ((13, 3), True, True, True), ((13,), True, False, True)]
@@ -17,7 +18,7 @@ LAYOUT = [((37, 5), True, True, False), ((7,), True, False, False), ((3, 11), Fa
 
 def _params(seed):
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(shape, generator=g), requires_grad=trains)
+    return [torch.nn.Parameter(torch.randn(shape, generator=g).to(DEVICE), requires_grad=trains)
             for shape, trains, _, _ in LAYOUT]
 
 
@@ -46,7 +47,7 @@ def test_four_steps_equal_clip_decay_adamw_and_ema_run_apart(mode):
     steps = [(0.05, 0.04, 0.0, 1.0, 0.99), (0.04, 0.1, 1.0, 0.0, 0.98), (0.03, 0.2, 0.0, 0.0, 0.97),
              (0.02, 0.3, 0.0, 0.0, 0.96)]
     for lr, wd, skip, frozen, mom in steps:
-        grads = [torch.randn(p.shape, generator=g) * 3 for p in ref_train]
+        grads = [(torch.randn(p.shape, generator=g) * 3).to(DEVICE) for p in ref_train]
         # the separate passes, on copies of the same gradients
         ref_grads = [x.clone() for x in grads]
         clip_(ref_grads, 1.5, mode)
@@ -54,7 +55,7 @@ def test_four_steps_equal_clip_decay_adamw_and_ema_run_apart(mode):
             p.grad = x
         for p, d, la in zip(ref_train, decay, last):
             if d and not skip and not (frozen and la):
-                p.data.mul_(torch.tensor(1.0 - lr * wd))
+                p.data.mul_(torch.tensor(1.0 - lr * wd, device=DEVICE))
         if not skip:
             opts["main"].param_groups[0]["lr"] = lr
             opts["main"].step()
@@ -66,7 +67,7 @@ def test_four_steps_equal_clip_decay_adamw_and_ema_run_apart(mode):
         norms = list(torch._foreach_norm(grads))
         coef, _ = clip_coefficients(norms, 1.5, mode)
         fused.set_grads(grads)
-        t = [torch.tensor(x, dtype=torch.float32) for x in (lr, wd, skip, frozen, mom, 1.0 - mom)]
+        t = [torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in (lr, wd, skip, frozen, mom, 1.0 - mom)]
         fused(coef, *t)
         for i, (a, b) in enumerate(zip(student, s_ref)):
             torch.testing.assert_close(a.detach(), b.detach(), rtol=2e-5, atol=1e-6, msg=f"student {i}")
@@ -91,7 +92,8 @@ def test_bad_layouts_are_refused():
     with pytest.raises(ValueError, match="cover the flat student buffer"):
         FusedUpdate(s_flat, t_flat, student[:-1], trainable[:-1], flags[:-1], flags[:-1])
     with pytest.raises(ValueError, match="view of the flat student buffer"):
-        FusedUpdate(s_flat, t_flat, student, trainable + [torch.nn.Parameter(torch.zeros(3))], flags + [False],
+        FusedUpdate(s_flat, t_flat, student, trainable + [torch.nn.Parameter(torch.zeros(3, device=DEVICE))],
+                    flags + [False],
                     flags + [False])
     fused = FusedUpdate(s_flat, t_flat, student, trainable, flags, flags)
     with pytest.raises(ValueError, match="gradients for"):
