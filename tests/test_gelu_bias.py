@@ -70,3 +70,10 @@ def test_training_with_the_kernel_follows_autograds_gelu(tmp_path):
             rows.append(tr.log_metrics()["loss"])
         losses[impl] = rows
     assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-4)
+
+
+def test_the_backward_op_has_a_schema_and_a_fake_kernel():
+    h0 = torch.randn(37, 19, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastibot.gelu_bias_backward.default,
+                          (h0, torch.randn(19, device=DEVICE), torch.randn(37, 19, device=DEVICE)),
+                          test_utils=("test_schema", "test_faketensor"))

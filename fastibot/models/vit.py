@@ -73,8 +73,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: Optional[PackedLayout] = None) -> torch.Tensor:
         lead = x.shape[:-1]  # (B, N) dense or (T,) packed
-        qkv = self.qkv(x).view(*lead, 3, self.num_heads, self.head_dim)
-        out = attention_qkv(qkv, self.backend, layout)  # (..., H, Dh)
+        if self.backend == "triton" and self.qkv.bias is not None:
+            # the tile kernels add the bias as they load q, k and v, and sum its gradient in their backward
+            # (no separate pass over the (T, 3·D) gradient for it)
+            qkv = F.linear(x, self.qkv.weight).view(*lead, 3, self.num_heads, self.head_dim)
+            out = attention_qkv(qkv, self.backend, layout, bias=self.qkv.bias)
+        else:
+            qkv = self.qkv(x).view(*lead, 3, self.num_heads, self.head_dim)
+            out = attention_qkv(qkv, self.backend, layout)  # (..., H, Dh)
         return self.proj(out.reshape(*lead, -1))
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
