@@ -30,7 +30,8 @@ import triton.language as tl
 
 BLOCK = 4096
 INTERPRETER_BLOCK = 1 << 16  # the CPU interpreter pays per program, not per element
-# hyper: device fp32 values the kernel reads each step (a captured graph replays with the current ones)
+# hyper: device fp32 values the kernel reads each step (a captured graph replays with the current ones), at
+# these places (the kernel reads them by number)
 LR, WD, SKIP, FROZEN, MU, ONE_MINUS_MU = range(6)
 
 
@@ -75,9 +76,9 @@ class FusedUpdate:
     ``params``: every student parameter, each a view of ``s_flat`` (its order there is free);
     ``trainable``: those the optimizer updates, in the order of the gradients and clip coefficients the
     calls pass; ``decay``, ``last``: per trainable parameter, whether it takes weight decay and whether it is
-    in the head's last layer (frozen early in training). The AdamW
-    moments are flat buffers ``exp_avg``/``exp_avg_sq`` of ``s_flat``'s layout and ``steps`` holds each
-    trainable parameter's step count; :meth:`state_views` hands out per-parameter views of them."""
+    in the head's last layer (frozen early in training). The AdamW moments are flat buffers
+    ``exp_avg``/``exp_avg_sq`` of ``s_flat``'s layout and ``steps`` holds each trainable parameter's step
+    count; :meth:`state_views` hands out per-parameter views of them."""
 
     def __init__(self, s_flat: torch.Tensor, t_flat: torch.Tensor, params: Sequence[torch.nn.Parameter],
                  trainable: Sequence[torch.nn.Parameter], decay: Sequence[bool], last: Sequence[bool],
