@@ -20,7 +20,7 @@ import torch
 
 from .data.batch import Batch
 from .loss import LossSpec, ibot_terms
-from .optim import GradBuffer, IBOTAdamW, LossScaler, clip_coefficients
+from .optim import GradBuffer, IBOTAdamW, LossScaler, clip_, clip_coefficients
 from .runtime import compile_options
 from .teacher import EMA, Centers, Schedules
 
@@ -157,19 +157,21 @@ class TrainStep:
         o = self.cfg.optim
         # flag > 0 if any rank's loss was not finite; norms: each parameter's, over all ranks' shards
         flag, found_inf, norms = self.grads.reduce(bad_loss, self.scaler)
-        coef, total = clip_coefficients(norms, o.clip_grad, o.clip_mode)
+        fused = self.opt.fused is not None  # clipping, decay, AdamW and the EMA in one pass (kernels.update=triton)
+        if fused:  # the pass applies the clip factors as it reads the gradients
+            coef, total = clip_coefficients(norms, o.clip_grad, o.clip_mode)
+        else:
+            total = clip_(self.grads.grads, o.clip_grad, o.clip_mode, norms)
         skip = ((flag > 0) | ~torch.isfinite(total)).float()
         if found_inf is not None:
             skip = torch.maximum(skip, found_inf)
             self.scaler.update(found_inf)
         lr, wd, frozen = h["lr"].float(), h["wd"].float(), h["frozen"].float()
-        if self.opt.fused is not None:  # clipping, decay, AdamW and the EMA in one pass (kernels.update=triton)
+        if fused:
             self.opt.fused_step(self.grads.grads, coef, lr, wd, skip, frozen, h["momentum"].float(),
                                 h["one_minus_momentum"].float())
             self.mark("optimizer")
         else:
-            if o.clip_grad > 0:
-                torch._foreach_mul_(self.grads.grads, list(coef.unbind()))
             self.opt.step(lr, wd, skip, frozen)
             self.mark("optimizer")
             self.ema(h["momentum"], h["one_minus_momentum"])

@@ -337,14 +337,11 @@ def _bias_arg(qkv: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return bias.reshape(3, qkv.shape[2], qkv.shape[3]).contiguous()
 
 
-def _part_rows(lengths: Sequence[int], counts: Sequence[int]) -> List[int]:
-    """Per group, blocks per sequence in the backward's programs (the rows of bias-gradient partial sums
-    each sequence gets)."""
-    out = []
-    for length in lengths:
-        _, bm, bn, _ = blocks(length, backward=True)
-        out.append(max(triton.cdiv(length, bm), triton.cdiv(length, bn)))
-    return out
+def _part_blocks(length: int) -> int:
+    """Blocks per sequence of ``length`` tokens in the backward's programs: the rows of bias-gradient partial
+    sums each sequence gets."""
+    _, bm, bn, _ = blocks(length, backward=True)
+    return max(triton.cdiv(length, bm), triton.cdiv(length, bn))
 
 
 @torch.library.custom_op("fastibot::tile_attention", mutates_args=())
@@ -384,14 +381,14 @@ def _bwd_op(qkv: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor, 
     b = _bias_arg(qkv, bias)
     dqkv = torch.empty((T, 3, H, D), dtype=qkv.dtype, device=qkv.device)
     delta = torch.empty_like(lse)  # rowsum(dO ∘ O) per (sequence, head, row), as the log-sum-exp is laid out
-    nbs = _part_rows(lengths, counts)
-    rows = sum(c * nb for c, nb in zip(counts, nbs)) if bias is not None else 0
+    rows = sum(c * _part_blocks(n) for n, c in zip(lengths, counts)) if bias is not None else 0
     part = torch.zeros((rows, 3, H, D), dtype=torch.float32, device=qkv.device)  # rows no program writes: 0
     scale = D ** -0.5
     strides = (qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
                grad_out.stride(0), grad_out.stride(1), dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
     prow = 0
-    for (length, count, tok, row), nb in zip(_groups(lengths, counts), [n for n, c in zip(nbs, counts) if c]):
+    for length, count, tok, row in _groups(lengths, counts):
+        nb = _part_blocks(length)
         args = (qkv[tok:], b, out[tok:], grad_out[tok:], lse[row * H:], delta[row * H:], dqkv[tok:], part, prow,
                 nb, length, H, scale * LOG2E, scale)
         for kernel, programs, meta, warps in _plan(length, backward=True):  # dQ if apart, then dK/dV

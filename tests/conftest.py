@@ -106,3 +106,15 @@ def metrics_rows(folder):
     import csv
     with open(Path(folder) / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+def eager_and_compiled(fn, *inputs):
+    """``fn(*inputs)`` (a scalar loss) run eagerly and compiled whole (``aot_eager``, fullgraph), each on fresh
+    leaf copies of ``inputs``: [(loss, gradient of each input)] for the two runs, eager first."""
+    runs = []
+    for f in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
+        leaves = [x.clone().requires_grad_(True) for x in inputs]
+        loss = f(*leaves)
+        loss.backward()
+        runs.append((loss.detach(), *(x.grad for x in leaves)))
+    return runs

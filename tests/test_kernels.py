@@ -6,6 +6,7 @@ from fastibot.kernels import distill_ce as dce
 from fastibot.kernels.ema import FlatEMA, ema_update_
 from fastibot.loss import cls_loss_reference, weighted_ce_reference
 from fastibot.teacher import ema_reference
+from conftest import eager_and_compiled
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-3)}
@@ -298,14 +299,7 @@ def test_ops_work_inside_torch_compile():
         return (dce.distill_ce(s, t, w, c, teacher_temp=0.05) * 1.3
                 + dce.cls_distill_loss(sc, tc, c, n_global=2, teacher_temp=0.05))
 
-    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    grads = []
-    for f in (fn, compiled):
-        a, b = s.clone().requires_grad_(True), sc.clone().requires_grad_(True)
-        loss = f(a, b)
-        loss.backward()
-        grads.append((loss.detach(), a.grad, b.grad))
-    for x, y in zip(*grads):
+    for x, y in zip(*eager_and_compiled(fn, s, sc)):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
     for dtype in (torch.float32, torch.float16):  # fp16 logits: the fake op's dS is fp32 too
         torch.library.opcheck(torch.ops.fastibot.distill_ce_rows.default,

@@ -10,6 +10,7 @@ import torch
 from fastibot.kernels import tile_attention as ta
 from fastibot.models.attention import (BackendUnavailable, PackedLayout, _reference_dense, attention_qkv,
                                        check_backend)
+from conftest import eager_and_compiled
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # norm-relative error bound
@@ -341,11 +342,5 @@ def test_the_ops_have_schemas_and_fake_kernels_and_compile_whole():
     def fn(x, b):
         return (ta.tile_attention(x * 1.5, groups, bias=b).float() ** 2).sum()
 
-    res = []
-    for f in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
-        x, b = qkv.clone().requires_grad_(True), bias.clone().requires_grad_(True)
-        loss = f(x, b)
-        loss.backward()
-        res.append((loss.detach(), x.grad, b.grad))
-    for a, b in zip(*res):
+    for a, b in zip(*eager_and_compiled(fn, qkv, bias)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

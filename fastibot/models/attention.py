@@ -152,6 +152,11 @@ def _tile_takes(qkv: torch.Tensor, length: int) -> bool:
     return fits(length, qkv.shape[-1])
 
 
+def _biased(qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The qkv product plus the projection's bias (3·H·Dh), for the backends that take q, k and v as given."""
+    return qkv + bias.view(qkv.shape[-3:]).to(qkv.dtype)
+
+
 def _triton_qkv(qkv: torch.Tensor, layout: PackedLayout | None, bias: torch.Tensor | None = None):
     """``triton`` on a dense ``(B, N, 3, H, Dh)`` or packed ``(T, 3, H, Dh)`` qkv buffer: runs of consecutive
     groups that the tile kernels take go through one op each, the other groups through SDPA. A ``bias`` goes
@@ -163,7 +168,7 @@ def _triton_qkv(qkv: torch.Tensor, layout: PackedLayout | None, bias: torch.Tens
         out = _triton_qkv(qkv.reshape((b * n,) + qkv.shape[2:]), PackedLayout(((b, n),)), bias)
         return out.view(qkv.shape[:2] + qkv.shape[3:])
     if bias is not None and not all(_tile_takes(qkv, n) for c, n in layout.groups if c):
-        qkv, bias = qkv + bias.view(qkv.shape[-3:]).to(qkv.dtype), None
+        qkv, bias = _biased(qkv, bias), None
     outs, start, run = [], 0, []  # run: consecutive tile groups not yet computed
 
     def flush(stop):
@@ -348,6 +353,6 @@ def attention_qkv(qkv: torch.Tensor, backend: str, layout: PackedLayout | None =
     if backend == "triton":
         return _triton_qkv(qkv, layout, bias)
     if bias is not None:
-        qkv = qkv + bias.view(qkv.shape[-3:]).to(qkv.dtype)
+        qkv = _biased(qkv, bias)
     q, k, v = qkv.unbind(-3)
     return attention(q, k, v, backend, layout)
