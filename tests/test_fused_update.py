@@ -14,30 +14,46 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (shape, trains, decays, in the last layer)
 LAYOUT = [((37, 5), True, True, False), ((7,), True, False, False), ((3, 11), False, False, False),
           ((1000,), True, False, False), ((13, 3), True, True, True), ((13,), True, False, True)]
+# every size a multiple of 4: the kernel's 128-bit path (where the gradients' addresses allow it)
+ALIGNED_LAYOUT = [((36, 8), True, True, False), ((8,), True, False, False), ((4, 12), False, False, False),
+                  ((1000,), True, False, False), ((12, 4), True, True, True), ((12,), True, False, True)]
 
 
-def _params(seed):
+def _params(seed, layout=LAYOUT):
     g = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(shape, generator=g).to(DEVICE), requires_grad=trains)
-            for shape, trains, _, _ in LAYOUT]
+            for shape, trains, _, _ in layout]
 
 
-def _pairs():
-    student, teacher = _params(0), _params(1)
+def _pairs(layout=LAYOUT):
+    student, teacher = _params(0, layout), _params(1, layout)
     flat = (flatten_params_(student), flatten_params_(teacher))
     return student, teacher, flat
 
 
-@pytest.mark.parametrize("mode", ["per_param", "global"])
-def test_four_steps_equal_clip_decay_adamw_and_ema_run_apart(mode):
+def _grad(shape, g, shifted):
+    x = torch.randn(shape, generator=g) * 3
+    if not shifted:
+        return x.to(DEVICE)
+    # the same values one element into a larger buffer: contiguous, not 16-byte aligned
+    buf = torch.empty(x.numel() + 1, device=DEVICE)
+    buf[1:] = x.reshape(-1).to(DEVICE)
+    return buf[1:].view(shape)
+
+
+@pytest.mark.parametrize("mode,layout,shifted,aligned", [
+    ("per_param", LAYOUT, False, False), ("global", LAYOUT, False, False),
+    ("per_param", ALIGNED_LAYOUT, False, True), ("global", ALIGNED_LAYOUT, True, False)],
+    ids=["odd-per_param", "odd-global", "aligned-per_param", "aligned-shifted_grads-global"])
+def test_four_steps_equal_clip_decay_adamw_and_ema_run_apart(mode, layout, shifted, aligned):
     block = 256  # several programs per larger parameter, one block partly used
-    s_ref, t_ref = _params(0), _params(1)
-    student, teacher, (s_flat, t_flat) = _pairs()
-    trainable = [p for p, (_, trains, _, _) in zip(student, LAYOUT) if trains]
-    decay = [d for _, trains, d, _ in LAYOUT if trains]
-    last = [la for _, trains, _, la in LAYOUT if trains]
+    s_ref, t_ref = _params(0, layout), _params(1, layout)
+    student, teacher, (s_flat, t_flat) = _pairs(layout)
+    trainable = [p for p, (_, trains, _, _) in zip(student, layout) if trains]
+    decay = [d for _, trains, d, _ in layout if trains]
+    last = [la for _, trains, _, la in layout if trains]
     fused = FusedUpdate(s_flat, t_flat, student, trainable, decay, last, BETAS, EPS, block=block)
-    ref_train = [p for p, (_, trains, _, _) in zip(s_ref, LAYOUT) if trains]
+    ref_train = [p for p, (_, trains, _, _) in zip(s_ref, layout) if trains]
     ref_last = [p for p, la in zip(ref_train, last) if la]
     ref_main = [p for p, la in zip(ref_train, last) if not la]
     opts = {name: torch.optim.AdamW(ps, lr=0.0, betas=BETAS, eps=EPS, weight_decay=0.0, foreach=False)
@@ -47,7 +63,7 @@ def test_four_steps_equal_clip_decay_adamw_and_ema_run_apart(mode):
     steps = [(0.05, 0.04, 0.0, 1.0, 0.99), (0.04, 0.1, 1.0, 0.0, 0.98), (0.03, 0.2, 0.0, 0.0, 0.97),
              (0.02, 0.3, 0.0, 0.0, 0.96)]
     for lr, wd, skip, frozen, mom in steps:
-        grads = [(torch.randn(p.shape, generator=g) * 3).to(DEVICE) for p in ref_train]
+        grads = [_grad(p.shape, g, shifted) for p in ref_train]
         # the separate passes, on copies of the same gradients
         ref_grads = [x.clone() for x in grads]
         clip_(ref_grads, 1.5, mode)
@@ -67,6 +83,7 @@ def test_four_steps_equal_clip_decay_adamw_and_ema_run_apart(mode):
         norms = list(torch._foreach_norm(grads))
         coef, _ = clip_coefficients(norms, 1.5, mode)
         fused.set_grads(grads)
+        assert fused.aligned == aligned
         t = [torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in (lr, wd, skip, frozen, mom, 1.0 - mom)]
         fused(coef, *t)
         for i, (a, b) in enumerate(zip(student, s_ref)):
