@@ -27,8 +27,8 @@ import triton.language as tl
 from . import interpreting
 
 BLOCK_R, BLOCK_C = 64, 128  # rows and columns per program
-SQRT1_2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
+SQRT1_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit

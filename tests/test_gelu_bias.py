@@ -31,7 +31,16 @@ def test_backward_equals_autograd_of_gelu_of_the_biased_product(rows, cols, dtyp
     assert b.grad.dtype == torch.float32
 
 
-def test_the_fused_mlp_equals_the_plain_one_and_compiles_whole():
+@pytest.fixture
+def fp32_products():
+    """fp32 products on the GPU too (a CUDA runtime turns TF32 on for the process)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def test_the_fused_mlp_equals_the_plain_one_and_compiles_whole(fp32_products):
     torch.manual_seed(0)
     plain = Mlp(24, 96).to(DEVICE)
     fused = Mlp(24, 96).to(DEVICE)
@@ -50,18 +59,20 @@ def test_the_fused_mlp_equals_the_plain_one_and_compiles_whole():
             p.grad = None
     for name in ("fused", "compiled"):
         for i, (a, b) in enumerate(zip(outs[name], outs["plain"])):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name} {i}")
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name} {i}")
 
 
 def test_training_with_the_kernel_follows_autograds_gelu(tmp_path):
-    """Three steps with kernels.gelu=triton and =torch from the same seed: the same losses to fp32 rounding."""
+    """Three steps with kernels.gelu=triton and =torch from the same seed: the same losses to fp32 rounding
+    (on the GPU where there is one, else on the CPU under the interpreter)."""
     from fastibot.runtime import Runtime
     from fastibot.train import Trainer
     losses = {}
     for impl in ("torch", "triton"):
         (tmp_path / impl).mkdir()
-        tr = Trainer(tiny_config(tmp_path / impl, **{"kernels.gelu": impl, "runtime.device": "cpu"}),
-                     Runtime(torch.device("cpu")))
+        tr = Trainer(tiny_config(tmp_path / impl, **{"kernels.gelu": impl, "runtime.device": DEVICE,
+                                                     "runtime.precision": "fp32"}),
+                     Runtime(torch.device(DEVICE)))
         assert tr.gelu_impl == impl and tr.student.backbone.blocks[0].mlp.fused_gelu == (impl == "triton")
         it = iter(tr.data)
         rows = []

@@ -285,11 +285,13 @@ def test_a_projection_bias_added_in_the_kernels_and_its_gradient_summed_there(mo
     ref_in = (qkv.double() + bias.double().view(3, heads, head_dim)).requires_grad_(True)
     ref = _reference(ref_in, groups)
     (ref_grad,) = torch.autograd.grad((ref * w.double()).sum(), ref_in)
-    assert _rel(out, ref) < REL[dtype]
+    # the kernels round q + b (fp32) to bf16 before the products, a rounding the fp64 reference does not have
+    tol = REL[dtype] * (2 if dtype == torch.bfloat16 else 1)
+    assert _rel(out, ref) < tol
     for i, name in enumerate("qkv"):
-        assert _rel(dx[:, i], ref_grad[:, i]) < REL[dtype], name
+        assert _rel(dx[:, i], ref_grad[:, i]) < tol, name
     assert db.dtype == torch.float32 and db.shape == bias.shape
-    assert _rel(db.view(3, heads, head_dim), ref_grad.sum(0)) < REL[dtype]
+    assert _rel(db.view(3, heads, head_dim), ref_grad.sum(0)) < tol
     # without a bias the op leaves the buffer as it is
     plain = ta.tile_attention(qkv.detach(), groups)
     assert _rel(plain, _reference(qkv.double(), groups)) < REL[dtype]
