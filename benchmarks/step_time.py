@@ -18,7 +18,6 @@ Variants, each in the same process so ratios are measured side by side:
 - ``tuned`` and ``max-autotune``: ``default`` with ``runtime.autotune=kernels`` and ``max``;
 - ``torch-update``: ``default`` with ``kernels.update=torch`` (foreach clipping and decay, PyTorch's fused AdamW,
   then the EMA kernel, instead of the one fused pass);
-- ``torch-gelu``: ``default`` with ``kernels.gelu=torch`` (autograd's GELU backward and bias-gradient sum);
 - ``flat-grads``: ``default`` with the gradients in one zeroed flat buffer that every backward adds into (what
   several processes all-reduce; one process keeps autograd's own gradient tensors).
 
@@ -69,7 +68,7 @@ OFF = {"runtime.compile": "false", "runtime.cuda_graph": "false"}
 VARIANTS = {
     # the official computation keeps every activation (eager, activation_memory < 1 would recompute blocks)
     "reference": {"model.packed": False, "kernels.loss": "reference", "kernels.ema": "reference",
-                  "kernels.gelu": "torch", "model.attention": "sdpa", "runtime.activation_memory": 1.0, **OFF},
+                  "model.attention": "sdpa", "runtime.activation_memory": 1.0, **OFF},
     "eager": {"kernels.loss": "triton", "kernels.ema": "triton", **OFF},
     "compiled": {"kernels.loss": "triton", "kernels.ema": "triton", "runtime.compile": "true",
                  "runtime.cuda_graph": "false"},
@@ -80,7 +79,6 @@ VARIANTS = {
     "max-autotune": {"runtime.autotune": "max"},
     "flat-grads": {},  # default with the flat gradient buffer several processes use (AFTER_BUILD)
     "torch-update": {"kernels.update": "torch"},
-    "torch-gelu": {"kernels.gelu": "torch"},
 }
 
 

@@ -159,9 +159,6 @@ class KernelsConfig:
                    "reference elsewhere)", ("reference", "triton", "auto"))
     ema: str = _f("auto", "teacher EMA: triton (one fused launch), foreach, reference (the official per-tensor loop), "
                   "auto (triton on CUDA, foreach elsewhere)", ("reference", "foreach", "triton", "auto"))
-    gelu: str = _f("auto", "the ViT MLP's first bias and GELU: triton (the bias added in the GELU's pass and its "
-                   "gradient summed in the GELU backward's kernel), torch (autograd's), auto (triton on CUDA, torch "
-                   "elsewhere)", ("torch", "triton", "auto"))
     update: str = _f("auto", "the update after the gradients: triton (clipping, weight decay, AdamW and the teacher "
                      "EMA in one pass over flat buffers; needs the triton EMA), torch (foreach clipping and decay, "
                      "PyTorch's fused AdamW, then kernels.ema), auto (triton where the EMA is triton, else torch)",

@@ -82,16 +82,8 @@ class Trainer(RunState):
             self.attention = resolve_backend(cfg.model.attention, rt.device.type, rt.amp_dtype or torch.float32)
         except BackendUnavailable as e:
             raise TrainingError(str(e)) from None
-        self.gelu_impl = self._kernel_impl("gelu", "torch")
-        if self.gelu_impl == "triton" and not hasattr(student.backbone, "set_fused_gelu"):
-            if cfg.kernels.gelu == "triton":
-                raise TrainingError(f"kernels.gelu=triton runs in the ViT's MLP; {cfg.model.arch} has none of "
-                                    "those: set kernels.gelu=auto or torch")
-            self.gelu_impl = "torch"
         for m in (student, teacher):
             m.backbone.set_attention_backend(self.attention)
-            if self.gelu_impl == "triton":
-                m.backbone.set_fused_gelu(True)
         self.compile = resolve_switch("runtime.compile", cfg.runtime.compile, rt.device, runs_on_cpu=True)
         self.cuda_graph = resolve_switch("runtime.cuda_graph", cfg.runtime.cuda_graph, rt.device, runs_on_cpu=False)
         if self.cuda_graph and cfg.runtime.parallel != "ddp":  # auto on CUDA (true is refused by the config check)
@@ -146,10 +138,10 @@ class Trainer(RunState):
                                     compile=self.compile and cfg.runtime.parallel == "ddp")
         self.run_step = CapturedStep(self.stepper, rt.device) if self.cuda_graph else self.stepper
         self._delivering = False  # whether the loader writes into the captured step's input buffers yet
-        log.info("fastibot: %s/%d, %s, data=%s, attention=%s, packed=%s, loss=%s, ema=%s, update=%s, gelu=%s, "
-                 "precision=%s, compile=%s, cuda_graph=%s, masked rows per batch=%d, world=%d, parallel=%s%s",
+        log.info("fastibot: %s/%d, %s, data=%s, attention=%s, packed=%s, loss=%s, ema=%s, update=%s, precision=%s, "
+                 "compile=%s, cuda_graph=%s, masked rows per batch=%d, world=%d, parallel=%s%s",
                  cfg.model.arch, cfg.model.patch_size, rt.device, self.data.kind, self.attention, cfg.model.packed_forward(),
-                 self.loss_impl, self.ema_impl, self.update_impl, self.gelu_impl, PRECISION_NAMES[rt.amp_dtype],
+                 self.loss_impl, self.ema_impl, self.update_impl, PRECISION_NAMES[rt.amp_dtype],
                  f"{self.compile} (autotune={cfg.runtime.autotune})" if self.compile else False, self.cuda_graph,
                  row_capacity(cfg), rt.world, cfg.runtime.parallel,
                  f" ({replicas} x {rt.world // replicas})" if cfg.runtime.parallel == "hsdp" else "")

@@ -38,7 +38,7 @@ LR, WD, SKIP, FROZEN, MU, ONE_MINUS_MU = range(6)
 
 @triton.jit
 def _fused_update_kernel(p_ptr, m_ptr, v_ptr, t_ptr, gaddr_ptr, off_ptr, numel_ptr, blk_param_ptr, blk_start_ptr,
-                         coef_ptr, decay_ptr, last_ptr, step_ptr, hyper_ptr, beta1, beta2, eps,
+                         coef_ptr, decay_ptr, last_ptr, bc_ptr, hyper_ptr, n_params, beta1, beta2, eps,
                          BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     blk = tl.program_id(0)
     i = tl.load(blk_param_ptr + blk)
@@ -64,10 +64,11 @@ def _fused_update_kernel(p_ptr, m_ptr, v_ptr, t_ptr, gaddr_ptr, off_ptr, numel_p
         theta = theta * (1.0 - lr * tl.load(hyper_ptr + 1) * tl.load(decay_ptr + i))
         m = beta1 * m + (1.0 - beta1) * g
         v = beta2 * v + (1.0 - beta2) * (g * g)
-        k = tl.load(step_ptr + i) + 1.0
-        bc1 = 1.0 - tl.exp2(k * tl.log2(beta1))
-        bc2_sqrt = tl.sqrt(1.0 - tl.exp2(k * tl.log2(beta2)))
-        theta = theta - (lr / bc1) * (m / (tl.sqrt(v) / bc2_sqrt + eps))
+        bc1 = tl.load(bc_ptr + i)
+        bc2_sqrt = tl.load(bc_ptr + n_params + i)
+        # IEEE square root and division (the GPU's defaults are approximate; PyTorch's AdamW rounds correctly)
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        theta = theta - tl.div_rn(lr, bc1) * tl.div_rn(m, denom)
         tl.store(p_ptr + offs, theta, mask=mask)
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
@@ -129,6 +130,7 @@ class FusedUpdate:
         self.decay = self._per_param(decay, dev)
         self.last = self._per_param(last, dev)
         self.steps = torch.zeros(P, dtype=torch.float32, device=dev)  # AdamW step count per parameter
+        self.bc = torch.ones(2 * P, dtype=torch.float32, device=dev)  # this step's 1 - β1^k, then √(1 - β2^k)
         self.coef = torch.ones(P, dtype=torch.float32, device=dev)
         self.hyper = torch.zeros(6, dtype=torch.float32, device=dev)
         self.gaddr = torch.zeros(P, dtype=torch.int64, device=dev)  # 0: no gradient (a parameter that does not train)
@@ -183,9 +185,13 @@ class FusedUpdate:
         self.coef.index_copy_(0, self.train_index_dev, coef.float())
         self.hyper.copy_(torch.stack([x.float().reshape(()) for x in (lr, wd, skip, frozen, mu, one_minus_mu)]))
         b1, b2 = self.betas
+        # bias corrections 1 - β^(k+1) per parameter, in fp64 (as PyTorch's AdamW): early on 1 - 0.999^k cancels
+        # most digits, so fp32 with the GPU's approximate exp2/log2 would miss it by up to ≈ 1e-4 of its value
+        k = self.steps.double() + 1.0
+        self.bc.copy_(torch.cat([1.0 - torch.pow(b1, k), (1.0 - torch.pow(b2, k)).sqrt()]))
         _fused_update_kernel[(self.blk_param.numel(),)](
             self.s_flat, self.exp_avg, self.exp_avg_sq, self.t_flat, self.gaddr, self.off, self.numel,
-            self.blk_param, self.blk_start, self.coef, self.decay, self.last, self.steps, self.hyper, b1, b2,
+            self.blk_param, self.blk_start, self.coef, self.decay, self.last, self.bc, self.hyper, len(self.params), b1, b2,
             self.eps, BLOCK=self.block, ALIGNED=self.aligned, num_warps=8, enable_fp_fusion=False)
         # the step counts move after the pass (its programs all read the count before this step)
         self.steps.add_((1.0 - torch.maximum(self.hyper[SKIP], self.hyper[FROZEN] * self.last)) * self.trainable)

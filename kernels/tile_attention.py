@@ -40,7 +40,7 @@ kernels to it under ``TRITON_INTERPRET=1`` and on the GPU.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import triton
@@ -100,25 +100,6 @@ def _rows(ptr, idx, stride, d, L):
 
 
 @triton.jit
-def _biased(ptr, idx, stride, d, L, b_ptr, HAS_BIAS: tl.constexpr):
-    """``_rows`` plus the projection's bias (``b_ptr``: this q, k or v head's D values) on the rows up to ``L``,
-    rounded to the input dtype as the projection's output would be; rows past ``L`` stay zero."""
-    x = _rows(ptr, idx, stride, d, L)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + d).to(tl.float32)
-        x = tl.where(idx[:, None] < L, x.to(tl.float32) + b[None, :], 0.0).to(x.dtype)
-    return x
-
-
-@triton.jit
-def _bias_part(part_ptr, prow0, NB, blk, bh, H, which, d, D: tl.constexpr, value):
-    """Store this program's column sum of a gradient (D,) as its row of the bias-gradient partial sums
-    (rows, 3, H, D): one row per (sequence, block), so no two programs write the same place."""
-    row = prow0 + tl.cast(bh // H, tl.int64) * NB + blk
-    tl.store(part_ptr + (row * 3 + which) * H * D + (bh % H) * D + d, value)
-
-
-@triton.jit
 def _sequence(qkv_ptr, L, H, s_tok, s_head):
     """(sequence-and-head index, head, first token of the sequence, the head's q pointer) of this program."""
     bh = tl.program_id(1)
@@ -128,12 +109,12 @@ def _sequence(qkv_ptr, L, H, s_tok, s_head):
 
 
 @triton.jit
-def _fwd_keys(q, kbase, vbase, bk, bv, start, L, s_tok, d, m, den, acc, scale_log2,
-              BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr):
+def _fwd_keys(q, kbase, vbase, start, L, s_tok, d, m, den, acc, scale_log2,
+              BLOCK_N: tl.constexpr, F32: tl.constexpr):
     """One block of keys into the running row max ``m``, denominator ``den`` and output ``acc``."""
     keys = start + tl.arange(0, BLOCK_N)
-    k = _biased(kbase, keys, s_tok, d, L, bk, HAS_BIAS)
-    v = _biased(vbase, keys, s_tok, d, L, bv, HAS_BIAS)
+    k = _rows(kbase, keys, s_tok, d, L)
+    v = _rows(vbase, keys, s_tok, d, L)
     s = _dot(q, tl.trans(k), F32) * scale_log2  # base-2 logits, fp32
     s = tl.where(keys[None, :] < L, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
@@ -145,26 +126,25 @@ def _fwd_keys(q, kbase, vbase, bk, bv, start, L, s_tok, d, m, den, acc, scale_lo
 
 
 @triton.jit
-def _tile_attn_fwd(qkv_ptr, b_ptr, out_ptr, lse_ptr, L, H, scale_log2,
+def _tile_attn_fwd(qkv_ptr, out_ptr, lse_ptr, L, H, scale_log2,
                 s_tok, s_which, s_head, o_tok, o_head,
                 SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_N: tl.constexpr,
-                D: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr):
+                D: tl.constexpr, F32: tl.constexpr):
     mblk = tl.program_id(0)
     bh, h, tok0, base = _sequence(qkv_ptr, L, H, s_tok, s_head)
     rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
-    bq = b_ptr + h * D  # the bias (3, H, D): this head's q, k and v rows
-    q = _biased(base, rows, s_tok, d, L, bq, HAS_BIAS)
+    q = _rows(base, rows, s_tok, d, L)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of the base-2 logits
     den = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     if LOOP_N:  # blocks of keys
         for start in range(0, L, BLOCK_N):
-            m, den, acc = _fwd_keys(q, base + s_which, base + 2 * s_which, bq + H * D, bq + 2 * H * D, start, L,
-                                    s_tok, d, m, den, acc, scale_log2, BLOCK_N, HAS_BIAS, F32)
+            m, den, acc = _fwd_keys(q, base + s_which, base + 2 * s_which, start, L, s_tok, d, m, den, acc,
+                                    scale_log2, BLOCK_N, F32)
     else:  # one block holds the sequence: no loop (~5% faster for the locals)
-        m, den, acc = _fwd_keys(q, base + s_which, base + 2 * s_which, bq + H * D, bq + 2 * H * D, 0, L, s_tok,
-                                d, m, den, acc, scale_log2, BLOCK_N, HAS_BIAS, F32)
+        m, den, acc = _fwd_keys(q, base + s_which, base + 2 * s_which, 0, L, s_tok, d, m, den, acc,
+                                scale_log2, BLOCK_N, F32)
     out = out_ptr + tok0 * o_tok + h * o_head
     tl.store(out + rows[:, None] * o_tok + d[None, :], (acc / den[:, None]).to(out_ptr.dtype.element_ty),
              mask=rows[:, None] < L)
@@ -172,14 +152,13 @@ def _tile_attn_fwd(qkv_ptr, b_ptr, out_ptr, lse_ptr, L, H, scale_log2,
 
 
 @triton.jit
-def _bwd_rows(k, v, keys, base, bq, obase, gbase, lse_row, delta_row, dq_base, start, L, s_tok, o_tok, g_tok, d_tok,
-              d, dk, dv, dq_sum, scale_log2, scale, BLOCK_M: tl.constexpr, WITH_DQ: tl.constexpr,
-              HAS_BIAS: tl.constexpr, F32: tl.constexpr):
+def _bwd_rows(k, v, keys, base, obase, gbase, lse_row, delta_row, dq_base, start, L, s_tok, o_tok, g_tok, d_tok,
+              d, dk, dv, scale_log2, scale, BLOCK_M: tl.constexpr, WITH_DQ: tl.constexpr, F32: tl.constexpr):
     """One block of query rows into a block of keys' ``dk`` (unscaled) and ``dv``; with ``WITH_DQ`` (the keys
     are the whole sequence) also these rows' dQ, stored; without, the rows' rowsum(dO ∘ O) comes from the dQ
-    kernel, which ran first. ``dq_sum``: the column sum of the dQ rows written so far (for the bias)."""
+    kernel, which ran first."""
     rows = start + tl.arange(0, BLOCK_M)
-    q = _biased(base, rows, s_tok, d, L, bq, HAS_BIAS)
+    q = _rows(base, rows, s_tok, d, L)
     do = _rows(gbase, rows, g_tok, d, L)
     # rows past L: zero q and dO, a log-sum-exp and a delta of 0, so they add nothing
     lse = tl.load(lse_row + rows, mask=rows < L, other=0.0)
@@ -200,15 +179,14 @@ def _bwd_rows(k, v, keys, base, bq, obase, gbase, lse_row, delta_row, dq_base, s
         dq = _dot(tl.trans(dst).to(k.dtype), k, F32) * scale
         tl.store(dq_base + rows[:, None] * d_tok + d[None, :], dq.to(dq_base.dtype.element_ty),
                  mask=rows[:, None] < L)
-        dq_sum += tl.sum(dq, 0)  # rows past L: dQ is 0 there
-    return dk, dv, dq_sum
+    return dk, dv
 
 
 @triton.jit
-def _tile_attn_bwd_kv(qkv_ptr, b_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, part_ptr, prow0, NB, L, H,
-                   scale_log2, scale, s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
+def _tile_attn_bwd_kv(qkv_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, scale_log2, scale,
+                   s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
                    SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_M: tl.constexpr,
-                   D: tl.constexpr, WITH_DQ: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr):
+                   D: tl.constexpr, WITH_DQ: tl.constexpr, F32: tl.constexpr):
     nblk = tl.program_id(0)
     bh, h, tok0, base = _sequence(qkv_ptr, L, H, s_tok, s_head)
     obase = out_ptr + tok0 * o_tok + h * o_head
@@ -218,39 +196,30 @@ def _tile_attn_bwd_kv(qkv_ptr, b_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dqk
     delta_row = delta_ptr + tl.cast(bh, tl.int64) * SEQ
     keys = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
-    bq = b_ptr + h * D
-    k = _biased(base + s_which, keys, s_tok, d, L, bq + H * D, HAS_BIAS)
-    v = _biased(base + 2 * s_which, keys, s_tok, d, L, bq + 2 * H * D, HAS_BIAS)
+    k = _rows(base + s_which, keys, s_tok, d, L)
+    v = _rows(base + 2 * s_which, keys, s_tok, d, L)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    dq_sum = tl.zeros([D], tl.float32)
     if LOOP_M:  # blocks of query rows
         for start in range(0, L, BLOCK_M):
-            dk, dv, dq_sum = _bwd_rows(k, v, keys, base, bq, obase, gbase, lse_row, delta_row, dbase, start, L,
-                                       s_tok, o_tok, g_tok, d_tok, d, dk, dv, dq_sum, scale_log2, scale, BLOCK_M,
-                                       WITH_DQ, HAS_BIAS, F32)
+            dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, delta_row, dbase, start, L, s_tok, o_tok,
+                               g_tok, d_tok, d, dk, dv, scale_log2, scale, BLOCK_M, WITH_DQ, F32)
     else:  # one block of rows, no loop, as in the forward
-        dk, dv, dq_sum = _bwd_rows(k, v, keys, base, bq, obase, gbase, lse_row, delta_row, dbase, 0, L, s_tok,
-                                   o_tok, g_tok, d_tok, d, dk, dv, dq_sum, scale_log2, scale, BLOCK_M, WITH_DQ,
-                                   HAS_BIAS, F32)
+        dk, dv = _bwd_rows(k, v, keys, base, obase, gbase, lse_row, delta_row, dbase, 0, L, s_tok, o_tok, g_tok,
+                           d_tok, d, dk, dv, scale_log2, scale, BLOCK_M, WITH_DQ, F32)
     ty = dqkv_ptr.dtype.element_ty
     kmask = keys[:, None] < L
     tl.store(dbase + d_which + keys[:, None] * d_tok + d[None, :], (dk * scale).to(ty), mask=kmask)
     tl.store(dbase + 2 * d_which + keys[:, None] * d_tok + d[None, :], dv.to(ty), mask=kmask)
-    if HAS_BIAS:  # the bias gradient: column sums of dK and dV over this block of keys (padded keys add 0)
-        _bias_part(part_ptr, prow0, NB, nblk, bh, H, 1, d, D, tl.sum(dk, 0) * scale)
-        _bias_part(part_ptr, prow0, NB, nblk, bh, H, 2, d, D, tl.sum(dv, 0))
-        if WITH_DQ:
-            _bias_part(part_ptr, prow0, NB, nblk, bh, H, 0, d, D, dq_sum)
 
 
 @triton.jit
-def _dq_keys(q, do, lse, delta, kbase, vbase, bk, bv, start, L, s_tok, d, dq, scale_log2,
-             BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr):
+def _dq_keys(q, do, lse, delta, kbase, vbase, start, L, s_tok, d, dq, scale_log2,
+             BLOCK_N: tl.constexpr, F32: tl.constexpr):
     """One block of keys into these rows' ``dq`` (unscaled)."""
     keys = start + tl.arange(0, BLOCK_N)
-    k = _biased(kbase, keys, s_tok, d, L, bk, HAS_BIAS)
-    v = _biased(vbase, keys, s_tok, d, L, bv, HAS_BIAS)
+    k = _rows(kbase, keys, s_tok, d, L)
+    v = _rows(vbase, keys, s_tok, d, L)
     s = _dot(q, tl.trans(k), F32) * scale_log2
     p = tl.where(keys[None, :] < L, tl.exp2(s - lse[:, None]), 0.0)  # padded keys: see _bwd_rows
     dp = _dot(do, tl.trans(v), F32)
@@ -259,16 +228,15 @@ def _dq_keys(q, do, lse, delta, kbase, vbase, bk, bv, start, L, s_tok, d, dq, sc
 
 
 @triton.jit
-def _tile_attn_bwd_q(qkv_ptr, b_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, part_ptr, prow0, NB, L, H,
-                  scale_log2, scale, s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
+def _tile_attn_bwd_q(qkv_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, scale_log2, scale,
+                  s_tok, s_which, s_head, o_tok, o_head, g_tok, g_head, d_tok, d_which, d_head,
                   SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, F32: tl.constexpr):
+                  F32: tl.constexpr):
     mblk = tl.program_id(0)
     bh, h, tok0, base = _sequence(qkv_ptr, L, H, s_tok, s_head)
     rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
-    bq = b_ptr + h * D
-    q = _biased(base, rows, s_tok, d, L, bq, HAS_BIAS)
+    q = _rows(base, rows, s_tok, d, L)
     o = _rows(out_ptr + tok0 * o_tok + h * o_head, rows, o_tok, d, L)
     do = _rows(dout_ptr + tok0 * g_tok + h * g_head, rows, g_tok, d, L)
     lse = tl.load(lse_ptr + tl.cast(bh, tl.int64) * SEQ + rows, mask=rows < L, other=0.0)
@@ -277,12 +245,10 @@ def _tile_attn_bwd_q(qkv_ptr, b_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv
     tl.store(delta_ptr + tl.cast(bh, tl.int64) * SEQ + rows, delta, mask=rows < L)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     for start in range(0, L, BLOCK_N):  # runs only for sequences of several key blocks
-        dq = _dq_keys(q, do, lse, delta, base + s_which, base + 2 * s_which, bq + H * D, bq + 2 * H * D, start, L,
-                      s_tok, d, dq, scale_log2, BLOCK_N, HAS_BIAS, F32)
+        dq = _dq_keys(q, do, lse, delta, base + s_which, base + 2 * s_which, start, L, s_tok, d, dq,
+                      scale_log2, BLOCK_N, F32)
     tl.store(dqkv_ptr + tok0 * d_tok + h * d_head + rows[:, None] * d_tok + d[None, :],
              (dq * scale).to(dqkv_ptr.dtype.element_ty), mask=rows[:, None] < L)
-    if HAS_BIAS:  # rows past L: dQ is 0 there
-        _bias_part(part_ptr, prow0, NB, mblk, bh, H, 0, d, D, tl.sum(dq, 0) * scale)
 
 
 def _plan(length: int, backward: bool = False):
@@ -328,86 +294,58 @@ def _lse_rows(lengths: Sequence[int], counts: Sequence[int], heads: int) -> int:
     return sum(c * seq_tile(n) for n, c in zip(lengths, counts)) * heads
 
 
-def _bias_arg(qkv: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The bias as the kernels read it, (3, H, Dh) contiguous; without one, any pointer (never read)."""
-    if bias is None:
-        return qkv
-    if bias.numel() != 3 * qkv.shape[2] * qkv.shape[3]:
-        raise ValueError(f"a bias of {bias.numel()} values for a qkv buffer of shape {tuple(qkv.shape)}")
-    return bias.reshape(3, qkv.shape[2], qkv.shape[3]).contiguous()
-
-
-def _part_blocks(length: int) -> int:
-    """Blocks per sequence of ``length`` tokens in the backward's programs: the rows of bias-gradient partial
-    sums each sequence gets."""
-    _, bm, bn, _ = blocks(length, backward=True)
-    return max(triton.cdiv(length, bm), triton.cdiv(length, bn))
-
-
 @torch.library.custom_op("fastibot::tile_attention", mutates_args=())
-def _fwd_op(qkv: torch.Tensor, bias: Optional[torch.Tensor], lengths: List[int],
-            counts: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(T, 3, H, Dh) [+ bias (3·H·Dh)] -> out (T, H, Dh), base-2 log-sum-exp of the scaled logits per
-    (sequence, head, row)."""
+def _fwd_op(qkv: torch.Tensor, lengths: List[int], counts: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(T, 3, H, Dh) -> out (T, H, Dh), base-2 log-sum-exp of the scaled logits per (sequence, head, row)."""
     _check(qkv, lengths, counts)
     T, _, H, D = qkv.shape
-    b = _bias_arg(qkv, bias)
     out = torch.empty((T, H, D), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty(_lse_rows(lengths, counts, H), dtype=torch.float32, device=qkv.device)
     scale_log2 = D ** -0.5 * LOG2E
     for length, count, tok, row in _groups(lengths, counts):
         for kernel, programs, meta, warps in _plan(length):
             kernel[(programs, count * H)](
-                qkv[tok:], b, out[tok:], lse[row * H:], length, H, scale_log2,
+                qkv[tok:], out[tok:], lse[row * H:], length, H, scale_log2,
                 qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
-                D=D, HAS_BIAS=bias is not None, F32=interpreting(), num_warps=warps, **meta)
+                D=D, F32=interpreting(), num_warps=warps, **meta)
     return out, lse
 
 
 @_fwd_op.register_fake
-def _(qkv, bias, lengths, counts):
+def _(qkv, lengths, counts):
     T, _, H, D = qkv.shape
     return qkv.new_empty((T, H, D)), qkv.new_empty(_lse_rows(lengths, counts, H), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastibot::tile_attention_backward", mutates_args=())
-def _bwd_op(qkv: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-            grad_out: torch.Tensor, lengths: List[int], counts: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """-> dLoss/dqkv (T, 3, H, Dh) contiguous, and dLoss/dbias (3, H, Dh) fp32 (zeros without a bias): the
-    column sums of dqkv, from one row of partial sums per (sequence, block) of the programs (no atomics)."""
+def _bwd_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
+            lengths: List[int], counts: List[int]) -> torch.Tensor:
+    """-> dLoss/dqkv, (T, 3, H, Dh) contiguous."""
     T, _, H, D = qkv.shape
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    b = _bias_arg(qkv, bias)
     dqkv = torch.empty((T, 3, H, D), dtype=qkv.dtype, device=qkv.device)
     delta = torch.empty_like(lse)  # rowsum(dO ∘ O) per (sequence, head, row), as the log-sum-exp is laid out
-    rows = sum(c * _part_blocks(n) for n, c in zip(lengths, counts)) if bias is not None else 0
-    part = torch.zeros((rows, 3, H, D), dtype=torch.float32, device=qkv.device)  # rows no program writes: 0
     scale = D ** -0.5
     strides = (qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
                grad_out.stride(0), grad_out.stride(1), dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
-    prow = 0
     for length, count, tok, row in _groups(lengths, counts):
-        nb = _part_blocks(length)
-        args = (qkv[tok:], b, out[tok:], grad_out[tok:], lse[row * H:], delta[row * H:], dqkv[tok:], part, prow,
-                nb, length, H, scale * LOG2E, scale)
+        args = (qkv[tok:], out[tok:], grad_out[tok:], lse[row * H:], delta[row * H:], dqkv[tok:], length, H,
+                scale * LOG2E, scale)
         for kernel, programs, meta, warps in _plan(length, backward=True):  # dQ if apart, then dK/dV
-            kernel[(programs, count * H)](*args, *strides, D=D, HAS_BIAS=bias is not None, F32=interpreting(),
-                                          num_warps=warps, **meta)
-        prow += count * nb
-    return dqkv, part.sum(0)
+            kernel[(programs, count * H)](*args, *strides, D=D, F32=interpreting(), num_warps=warps, **meta)
+    return dqkv
 
 
 @_bwd_op.register_fake
-def _(qkv, bias, out, lse, grad_out, lengths, counts):
-    H, D = qkv.shape[2], qkv.shape[3]
-    return qkv.new_empty(qkv.shape), qkv.new_empty((3, H, D), dtype=torch.float32)
+def _(qkv, out, lse, grad_out, lengths, counts):
+    return qkv.new_empty(qkv.shape)
 
 
 def _setup(ctx, inputs, output):
-    qkv, bias, lengths, counts = inputs
+    qkv, lengths, counts = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, bias, out, lse)
+    ctx.save_for_backward(qkv, out, lse)
     ctx.groups = (lengths, counts)
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
@@ -415,26 +353,20 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     if grad_out is None:
-        return None, None, None, None
-    qkv, bias, out, lse = ctx.saved_tensors
-    dqkv, dbias = _bwd_op(qkv, bias, out, lse, grad_out, *ctx.groups)
-    if bias is None:
-        return dqkv, None, None, None
-    return dqkv, dbias.to(bias.dtype).reshape(bias.shape), None, None
+        return None, None, None
+    qkv, out, lse = ctx.saved_tensors
+    return _bwd_op(qkv, out, lse, grad_out, *ctx.groups), None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
-def tile_attention(qkv: torch.Tensor, groups: Sequence[Tuple[int, int]],
-                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def tile_attention(qkv: torch.Tensor, groups: Sequence[Tuple[int, int]]) -> torch.Tensor:
     """Block-diagonal attention over packed sequences: ``qkv`` (T, 3, H, Dh), ``groups`` the layout's
-    ``(count, length)`` pairs in token order (every length ≤ ``MAX_SEQ``) -> (T, H, Dh). ``bias``: the qkv
-    projection's bias (3·H·Dh values), when ``qkv`` is the product without it: the kernels add it as they
-    load q, k and v, and the backward sums its gradient in the same programs (no separate pass over dqkv)."""
+    ``(count, length)`` pairs in token order (every length ≤ ``MAX_SEQ``) -> (T, H, Dh)."""
     counts = [int(c) for c, _ in groups]
     lengths = [int(n) for _, n in groups]
-    return _fwd_op(qkv, bias, lengths, counts)[0]
+    return _fwd_op(qkv, lengths, counts)[0]
 
 
 __all__ = ["MAX_SEQ", "blocks", "fits", "seq_tile", "tile_attention"]

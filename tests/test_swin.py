@@ -12,8 +12,7 @@ from fastibot.models import swin
 from fastibot.models.backbones import mask_grid, prediction_size
 from fastibot.models.ibot import build_model
 from fastibot.models.swin import SwinTransformer
-from fastibot.runtime import Runtime
-from fastibot.train import Trainer, TrainingError, train
+from fastibot.train import train
 from conftest import labelled_folder, tiny_config
 
 timm = pytest.importorskip("timm")
@@ -232,11 +231,3 @@ def test_a_compiled_swin_does_not_recompile_on_its_second_call():
     for out in outs:
         torch.testing.assert_close(out, ref)
     assert counters["stats"]["unique_graphs"] == 1
-
-
-def test_the_vit_gelu_kernel_on_a_swin_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(swin.SWIN_ARCHS, "swin_tiny", SMALL)
-    cfg = tiny_config(tmp_path, **{"model.arch": "swin_tiny", "model.patch_size": 4, "model.packed": False,
-                                   "crops.global_size": 64, "crops.local_size": 32, "kernels.gelu": "triton"})
-    with pytest.raises(TrainingError, match="kernels.gelu=triton runs in the ViT's MLP"):
-        Trainer(cfg, Runtime(torch.device("cpu")))

@@ -152,29 +152,21 @@ def _tile_takes(qkv: torch.Tensor, length: int) -> bool:
     return fits(length, qkv.shape[-1])
 
 
-def _biased(qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The qkv product plus the projection's bias (3·H·Dh), for the backends that take q, k and v as given."""
-    return qkv + bias.view(qkv.shape[-3:]).to(qkv.dtype)
-
-
-def _triton_qkv(qkv: torch.Tensor, layout: PackedLayout | None, bias: torch.Tensor | None = None):
+def _triton_qkv(qkv: torch.Tensor, layout: PackedLayout | None):
     """``triton`` on a dense ``(B, N, 3, H, Dh)`` or packed ``(T, 3, H, Dh)`` qkv buffer: runs of consecutive
-    groups that the tile kernels take go through one op each, the other groups through SDPA. A ``bias`` goes
-    into the kernels when they take every group, else it is added to the buffer first."""
+    groups that the tile kernels take go through one op each, the other groups through SDPA."""
     from fastibot.kernels.tile_attention import tile_attention
 
     if layout is None:  # one group of B sequences
         b, n = qkv.shape[:2]
-        out = _triton_qkv(qkv.reshape((b * n,) + qkv.shape[2:]), PackedLayout(((b, n),)), bias)
+        out = _triton_qkv(qkv.reshape((b * n,) + qkv.shape[2:]), PackedLayout(((b, n),)))
         return out.view(qkv.shape[:2] + qkv.shape[3:])
-    if bias is not None and not all(_tile_takes(qkv, n) for c, n in layout.groups if c):
-        qkv, bias = _biased(qkv, bias), None
     outs, start, run = [], 0, []  # run: consecutive tile groups not yet computed
 
     def flush(stop):
         if run:
             first = stop - sum(c * n for c, n in run)
-            outs.append(tile_attention(qkv[first:stop], tuple(run), bias=bias))
+            outs.append(tile_attention(qkv[first:stop], tuple(run)))
             run.clear()
 
     for count, length in layout.groups:
@@ -343,16 +335,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, l
     return _PACKED[backend](q, k, v, layout)
 
 
-def attention_qkv(qkv: torch.Tensor, backend: str, layout: PackedLayout | None = None,
-                  bias: torch.Tensor | None = None):
+def attention_qkv(qkv: torch.Tensor, backend: str, layout: PackedLayout | None = None):
     """Multi-head attention from the qkv projection's output: dense ``(B, N, 3, H, Dh)`` -> ``(B, N, H, Dh)``,
     or packed ``(T, 3, H, Dh)`` with ``layout`` -> ``(T, H, Dh)``. ``triton`` reads the buffer in place; the
-    other backends take its q, k and v views. ``bias`` (3·H·Dh): the projection's bias when ``qkv`` is its
-    product without it; the tile kernels add it as they load (and sum its gradient), elsewhere it is added
-    first."""
+    other backends take its q, k and v views."""
     if backend == "triton":
-        return _triton_qkv(qkv, layout, bias)
-    if bias is not None:
-        qkv = _biased(qkv, bias)
+        return _triton_qkv(qkv, layout)
     q, k, v = qkv.unbind(-3)
     return attention(q, k, v, backend, layout)

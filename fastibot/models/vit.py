@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import Mlp, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from .attention import PackedLayout, attention_qkv
@@ -73,14 +73,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: Optional[PackedLayout] = None) -> torch.Tensor:
         lead = x.shape[:-1]  # (B, N) dense or (T,) packed
-        if self.backend == "triton" and self.qkv.bias is not None:
-            # the tile kernels add the bias as they load q, k and v, and sum its gradient in their backward
-            # (no separate pass over the (T, 3·D) gradient for it)
-            qkv = F.linear(x, self.qkv.weight).view(*lead, 3, self.num_heads, self.head_dim)
-            out = attention_qkv(qkv, self.backend, layout, bias=self.qkv.bias)
-        else:
-            qkv = self.qkv(x).view(*lead, 3, self.num_heads, self.head_dim)
-            out = attention_qkv(qkv, self.backend, layout)  # (..., H, Dh)
+        qkv = self.qkv(x).view(*lead, 3, self.num_heads, self.head_dim)
+        out = attention_qkv(qkv, self.backend, layout)  # (..., H, Dh)
         return self.proj(out.reshape(*lead, -1))
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,32 +84,13 @@ class Attention(nn.Module):
         return torch.softmax((q.float() * self.head_dim ** -0.5) @ k.float().transpose(-2, -1), dim=-1)
 
 
-class Mlp(nn.Module):
-    """fc1, exact GELU, fc2, with timm's ``Mlp`` parameter names. ``fused_gelu``: fc1's bias is added in the
-    GELU's pass instead of the GEMM's epilogue, and its gradient summed in the GELU backward's pass
-    (``fastibot.kernels.gelu_bias``; ``kernels.gelu``)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.fused_gelu = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_gelu:
-            from ..kernels.gelu_bias import bias_gelu
-            return self.fc2(bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias))
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor, layout: Optional[PackedLayout] = None) -> torch.Tensor:
@@ -175,10 +150,6 @@ class VisionTransformer(nn.Module):
     def set_attention_backend(self, backend: str) -> None:
         for blk in self.blocks:
             blk.attn.backend = backend
-
-    def set_fused_gelu(self, on: bool) -> None:
-        for blk in self.blocks:
-            blk.mlp.fused_gelu = on
 
     def set_recompute(self, n: int) -> None:
         """The first ``n`` blocks recompute their activations in the backward instead of keeping them
