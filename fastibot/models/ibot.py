@@ -76,7 +76,8 @@ class IBOTModel(nn.Module):
         if locals_ is not None and locals_.shape[0] > 0:
             crops.append(locals_)
             crop_masks.append(None)
-        tokens, layout = self.backbone.forward_packed(crops, crop_masks)  # (T, D)
+        # the final LayerNorm runs on the rows the heads read only (each crop's [CLS], the masked patches)
+        tokens, layout = self.backbone.forward_packed(crops, crop_masks, normed=False)  # (T, D)
         self.mark("student forward")
         # token index of every crop's [CLS]: group by group, one sequence after another (static shapes)
         cls_pos, start = [], 0
@@ -85,7 +86,7 @@ class IBOTModel(nn.Module):
             start += n * length
         cls_pos = torch.cat(cls_pos)  # (V*B,)
         patch_pos = rows + rows.div(masks.shape[1], rounding_mode="floor") + 1  # (R,) skip each global's [CLS]
-        z = self.head.embed(tokens[torch.cat([cls_pos, patch_pos])])  # (V*B + R, bottleneck)
+        z = self.head.embed(self.backbone.norm(tokens[torch.cat([cls_pos, patch_pos])]))  # (V*B + R, bottleneck)
         n_cls = cls_pos.shape[0]
         return StudentOut(self.head.cls_logits(z[:n_cls]), self.head.patch_logits(z[n_cls:]))
 

@@ -211,12 +211,13 @@ class VisionTransformer(nn.Module):
         """Dense forward: (B, 3, H, W) -> normalised tokens (B, 1+N, D)."""
         return self.norm(self._run_blocks(self.prepare_tokens(x, mask)))
 
-    def forward_packed(self, crops: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]
-                       ) -> Tuple[torch.Tensor, PackedLayout]:
+    def forward_packed(self, crops: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
+                       normed: bool = True) -> Tuple[torch.Tensor, PackedLayout]:
         """Packed forward over groups of equal-size crops.
 
         crops[i]: (n_i, 3, H_i, W_i); masks[i]: (n_i, N_i) bool or None.
-        Returns normalised tokens (sum_i n_i (1 + N_i), D) in group order, and the layout.
+        Returns tokens (sum_i n_i (1 + N_i), D) in group order, normalised unless ``normed=False`` (a caller
+        that keeps a few rows applies ``self.norm`` to those only), and the layout.
         """
         parts, groups = [], []
         for x, m in zip(crops, masks):
@@ -225,7 +226,8 @@ class VisionTransformer(nn.Module):
             parts.append(t.reshape(-1, t.shape[-1]))
         layout = PackedLayout(tuple(groups))
         t = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
-        return self.norm(self._run_blocks(t, layout)), layout
+        t = self._run_blocks(t, layout)
+        return (self.norm(t) if normed else t), layout
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[CLS] features, (B, D)."""
