@@ -131,6 +131,7 @@ class FusedUpdate:
         self.last = self._per_param(last, dev)
         self.steps = torch.zeros(P, dtype=torch.float32, device=dev)  # AdamW step count per parameter
         self.bc = torch.ones(2 * P, dtype=torch.float32, device=dev)  # this step's 1 - β1^k, then √(1 - β2^k)
+        self._betas64 = torch.tensor([[float(betas[0])], [float(betas[1])]], dtype=torch.float64, device=dev)
         self.coef = torch.ones(P, dtype=torch.float32, device=dev)
         self.hyper = torch.zeros(6, dtype=torch.float32, device=dev)
         self.gaddr = torch.zeros(P, dtype=torch.int64, device=dev)  # 0: no gradient (a parameter that does not train)
@@ -187,12 +188,13 @@ class FusedUpdate:
         b1, b2 = self.betas
         # bias corrections 1 - β^(k+1) per parameter, in fp64 (as PyTorch's AdamW): early on 1 - 0.999^k cancels
         # most digits, so fp32 with the GPU's approximate exp2/log2 would miss it by up to ≈ 1e-4 of its value
-        k = self.steps.double() + 1.0
-        self.bc.copy_(torch.cat([1.0 - torch.pow(b1, k), (1.0 - torch.pow(b2, k)).sqrt()]))
+        bc = 1.0 - self._betas64 ** (self.steps.double() + 1.0)  # (2, P): 1 - β1^k, 1 - β2^k
+        bc[1].sqrt_()
+        self.bc.copy_(bc.view(-1))
         _fused_update_kernel[(self.blk_param.numel(),)](
             self.s_flat, self.exp_avg, self.exp_avg_sq, self.t_flat, self.gaddr, self.off, self.numel,
-            self.blk_param, self.blk_start, self.coef, self.decay, self.last, self.bc, self.hyper, len(self.params), b1, b2,
-            self.eps, BLOCK=self.block, ALIGNED=self.aligned, num_warps=8, enable_fp_fusion=False)
+            self.blk_param, self.blk_start, self.coef, self.decay, self.last, self.bc, self.hyper, len(self.params),
+            b1, b2, self.eps, BLOCK=self.block, ALIGNED=self.aligned, num_warps=8, enable_fp_fusion=False)
         # the step counts move after the pass (its programs all read the count before this step)
         self.steps.add_((1.0 - torch.maximum(self.hyper[SKIP], self.hyper[FROZEN] * self.last)) * self.trainable)
 
