@@ -46,8 +46,10 @@ def _env_int(name: str, default: int) -> int:
 
 def compile_options(autotune: str) -> dict:
     """``runtime.autotune`` -> inductor options for ``torch.compile(options=...)``. The CUDA graph is the
-    step's own (``fastibot.graph``), so inductor's is off at every level."""
-    opts = {"triton.cudagraphs": False}
+    step's own (``fastibot.graph``), so inductor's is off at every level. The residual stream is saved
+    for the backward, not rebuilt there (``fastibot.models.keep``)."""
+    from .models.keep import KeepMarked
+    opts = {"triton.cudagraphs": False, "joint_custom_pre_pass": KeepMarked()}
     if autotune in ("kernels", "max"):
         opts["coordinate_descent_tuning"] = True
     if autotune == "max":

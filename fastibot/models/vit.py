@@ -24,6 +24,7 @@ from timm.layers import Mlp, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from .attention import PackedLayout, attention_qkv
+from .keep import residual_add
 
 ARCHS = {
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -94,8 +95,8 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor, layout: Optional[PackedLayout] = None) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x), layout), self.drop_path, self.training, layout)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, layout)
+        x = residual_add(x, drop_path(self.attn(self.norm1(x), layout), self.drop_path, self.training, layout))
+        return residual_add(x, drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, layout))
 
 
 class PatchEmbed(nn.Module):
