@@ -18,8 +18,12 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
-from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.utils.checkpoint import CheckpointPolicy
+
+try:  # torch >= 2.6: a pass with a uuid takes part in inductor's cache key
+    from torch._inductor.custom_graph_pass import CustomGraphPass as _PassBase
+except ImportError:  # older torch takes any callable (and bypasses its graph cache for it)
+    _PassBase = object
 
 KEEP = "fastibot_keep"  # key in node.meta["custom"] (torch.fx.traceback.annotate)
 _ANNOTATE = getattr(fx_traceback, "annotate", None)  # torch >= 2.9
@@ -43,7 +47,7 @@ def marked_forward_nodes(graph: fx.Graph) -> list:
             and (n.meta.get("custom") or {}).get(KEEP)]
 
 
-class KeepMarked(CustomGraphPass):
+class KeepMarked(_PassBase):
     """Joint-graph pass (``torch._inductor.config.joint_custom_pre_pass``): marked forward nodes are
     saved for the backward, never recomputed, unless an activation checkpoint already tagged them."""
 
