@@ -30,11 +30,13 @@ def test_residual_adds_are_saved_for_the_backward_except_in_checkpointed_blocks(
         return fw, bw
 
     monkeypatch.setattr(compile_fx, "min_cut_rematerialization_partition", partition_and_record)
-    monkeypatch.setattr(torch.compiler.config, "force_disable_caches", True)  # the passes must run
     fn = torch.compile(lambda c, m: vit.forward_packed(c, m)[0].square().sum(), fullgraph=True,
                        options=compile_options("off"))
     torch.manual_seed(1)
-    fn(crops, masks).backward()
+    # the passes must run, not a cached graph; config.patch restores the option (a monkeypatch would
+    # delete it from torch's config module on undo, breaking every later compile in the process)
+    with torch.compiler.config.patch(force_disable_caches=True):
+        fn(crops, masks).backward()
 
     assert len(marked) == 2 * depth, marked  # two residual adds per block, none lost in tracing
     assert all(t == "aten.add.Tensor" and shape == (tokens, dim) for _, t, shape, _ in marked), marked

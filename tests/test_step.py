@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastibot.models.keep import KeepMarked
 from fastibot.optim import clip_
 from fastibot.runtime import Runtime
 from fastibot.teacher import Schedules
@@ -355,4 +356,6 @@ def test_runtime_autotune_reaches_both_compiled_graphs(tmp_path, monkeypatch, le
     assert len(seen) == 2
     for kw in seen:
         assert kw["fullgraph"] is True and kw["dynamic"] is False
-        assert kw["options"] == {"triton.cudagraphs": False, **expect}
+        options = dict(kw["options"])
+        assert isinstance(options.pop("joint_custom_pre_pass"), KeepMarked)  # the residuals are kept
+        assert options == {"triton.cudagraphs": False, **expect}
