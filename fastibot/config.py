@@ -200,8 +200,9 @@ class RuntimeConfig:
     activation_memory: float = _f(0.7, "share of the student's activations kept for backward, (0, 1]: lower "
                                        "recomputes more (compiled: the partitioner's budget, whose memory and speed "
                                        "do not move smoothly with it; eager: that share of blocks keep theirs, the "
-                                       "rest recompute). 0.7: ViT-S/16 at 0.45x the official step's memory (the "
-                                       "ViT-B recipe file sets 0.6); 1: keep everything, more memory",
+                                       "rest recompute). 0.7: ViT-S/16 at 0.38x the official step's memory (the "
+                                       "ViT-B recipe file sets 0.6: 0.43x); 1: keep everything, 2-5 GiB more "
+                                       "for 2.5-3.5% more img/s",
                                   gt=0, le=1)
     recompute_blocks: float = _f(0.0, "share of the student's blocks that recompute their activations in the backward "
                                       "(activation checkpointing, compiled or eager), on top of "
