@@ -1,4 +1,5 @@
 """The compiled backward keeps the residual stream (fastibot.models.keep) instead of rebuilding it."""
+import pytest
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
@@ -6,15 +7,24 @@ from fastibot.models import keep
 from fastibot.models.vit import VisionTransformer
 from fastibot.runtime import compile_options
 
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="the tile attention kernels and bf16 autocast "
+                         "of the production step need a GPU; the CPU case runs everywhere")
 
-def test_residual_adds_are_saved_for_the_backward_except_in_checkpointed_blocks(monkeypatch):
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+def test_residual_adds_are_saved_for_the_backward_except_in_checkpointed_blocks(monkeypatch, device):
+    """CPU: inductor's CPU backend, fp32. CUDA: as the training step runs it (bf16 autocast, the tile
+    attention kernels, the ViT-B recipe's activation budget 0.6, where the chain was rebuilt)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     depth, dim = 3, 192
-    vit = VisionTransformer("vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.1, depth=depth).train()
+    vit = VisionTransformer("vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.1, depth=depth)
+    vit = vit.to(device).train()
     vit.set_recompute(1)  # block 0 is activation-checkpointed: its adds must stay recomputed
-    crops = [torch.randn(3, 3, 32, 32), torch.randn(5, 3, 16, 16)]
-    masks = [torch.rand(3, 16) < 0.4, None]
+    if device == "cuda":
+        vit.set_attention_backend("triton")
+    crops = [torch.randn(3, 3, 32, 32, device=device), torch.randn(5, 3, 16, 16, device=device)]
+    masks = [torch.rand(3, 16, device=device) < 0.4, None]
     tokens = 3 * 17 + 5 * 5
 
     marked, saved = [], []
@@ -35,7 +45,10 @@ def test_residual_adds_are_saved_for_the_backward_except_in_checkpointed_blocks(
     torch.manual_seed(1)
     # the passes must run, not a cached graph; config.patch restores the option (a monkeypatch would
     # delete it from torch's config module on undo, breaking every later compile in the process)
-    with torch.compiler.config.patch(force_disable_caches=True):
+    budget = 0.6 if device == "cuda" else torch._functorch.config.activation_memory_budget
+    with torch.compiler.config.patch(force_disable_caches=True), \
+            torch._functorch.config.patch(activation_memory_budget=budget), \
+            torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
         fn(crops, masks).backward()
 
     assert len(marked) == 2 * depth, marked  # two residual adds per block, none lost in tracing
