@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config
+from .models.keep import KeepMarked
 
 
 class TrainingError(RuntimeError):
@@ -48,7 +49,6 @@ def compile_options(autotune: str) -> dict:
     """``runtime.autotune`` -> inductor options for ``torch.compile(options=...)``. The CUDA graph is the
     step's own (``fastibot.graph``), so inductor's is off at every level. The residual stream is saved
     for the backward, not rebuilt there (``fastibot.models.keep``)."""
-    from .models.keep import KeepMarked
     opts = {"triton.cudagraphs": False, "joint_custom_pre_pass": KeepMarked()}
     if autotune in ("kernels", "max"):
         opts["coordinate_descent_tuning"] = True
