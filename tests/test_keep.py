@@ -41,7 +41,7 @@ def test_residual_adds_are_saved_for_the_backward_except_in_checkpointed_blocks(
 
     monkeypatch.setattr(compile_fx, "min_cut_rematerialization_partition", partition_and_record)
     fn = torch.compile(lambda c, m: vit.forward_packed(c, m)[0].square().sum(), fullgraph=True,
-                       options=compile_options("off"))
+                       options=compile_options("none"))
     torch.manual_seed(1)
     # the passes must run, not a cached graph; config.patch restores the option (a monkeypatch would
     # delete it from torch's config module on undo, breaking every later compile in the process)
